@@ -1,0 +1,178 @@
+"""Parameter sampling follows the configured distributions; mixing pairs stay in their block; pixels are pure."""
+
+import io
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import seeding
+from pipeline.replay import AugmentConfig, apply, decode, open_image, sample_params
+from pipeline.views import block_partners, block_views, sample_mix, view_digest
+
+CFG = AugmentConfig(image_size=32)
+DRAWS = 6000
+
+
+def _params(n=DRAWS, src=(64, 48), cfg=CFG, seed_index=0):
+    return [sample_params(seeding.view_rng(0, seed_index, i), src, cfg) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params()
+
+
+def test_crop_area_and_ratio_within_bounds(params):
+    area = 64 * 48
+    fracs, ratios = [], []
+    for p in params:
+        top, left, h, w = p["crop"]
+        assert 0 <= top and top + h <= 64 and 0 <= left and left + w <= 48
+        fracs.append(h * w / area)
+        ratios.append(w / h)
+    fracs = np.array(fracs)
+    # Rounding to whole pixels widens the bounds by a pixel's worth.
+    assert fracs.min() >= 0.08 * 0.8 and fracs.max() <= 1.0
+    assert np.mean((np.array(ratios) > 0.7) & (np.array(ratios) < 1.4)) > 0.97
+    # Area is uniform on [0.08, 1] where the crop fits: the median sits well inside.
+    assert 0.35 < np.median(fracs) < 0.65
+
+
+def test_flip_and_erase_rates(params):
+    flip = np.mean([p["flip"] for p in params])
+    erase = np.mean([p["erase"] is not None for p in params])
+    tol = 4 * math.sqrt(0.25 / DRAWS)
+    assert abs(flip - 0.5) < tol
+    assert abs(erase - 0.25) < tol
+    for p in params:
+        if p["erase"] is not None:
+            t, l, h, w, _ = p["erase"]
+            assert 0 <= t and t + h <= 32 and 0 <= l and l + w <= 32
+            assert 0.02 * 0.5 <= h * w / 1024 <= 1 / 3 * 1.5
+
+
+def test_rand_augment_ops_uniform_and_magnitudes(params):
+    spec = CFG.ra
+    assert spec.num_layers == 2 and spec.magnitude == 9 and spec.magnitude_std == 0.5 and len(spec.ops) == 15
+    ops = Counter(name for p in params for name, _ in p["ra"])
+    applied = sum(ops.values())
+    # 2 layers x prob 0.5 -> one applied op per view on average.
+    assert abs(applied / DRAWS - 1.0) < 0.05
+    expected = applied / 15
+    chi2 = sum((ops[o] - expected) ** 2 / expected for o in spec.ops)
+    assert chi2 < 36.1  # chi-square, 14 dof, p = 0.001
+    rot = np.array([arg for p in params for name, arg in p["ra"] if name == "Rotate"])
+    # magnitude ~ N(9, 0.5) clipped to 10 -> |angle| ~ 27 deg, both signs.
+    assert abs(np.mean(np.abs(rot)) - 27) < 1.0 and 0.4 < np.mean(rot > 0) < 0.6
+    post = [arg for p in params for name, arg in p["ra"] if name == "PosterizeIncreasing"]
+    assert set(post) <= {0, 1} and 0 in post  # magnitude clipped at 10 gives 0 bits: must not crash
+
+
+def test_posterize_zero_bits_renders():
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    p = {"src": [32, 32], "crop": [0, 0, 32, 32], "flip": False, "ra": [["PosterizeIncreasing", 0]], "erase": None}
+    assert apply(img, p, CFG).max() == 0
+
+
+def test_seed_index_changes_nearly_every_sample():
+    a, b = _params(500), _params(500, seed_index=1)
+    same = sum(x == y for x, y in zip(a, b))
+    assert same <= 2
+    da = [view_digest(i, p) for i, p in enumerate(a)]
+    db = [view_digest(i, p) for i, p in enumerate(b)]
+    assert sum(x == y for x, y in zip(da, db)) == 0
+
+
+def test_digest_covers_index():
+    p = _params(1)[0]
+    assert view_digest(0, p) != view_digest(1, p)
+
+
+def test_mix_partners_symmetric_inside_block():
+    for first in range(0, 3200, 32):
+        partner = block_partners(0, 0, first, 32)
+        assert sorted(partner) == list(range(32))
+        assert all(partner[partner[a]] == a and partner[a] != a for a in range(32))
+    odd = block_partners(0, 0, 0, 7)
+    assert sum(odd[a] == a for a in range(7)) == 1
+    assert block_partners(0, 0, 0, 32) != block_partners(0, 1, 0, 32)
+
+
+def test_mix_modes_and_lambda():
+    mixes = [sample_mix(seeding.generator(0, 0, i, seeding.MIX_PAIR), CFG) for i in range(DRAWS)]
+    cut = np.array([m["mode"] == "cutmix" for m in mixes])
+    assert abs(cut.mean() - 0.5) < 4 * math.sqrt(0.25 / DRAWS)
+    lam_mix = np.array([m["lam"] for m in mixes if m["mode"] == "mixup"])
+    assert abs(lam_mix.mean() - 0.5) < 0.02 and abs(lam_mix.var() - 1 / (4 * 2.6)) < 0.01  # Beta(0.8, 0.8)
+    for m in mixes:
+        if m["mode"] == "cutmix":
+            t, l, h, w = m["box"]
+            assert abs(m["lam"] - (1 - h * w / 1024)) < 1e-6
+
+
+def _png(seed):
+    arr = np.random.default_rng(seed).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_block_views_targets_and_mixing():
+    items = [(100 + i, _png(i), i % 10) for i in range(32)]
+    views = block_views(items, run_seed=3, seed_index=1, cfg=CFG, num_classes=10)
+    by_index = {v["index"]: v for v in views}
+    for v in views:
+        assert v["image"].shape == (3, 32, 32) and v["image"].dtype == torch.uint8
+        assert torch.isclose(v["target"].sum(), torch.tensor(1.0))
+        assert v["mix"] is not None
+        j = v["mix"]["j"]
+        assert 100 <= j < 132 and by_index[j]["mix"]["j"] == v["index"]
+        assert by_index[j]["mix"]["lam"] == v["mix"]["lam"]
+        # Both labels carry their lambda share (smoothing 0.1 over 10 classes adds 0.01 everywhere).
+        lab_j = by_index[j]["label"]
+        if lab_j != v["label"]:
+            assert abs(v["target"][v["label"]] - (0.9 * v["mix"]["lam"] + 0.01)) < 1e-5
+            assert abs(v["target"][lab_j] - (0.9 * (1 - v["mix"]["lam"]) + 0.01)) < 1e-5
+    again = block_views(items, run_seed=3, seed_index=1, cfg=CFG, num_classes=10)
+    assert all(torch.equal(a["image"], b["image"]) and a["digest"] == b["digest"] for a, b in zip(views, again))
+
+
+def test_mixed_image_is_the_pair_blend():
+    items = [(i, _png(i), i % 10) for i in range(2)]
+    cfg = AugmentConfig(image_size=32, mixup_alpha=0.8, cutmix_alpha=0.0, rand_augment=None, erase_prob=0.0)
+    views = block_views(items, run_seed=0, seed_index=0, cfg=cfg, num_classes=10)
+    lam = views[0]["mix"]["lam"]
+    singles = []
+    for (_, data, _), v in zip(items, views):
+        image, scale = decode(open_image(data))
+        singles.append(apply(image, v["params"], cfg, scale).float())
+    expect = (singles[0] * lam + singles[1] * (1 - lam)).round()
+    assert torch.equal(views[0]["image"].float(), expect)
+
+
+def test_eval_views_are_centre_crops_and_fixed():
+    items = [(i, _png(i), 1) for i in range(3)]
+    cfg = AugmentConfig(image_size=32, crop_pct=0.875)
+    a = block_views(items, run_seed=0, seed_index=0, cfg=cfg, num_classes=10, train=False)
+    b = block_views(items, run_seed=9, seed_index=5, cfg=cfg, num_classes=10, train=False)
+    assert all(torch.equal(x["image"], y["image"]) and x["digest"] == y["digest"] for x, y in zip(a, b))
+    assert all(x["target"][1] == 1.0 for x in a)
+
+
+def test_reduced_size_jpeg_decode_matches_full_decode_closely():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((800, 640), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    cfg = AugmentConfig(image_size=64)
+    p = {"src": [640, 800], "crop": [0, 0, 640, 800], "flip": False, "erase": None}
+    full, s1 = decode(open_image(buf.getvalue()))
+    small, s2 = decode(open_image(buf.getvalue()), p, 64)
+    assert s1 == 1.0 and s2 == 0.125
+    a, b = apply(full, p, cfg, s1).float(), apply(small, p, cfg, s2).float()
+    assert (a - b).abs().mean() < 4.0

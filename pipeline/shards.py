@@ -1,0 +1,402 @@
+"""WebDataset shards with a manifest: global sample indices, shard hashes and a dataset fingerprint.
+
+Layout of one split (docs/design.md, section 2)::
+
+    <shards>/<split>/shard-00000.tar      samples [0, n), keys "000000".."000255"
+    <shards>/<split>/shard-00001.tar      samples [n, 2n) ...
+    <shards>/<split>/manifest.json
+
+Each sample is two tar members: ``<key>.<ext>`` (the encoded image, e.g. png/jpg) and ``<key>.cls`` (the label
+as an ASCII integer). ``key`` is the global index zero-padded to ``key_width`` digits (no dots: WebDataset
+cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same input gives
+byte-identical shards and the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+from webdataset import tariterators as wds_tar
+from PIL import Image
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+SHARD_PATTERN = "shard-{:05d}.tar"
+IMAGE_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp"}
+_MTIME = 0  # fixed tar member mtime: re-runs are byte-identical
+
+
+class ShardError(RuntimeError):
+    """Invalid, missing, corrupt or mismatching shard data; the message names the file (and key)."""
+
+
+def key_of(index: int, width: int) -> str:
+    return f"{index:0{width}d}"
+
+
+def check_decodes(data: bytes, where: str, *, full: bool = False) -> None:
+    """Raise ShardError naming ``where`` if ``data`` is not a decodable image.
+
+    ``full=False`` uses PIL ``verify()`` (cheap: headers and, for PNG, chunk CRCs); ``full=True`` decodes
+    every pixel.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if full:
+                im.load()
+            else:
+                im.verify()
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
+        raise ShardError(f"{where}: image does not decode: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    first: int
+    count: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    split_dir: Path  # where the manifest and shards live (not stored in the JSON)
+    split: str
+    n: int
+    num_classes: int
+    class_names: list[str]
+    key_width: int
+    shard_size: int
+    image_exts: list[str]
+    source: dict
+    shards: list[ShardInfo]
+    fingerprint: str
+    version: int = MANIFEST_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def shard_path(self, k: int) -> Path:
+        return self.split_dir / self.shards[k].name
+
+    def shard_of(self, index: int) -> int:
+        """The shard holding global sample ``index``."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"sample index {index} out of range [0, {self.n}) in {self.split_dir}")
+        return index // self.shard_size
+
+    def key(self, index: int) -> str:
+        return key_of(index, self.key_width)
+
+    def indices(self, k: int) -> range:
+        s = self.shards[k]
+        return range(s.first, s.first + s.count)
+
+    def iter_shard(self, k: int) -> Iterator[tuple[int, str, bytes, int]]:
+        return iter_shard(self.shard_path(k), self.shards[k], self)
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "split": self.split,
+            "N": self.n,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "key_width": self.key_width,
+            "shard_size": self.shard_size,
+            "image_exts": list(self.image_exts),
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "shards": [asdict(s) for s in self.shards],
+            **self.extra,
+        }
+
+
+def fingerprint_of(shard_hashes: Iterable[str], n: int, num_classes: int) -> str:
+    h = hashlib.sha256(f"pipeline-shards-v{MANIFEST_VERSION}\nN={n}\nnum_classes={num_classes}\n".encode())
+    for s in shard_hashes:
+        h.update(s.encode("ascii") + b"\n")
+    return h.hexdigest()[:16]
+
+
+def load_manifest(split_dir: str | os.PathLike) -> Manifest:
+    """Read and check ``<split_dir>/manifest.json``; any problem is a ShardError naming the file."""
+    split_dir = Path(split_dir)
+    path = split_dir / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: missing manifest (write the shards with: python -m pipeline.make_shards)")
+    try:
+        d = json.loads(path.read_text())
+        if d.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"version {d.get('version')!r}, expected {MANIFEST_VERSION}")
+        known = {"version", "split", "N", "num_classes", "class_names", "key_width", "shard_size", "image_exts",
+                 "source", "fingerprint", "shards"}
+        m = Manifest(
+            split_dir=split_dir,
+            split=str(d["split"]),
+            n=int(d["N"]),
+            num_classes=int(d["num_classes"]),
+            class_names=[str(c) for c in d["class_names"]],
+            key_width=int(d["key_width"]),
+            shard_size=int(d["shard_size"]),
+            image_exts=[str(e) for e in d["image_exts"]],
+            source=dict(d["source"]),
+            shards=[ShardInfo(str(s["name"]), int(s["first"]), int(s["count"]), str(s["sha256"]))
+                    for s in d["shards"]],
+            fingerprint=str(d["fingerprint"]),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise ShardError(f"{path}: invalid manifest: {type(exc).__name__}: {exc}") from exc
+    problem = _check_manifest(m)
+    if problem:
+        raise ShardError(f"{path}: invalid manifest: {problem}")
+    return m
+
+
+def _check_manifest(m: Manifest) -> str | None:
+    if m.n <= 0 or m.shard_size <= 0 or m.num_classes <= 0:
+        return f"N={m.n}, shard_size={m.shard_size}, num_classes={m.num_classes} must be positive"
+    if len(m.class_names) != m.num_classes:
+        return f"{len(m.class_names)} class names for num_classes={m.num_classes}"
+    if m.key_width < len(str(m.n - 1)):
+        return f"key_width {m.key_width} too small for N={m.n}"
+    expect = -(-m.n // m.shard_size)
+    if len(m.shards) != expect:
+        return f"{len(m.shards)} shards listed, expected {expect} for N={m.n}, shard_size={m.shard_size}"
+    for k, s in enumerate(m.shards):
+        count = min(m.shard_size, m.n - k * m.shard_size)
+        if s.first != k * m.shard_size or s.count != count:
+            return f"shard {k} ({s.name}) covers first={s.first} count={s.count}, expected {k * m.shard_size}, {count}"
+        if "/" in s.name or "\\" in s.name or s.name.startswith("."):
+            return f"bad shard name {s.name!r}"
+    if fingerprint_of((s.sha256 for s in m.shards), m.n, m.num_classes) != m.fingerprint:
+        return "fingerprint does not match the shard hashes"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _tar_members(path: Path, fileobj) -> Iterator[tuple[str, bytes]]:
+    # webdataset's streaming tar expansion; errors are re-raised and named by iter_shard.
+    for member in wds_tar.tar_file_iterator(fileobj, handler=wds.reraise_exception):
+        yield member["fname"], member["data"]
+
+
+def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
+               fileobj=None) -> Iterator[tuple[int, str, bytes, int]]:
+    """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
+    keys are exactly ``entry.first .. entry.first+count-1`` in order, each sample has a ``cls`` field with an
+    integer label in ``[0, num_classes)`` and exactly one image field; the tar reads to its end.
+    No sha256 and no decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key <key>: ...")``.
+
+    ``fileobj`` (optional): an open binary stream of the shard (e.g. from fsspec); ``path`` then only names it.
+    """
+    exts = set(IMAGE_EXTS.values())
+    j = 0
+    last = None
+
+    def finish(key: str, fields: dict) -> tuple[int, str, bytes, int]:
+        nonlocal j
+        if j >= entry.count:
+            raise ShardError(f"{path}: key {key}: more samples than the manifest's count {entry.count}")
+        index = entry.first + j
+        expected = key_of(index, manifest.key_width)
+        if key != expected:
+            raise ShardError(f"{path}: key {key}: expected key {expected} (sample {j} of the shard)")
+        raw = fields.pop("cls", None)
+        if raw is None:
+            raise ShardError(f"{path}: key {key}: missing cls (label) field")
+        try:
+            label = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ShardError(f"{path}: key {key}: label {raw[:20]!r} is not an integer") from None
+        if not 0 <= label < manifest.num_classes:
+            raise ShardError(f"{path}: key {key}: label {label} out of range [0, {manifest.num_classes})")
+        if len(fields) != 1 or next(iter(fields)) not in exts:
+            raise ShardError(f"{path}: key {key}: expected one image field ({'/'.join(sorted(exts))}), "
+                             f"found {sorted(fields)}")
+        j += 1
+        return index, key, next(iter(fields.values())), label
+
+    own = fileobj is None
+    try:
+        f = open(path, "rb") if own else fileobj
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file missing") from None
+    try:
+        key, fields = None, {}
+        try:
+            for name, data in _tar_members(path, f):
+                k, dot, ext = name.partition(".")
+                if not dot:
+                    raise ShardError(f"{path}: key {k}: tar member {name!r} has no extension")
+                if k != key:
+                    if key is not None:
+                        last = key
+                        yield finish(key, fields)
+                    key, fields = k, {}
+                ext = ext.lower()
+                if ext in fields:
+                    raise ShardError(f"{path}: key {k}: duplicate field {ext!r}")
+                fields[ext] = data
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            where = f"after key {last}" if last is not None else "at the start"
+            raise ShardError(f"{path}: corrupt or truncated tar ({where}): {type(exc).__name__}: {exc}") from exc
+        if key is not None:
+            yield finish(key, fields)
+        if j != entry.count:
+            raise ShardError(f"{path}: holds {j} samples, the manifest says {entry.count} "
+                             f"(truncated or corrupt tar; last key {key})")
+    finally:
+        if own:
+            f.close()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(manifest: Manifest, deep: bool = True) -> None:
+    """Check every shard's sha256 against the manifest; with ``deep``, also read every sample (keys in order,
+    labels in range, one image field) and decode every image. Raises ShardError naming the file (and key)."""
+    for k, entry in enumerate(manifest.shards):
+        path = manifest.shard_path(k)
+        if not path.is_file():
+            raise ShardError(f"{path}: shard file missing")
+        got = sha256_file(path)
+        if got != entry.sha256:
+            raise ShardError(f"{path}: sha256 {got} does not match the manifest's {entry.sha256}")
+        if deep:
+            for _, key, data, _ in iter_shard(path, entry, manifest):
+                check_decodes(data, f"{path}: key {key}", full=True)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.PathLike, *, shard_size: int,
+                 num_classes: int, class_names: list[str], source: dict, overwrite: bool = False,
+                 n: int | None = None, split: str | None = None) -> Manifest:
+    """Write ``samples`` (``(image_bytes, ext, label)``; global index = position) as shards in ``out_dir``.
+
+    The shards go to a temporary directory beside ``out_dir`` first. If ``out_dir`` already holds shards with
+    the same fingerprint they are verified (sha256) and kept ("up to date"); a different shard set is refused
+    (ShardError naming the directory and both fingerprints) unless ``overwrite``, which replaces it.
+    ``n`` defaults to ``len(samples)`` (needed up front for the key width); ``split`` to ``out_dir``'s name.
+    """
+    out_dir = Path(out_dir)
+    if n is None:
+        if not hasattr(samples, "__len__"):
+            samples = list(samples)
+        n = len(samples)
+    n, shard_size, num_classes = int(n), int(shard_size), int(num_classes)
+    if n <= 0 or shard_size <= 0 or num_classes <= 0:
+        raise ValueError(f"n={n}, shard_size={shard_size}, num_classes={num_classes} must be positive")
+    if len(class_names) != num_classes:
+        raise ShardError(f"{out_dir}: {len(class_names)} class names for num_classes={num_classes}")
+    width = max(6, len(str(n - 1)))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        new = _write_into(tmp, samples, n, width, shard_size, num_classes, class_names, source,
+                          split or out_dir.name)
+        return _install(tmp, out_dir, new, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_names, source, split) -> Manifest:
+    shards: list[ShardInfo] = []
+    exts: set[str] = set()
+    writer = f = None
+    i = -1
+
+    def close(k: int, first: int, count: int) -> None:
+        writer.close()
+        f.close()
+        name = SHARD_PATTERN.format(k)
+        shards.append(ShardInfo(name, first, count, sha256_file(tmp / name)))
+
+    for i, (data, ext, label) in enumerate(samples):
+        if i >= n:
+            raise ShardError(f"{tmp}: the source yields more than the announced {n} samples")
+        key = key_of(i, width)
+        norm = IMAGE_EXTS.get(str(ext).lower().lstrip("."))
+        if norm is None:
+            raise ShardError(f"key {key}: unsupported image extension {ext!r} (jpg/jpeg/png/webp/bmp)")
+        if isinstance(label, bool) or not isinstance(label, int) and not hasattr(label, "__index__"):
+            raise ShardError(f"key {key}: label {label!r} is not an integer")
+        label = int(label)
+        if not 0 <= label < num_classes:
+            raise ShardError(f"key {key}: label {label} out of range [0, {num_classes})")
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+            raise ShardError(f"key {key}: image is not non-empty bytes ({type(data).__name__})")
+        k, pos = divmod(i, shard_size)
+        if pos == 0:
+            if writer is not None:
+                close(k - 1, (k - 1) * shard_size, shard_size)
+            f = open(tmp / SHARD_PATTERN.format(k), "wb")
+            writer = wds.TarWriter(f, encoder=False, mtime=_MTIME)
+        exts.add(norm)
+        writer.write({"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")})
+    if i + 1 != n:
+        if writer is not None:
+            writer.close()
+            f.close()
+        raise ShardError(f"{tmp}: the source yielded {i + 1} samples, announced {n}")
+    last_k = (n - 1) // shard_size
+    close(last_k, last_k * shard_size, n - last_k * shard_size)
+    m = Manifest(
+        split_dir=tmp, split=split, n=n, num_classes=num_classes, class_names=list(class_names), key_width=width,
+        shard_size=shard_size, image_exts=sorted(exts), source=dict(source), shards=shards,
+        fingerprint=fingerprint_of((s.sha256 for s in shards), n, num_classes),
+    )
+    (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")
+    return m
+
+
+def _install(tmp: Path, out_dir: Path, new: Manifest, overwrite: bool) -> Manifest:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        try:
+            old = load_manifest(out_dir)
+        except ShardError as exc:
+            old, why = None, str(exc)
+        if old is not None and old.fingerprint == new.fingerprint:
+            try:
+                verify_shards(old, deep=False)
+                print(f"{out_dir}: up to date (fingerprint {old.fingerprint}, {old.n} samples)")
+                return old
+            except ShardError as exc:
+                why = f"same fingerprint {old.fingerprint} but the existing shards fail verification: {exc}"
+        elif old is not None:
+            why = f"holds a different shard set (fingerprint {old.fingerprint}; new {new.fingerprint})"
+        if not overwrite:
+            raise ShardError(f"{out_dir}: {why}; refusing to replace it without overwrite=true")
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, trash / "old")
+        os.rename(tmp, out_dir)
+        shutil.rmtree(trash)
+    else:
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    print(f"{out_dir}: wrote {new.num_shards} shards, {new.n} samples (fingerprint {new.fingerprint})")
+    return load_manifest(out_dir)

@@ -1,0 +1,293 @@
+"""Sample sources: deterministic streams of ``(image_bytes, ext, label)`` that the shard writer numbers.
+
+Each source function returns a :class:`SampleSet`: a sized, re-iterable, pure description of a split.
+Iterating it yields ``(image_bytes: bytes, ext: str, label: int)`` in the order that fixes the global
+sample indices (docs/design.md, section 2). Orders are class-mixed (mixup pairs partners inside blocks of
+consecutive indices): ``toy`` is random by construction, Fashion-MNIST's file order is already mixed, and
+``folder`` applies a seeded permutation to its sorted file list.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .shards import IMAGE_EXTS, ShardError, check_decodes
+
+Sample = tuple[bytes, str, int]
+
+TOY_CLASSES = [
+    "circle", "ring", "square", "frame", "triangle",
+    "cross", "x", "stripes_h", "stripes_v", "checker",
+]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+SPLITS = ("train", "val")
+
+
+@dataclass
+class SampleSet:
+    """A split of a source: ``len()`` samples, iterated afresh each time (deterministic)."""
+
+    n: int
+    class_names: list[str]
+    source: dict
+    _iterate: Callable[[], Iterator[Sample]] = field(repr=False)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self._iterate()
+
+
+def _split_id(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+    return SPLITS.index(split)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """PNG bytes with fixed parameters (deterministic for a given Pillow/zlib)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- toy
+TOY_SIZE = 32
+_TOY_STREAM = 0x70F  # keeps the toy generators apart from any other use of (seed, split, i)
+_YY, _XX = np.mgrid[0:TOY_SIZE, 0:TOY_SIZE].astype(np.float32) + 0.5
+
+
+def _toy_mask(label: int, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shape of class ``label`` in object coordinates (u, v) in about [-1, 1]."""
+    box = np.maximum(np.abs(u), np.abs(v))
+    r = np.hypot(u, v)
+    if label == 0:  # circle (filled disk)
+        return r < 1.0
+    if label == 1:  # ring
+        return (r < 1.0) & (r > rng.uniform(0.5, 0.65))
+    if label == 2:  # square (filled)
+        return box < 0.85
+    if label == 3:  # frame (hollow square)
+        return (box < 0.9) & (box > rng.uniform(0.55, 0.65))
+    if label == 4:  # triangle, apex up
+        return (v < 0.85) & (np.abs(u) < (0.85 - v) * 0.55) & (v > -0.95)
+    if label == 5:  # cross (+)
+        w = rng.uniform(0.22, 0.32)
+        return ((np.abs(u) < w) | (np.abs(v) < w)) & (box < 1.0)
+    if label == 6:  # X
+        p, q = (u + v) * 0.7071, (u - v) * 0.7071
+        w = rng.uniform(0.2, 0.28)
+        return ((np.abs(p) < w) | (np.abs(q) < w)) & (box < 0.9)
+    period = rng.uniform(0.45, 0.6)  # stripe width in object units (~3 px)
+    if label == 7:  # horizontal stripes patch
+        return (box < 1.0) & (np.floor((v + 1.0) / period) % 2 == 0)
+    if label == 8:  # vertical stripes patch
+        return (box < 1.0) & (np.floor((u + 1.0) / period) % 2 == 0)
+    if label == 9:  # checkerboard patch
+        return (box < 1.0) & ((np.floor((u + 1.0) / period) + np.floor((v + 1.0) / period)) % 2 == 0)
+    raise ValueError(label)
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    while True:
+        fg, bg = rng.uniform(0, 255, size=(2, 3))
+        if np.abs(fg - bg).sum() > 160:
+            return fg, bg
+
+
+def toy_image(rng: np.random.Generator, label: int) -> np.ndarray:
+    """One 32x32 RGB uint8 image of class ``label``: a shape at random place/scale/rotation, random
+    colours, background gradient, small distractor clutter and pixel noise."""
+    fg, bg = _colour_pair(rng)
+    # background: a linear gradient between bg and a nearby colour
+    bg2 = np.clip(bg + rng.normal(0, 40, 3), 0, 255)
+    ang = rng.uniform(0, 2 * np.pi)
+    t = ((_XX - 16) * np.cos(ang) + (_YY - 16) * np.sin(ang)) / 32 + 0.5
+    img = bg[None, None, :] * (1 - t[..., None]) + bg2[None, None, :] * t[..., None]
+
+    # clutter: dots and short segments in random colours (small: they must not look like a class shape)
+    for _ in range(rng.integers(2, 6)):
+        colour = rng.uniform(0, 255, 3)
+        cx, cy = rng.uniform(0, TOY_SIZE, 2)
+        if rng.random() < 0.5:
+            m = np.hypot(_XX - cx, _YY - cy) < rng.uniform(0.8, 1.8)
+        else:
+            a = rng.uniform(0, np.pi)
+            d = (_XX - cx) * np.sin(a) - (_YY - cy) * np.cos(a)
+            s = (_XX - cx) * np.cos(a) + (_YY - cy) * np.sin(a)
+            m = (np.abs(d) < 0.6) & (np.abs(s) < rng.uniform(2, 5))
+        img[m] = colour
+
+    # the shape: small rotation only (an X rotated 45 degrees is a cross, vertical stripes are horizontal)
+    half = rng.uniform(6.0, 11.0)
+    cx, cy = rng.uniform(half * 0.8, TOY_SIZE - half * 0.8, 2)
+    rot = rng.uniform(-0.35, 0.35)
+    aspect = rng.uniform(0.85, 1.15)
+    dx, dy = _XX - cx, _YY - cy
+    u = (dx * np.cos(rot) + dy * np.sin(rot)) / (half * aspect)
+    v = -(-dx * np.sin(rot) + dy * np.cos(rot)) / (half / aspect)
+    mask = _toy_mask(label, u, v, rng)
+    img[mask] = fg
+
+    img += rng.normal(0, rng.uniform(4, 16), img.shape)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def toy(seed: int, n: int, split: str) -> SampleSet:
+    """``n`` synthetic RGB 32x32 PNGs of 10 shape/texture classes (:data:`TOY_CLASSES`).
+
+    Sample ``i`` comes from its own generator keyed by (seed, split, i): train and val are different
+    streams, and a smaller ``n`` gives a prefix of a larger one.
+    """
+    sid, seed, n = _split_id(split), int(seed), int(n)
+    if n <= 0:
+        raise ValueError(f"toy: n must be positive, got {n}")
+
+    def iterate() -> Iterator[Sample]:
+        for i in range(n):
+            rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, sid, i, _TOY_STREAM])))
+            label = int(rng.integers(len(TOY_CLASSES)))
+            yield encode_png(toy_image(rng, label)), "png", label
+
+    return SampleSet(n, list(TOY_CLASSES), {"kind": "toy", "seed": seed, "split": split, "n": n}, iterate)
+
+
+# ------------------------------------------------------------------------------------- Fashion-MNIST
+_FMNIST_FILES = {"train": "train", "val": "t10k"}
+_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (Fashion-MNIST; Debian package dataset-fashion-mnist)")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise ShardError(f"{path}: cannot read gzip IDX file: {exc}") from exc
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise ShardError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    got = struct.unpack(">I", raw[:4])[0]
+    if got != magic:
+        raise ShardError(f"{path}: bad IDX magic number 0x{got:08x}, expected 0x{magic:08x}")
+    dims = struct.unpack(f">{ndim}I", raw[4:head])
+    expected = int(np.prod(dims))
+    if len(raw) - head != expected:
+        raise ShardError(f"{path}: IDX header says {dims} = {expected} bytes of data, file has {len(raw) - head}")
+    return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
+
+
+def fashion_mnist(root: str | os.PathLike, split: str) -> SampleSet:
+    """Fashion-MNIST from gz IDX files: 60000 train, 10000 val (t10k); 28x28 grayscale PNGs (mode L),
+    in file order."""
+    _split_id(split)
+    root = Path(root)
+    stem = _FMNIST_FILES[split]
+    img_path = root / f"{stem}-images-idx3-ubyte.gz"
+    lab_path = root / f"{stem}-labels-idx1-ubyte.gz"
+    labels = _read_idx(lab_path, _IDX_LABELS, 1)
+    images = _read_idx(img_path, _IDX_IMAGES, 3)
+    if images.shape[0] != labels.shape[0]:
+        raise ShardError(f"{img_path}: {images.shape[0]} images but {lab_path} has {labels.shape[0]} labels")
+    if images.shape[1:] != (28, 28):
+        raise ShardError(f"{img_path}: images are {images.shape[1:]}, expected (28, 28)")
+    if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        bad = int(np.argmax(labels >= len(FASHION_MNIST_CLASSES)))
+        raise ShardError(f"{lab_path}: label {int(labels[bad])} at position {bad} is out of range [0, 10)")
+
+    def iterate() -> Iterator[Sample]:
+        for img, lab in zip(images, labels):
+            yield encode_png(img), "png", int(lab)
+
+    return SampleSet(
+        int(labels.shape[0]), list(FASHION_MNIST_CLASSES),
+        {"kind": "fashion_mnist", "root": str(root), "split": split}, iterate,
+    )
+
+
+# ------------------------------------------------------------------------------------------- folder
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """Class names of a folder tree: the sorted subfolder names of ``<root>/train``."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{train}: no such directory (expected <root>/train/<class>/*)")
+    names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise ShardError(f"{train}: no class subfolders")
+    return names
+
+
+def folder(root: str | os.PathLike, split: str, seed: int = 0) -> SampleSet:
+    """Images under ``<root>/<split>/<class>/*`` (jpg/jpeg/png/webp/bmp, any case), bytes kept as they are.
+
+    Classes are the sorted subfolders of ``<root>/train`` (so train and val agree on label ids; a val
+    class folder unknown to train is an error). The global order is a permutation, seeded by ``seed``,
+    of the file list sorted by (class, file name). Every file is checked to decode (PIL ``verify``).
+    """
+    _split_id(split)
+    root = Path(root)
+    classes = folder_classes(root)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: no such directory")
+    known = set(classes)
+    files: list[tuple[Path, str, int]] = []
+    for sub in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name not in known:
+            raise ShardError(f"{sub}: class folder not present in {root / 'train'}")
+        label = classes.index(sub.name)
+        for f in sorted(sub.iterdir()):
+            ext = IMAGE_EXTS.get(f.suffix[1:].lower())
+            if ext is not None and f.is_file():
+                files.append((f, ext, label))
+    if not files:
+        raise ShardError(f"{split_dir}: no images (jpg/jpeg/png/webp/bmp) in class subfolders")
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), _split_id(split), 0xF01])))
+    order = rng.permutation(len(files))
+
+    def iterate() -> Iterator[Sample]:
+        for j in order:
+            path, ext, label = files[j]
+            data = path.read_bytes()
+            check_decodes(data, str(path))
+            yield data, ext, label
+
+    return SampleSet(
+        len(files), classes, {"kind": "folder", "root": str(root), "split": split, "seed": int(seed)}, iterate
+    )
+
+
+# ------------------------------------------------------------------------------------------- config
+def from_config(data_cfg, split: str) -> SampleSet:
+    """The :class:`SampleSet` for ``split`` of a ``conf/data/*.yaml`` config (a mapping)."""
+    kind = data_cfg["source"]
+    if kind == "toy":
+        n = data_cfg["train_size"] if split == "train" else data_cfg["val_size"]
+        s = toy(data_cfg["seed"], n, split)
+    elif kind == "fashion_mnist":
+        s = fashion_mnist(data_cfg["root"], split)
+    elif kind == "folder":
+        s = folder(data_cfg["root"], split, data_cfg.get("seed", 0))
+    else:
+        raise ValueError(f"unknown data source {kind!r} (toy, fashion_mnist, folder)")
+    if len(s.class_names) != int(data_cfg["num_classes"]):
+        raise ShardError(
+            f"data.num_classes={data_cfg['num_classes']} but source {kind} has {len(s.class_names)} classes: "
+            f"{s.class_names}"
+        )
+    s.source = {"name": data_cfg.get("name", kind), **s.source}
+    return s

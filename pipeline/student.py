@@ -1,0 +1,84 @@
+"""The student: a timm DeiT with a distillation token (two heads), its input transform, head outputs.
+
+Train mode with ``set_distilled_training(True)`` returns ``(cls_logits, dist_logits)``; eval mode returns their
+average (DeiT's inference rule). :func:`heads` gives both heads separately in eval mode (for per-head accuracy).
+
+The final student (``<out_dir>/student.pt``) is a plain timm state dict; load it with::
+
+    timm.create_model(name, num_classes=C, img_size=S, patch_size=P, checkpoint_path="student.pt")
+
+(plus any ``student.kwargs`` the run used, e.g. ``depth=2``). ``student-ema.pt`` holds the EMA weights when
+``train.ema=true``. :func:`load_student` does the same from a run's config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+
+
+def model_kwargs(student_cfg, num_classes: int) -> dict:
+    """Keyword arguments for ``timm.create_model`` (everything but the name and weights)."""
+    kw = {"num_classes": int(num_classes), "img_size": int(student_cfg.img_size),
+          "patch_size": int(student_cfg.patch_size)}
+    extra = student_cfg.get("kwargs") or {}
+    kw.update({str(k): v for k, v in dict(extra).items()})
+    return kw
+
+
+def create_student(student_cfg, num_classes: int, *, checkpoint_path: str | None = None) -> nn.Module:
+    """timm ``student_cfg.name`` (a ``deit_*_distilled_*``) with timm's own init, drop-path, distilled training."""
+    name = str(student_cfg.name)
+    kw = model_kwargs(student_cfg, num_classes)
+    model = timm.create_model(name, pretrained=False, drop_path_rate=float(student_cfg.get("drop_path", 0.0)),
+                              checkpoint_path=checkpoint_path, **kw)
+    if not hasattr(model, "set_distilled_training") or not hasattr(model, "head_dist"):
+        raise ValueError(f"student.name={name!r} is not a distilled DeiT (no distillation token/head); "
+                         f"use a deit_*_distilled_* model")
+    model.set_distilled_training(True)
+    return model
+
+
+def load_student(student_cfg, num_classes: int, path) -> nn.Module:
+    """A trained student for inference (eval mode: the two heads averaged)."""
+    return timm.create_model(str(student_cfg.name), checkpoint_path=str(path),
+                             **model_kwargs(student_cfg, num_classes)).eval()
+
+
+def normalise(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float], device,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW views -> float32 (x/255 - mean) / std on ``device`` (the student's own normalisation)."""
+    x = images_u8.to(device, non_blocking=True).float().div_(255.0)
+    m = torch.tensor(list(mean), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = x.sub_(m).div_(s)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class-token head, distillation-token head) logits in eval mode; ``model(x)`` is their average."""
+    feats = model.forward_features(x)
+    return model.head(feats[:, 0]), model.head_dist(feats[:, 1])
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict without DDP/compile prefixes, on CPU (what timm's checkpoint_path loads)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v.detach().cpu().clone()
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+

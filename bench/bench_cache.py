@@ -46,7 +46,7 @@ def main() -> None:
     ckpt = work / "teacher.pt"
     torch.manual_seed(0)
     torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), ckpt)
-    base = [f"data.train_size={args.n}", "data.val_size=256", f"teacher.checkpoint={ckpt}",
+    base = ["teacher=regnety_toy", f"data.train_size={args.n}", "data.val_size=256", f"teacher.checkpoint={ckpt}",
             f"cache.num_seeds={args.seeds}", f"cache.num_workers={args.workers}", "cache.batch_size=256"]
     cfg = config(work, base)
     make_shards.make_shards(cfg)

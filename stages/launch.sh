@@ -9,10 +9,18 @@ if [[ "${1:-}" == nproc=* ]]; then
   [[ -z "${NPROC:-}" ]] && nproc="${1#nproc=}"
   shift
 fi
-py="${PYTHON:-python}"
+py="${PYTHON:-}"
+if [[ -z "$py" ]]; then
+  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
+fi
+# Under DVC the composed params.yaml is the configuration (dvc exp run -S ... rewrites it); elsewhere conf/.
+cfg=()
+if [[ -f params.yaml && -f dvc.yaml ]]; then
+  cfg=(--config-path "$PWD" --config-name params "hydra.run.dir=outputs/hydra/$module")
+fi
 if [[ "$nproc" -gt 1 ]]; then
   # Spinning OpenMP threads on shared cores made CPU runs ~30x slower: ranks yield when idle.
   export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-  exec "$py" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m "pipeline.$module" "$@"
+  exec "$py" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m "pipeline.$module" "${cfg[@]}" "$@"
 fi
-exec "$py" -m "pipeline.$module" "$@"
+exec "$py" -m "pipeline.$module" "${cfg[@]}" "$@"

@@ -1,0 +1,189 @@
+"""The teacher: a timm model (RegNetY), its checkpoint, its input transform and a small inference wrapper.
+
+Views are uint8 NCHW at the view size; each model applies its own resize and normalisation at the very end
+(`model_input`), so the teacher and the student may differ there (docs/design.md, section 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TeacherError(RuntimeError):
+    """A teacher that cannot be built or loaded as configured (missing or mismatched checkpoint)."""
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Module:
+    """timm model `teacher_cfg.name` with `num_classes` outputs, in eval mode.
+
+    With `teacher_cfg.checkpoint` set and `load`, the checkpoint's weights are loaded strictly (a plain timm
+    state dict, or {"model": state_dict, ...}); hub weights are then not fetched, since they would be replaced.
+    """
+    name = str(teacher_cfg.name)
+    checkpoint = teacher_cfg.get("checkpoint") if load else None
+    pretrained = bool(teacher_cfg.get("pretrained", False)) and not checkpoint
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=int(num_classes))
+    except RuntimeError as exc:  # unknown model name (timm raises RuntimeError)
+        raise TeacherError(f"teacher.name={name!r}: {exc}") from exc
+    if checkpoint:
+        load_checkpoint(model, checkpoint, name=name, num_classes=int(num_classes))
+    return model.eval()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file (plain, or under "model"/"state_dict"; DDP/compile prefixes dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"teacher checkpoint {path} not found (train one with `python -m pipeline.train_teacher`, "
+                           f"or set teacher.checkpoint=null teacher.pretrained=true for hub weights)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickled objects that weights_only refuses, ...
+        raise TeacherError(f"teacher checkpoint {path}: cannot be read: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TeacherError(f"teacher checkpoint {path}: not a state dict (expected a timm state dict or "
+                           f"{{'model': state_dict}})")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def classifier_key(model: nn.Module) -> str | None:
+    """State-dict key of the classifier weight (timm's pretrained_cfg names the head module)."""
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(head, (list, tuple)):
+        head = head[0] if head else None
+    return f"{head}.weight" if head else None
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, name: str, num_classes: int) -> None:
+    """Load `path` into `model` strictly; any mismatch is a TeacherError naming the checkpoint, the model and the
+    first mismatching key (and both class counts when the classifier's output size differs)."""
+    sd = read_state_dict(path)
+    want = model.state_dict()
+    problems = []
+    for k, v in want.items():
+        if k not in sd:
+            problems.append(f"key {k!r} {list(v.shape)} missing from the checkpoint")
+        elif tuple(sd[k].shape) != tuple(v.shape):
+            problems.append(f"key {k!r}: checkpoint {list(sd[k].shape)} vs model {list(v.shape)}")
+    problems += [f"unexpected key {k!r} {list(sd[k].shape)} in the checkpoint" for k in sd if k not in want]
+    head = classifier_key(model)
+    classes = ""
+    if head and head in sd and head in want and sd[head].ndim >= 1 and sd[head].shape[0] != want[head].shape[0]:
+        classes = (f"; the checkpoint has {sd[head].shape[0]} classes, the model {num_classes} "
+                   f"(data.num_classes)")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise TeacherError(f"teacher checkpoint {path} does not fit timm model {name!r} with num_classes="
+                           f"{num_classes}: {problems[0]}{more}{classes}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:  # e.g. dtype/layout problems the shape check above does not see
+        raise TeacherError(f"teacher checkpoint {path} does not load into {name!r}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def weights_sha256(path_or_model) -> str:
+    """sha256 of a checkpoint file, or of a model's (or state dict's) tensors: names, dtypes, shapes, bytes."""
+    if isinstance(path_or_model, (str, os.PathLike)):
+        h = hashlib.sha256()
+        with open(path_or_model, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    sd = path_or_model.state_dict() if isinstance(path_or_model, nn.Module) else path_or_model
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_resolution(teacher_cfg, image_size: int | None = None) -> int | None:
+    """Side length the teacher sees: teacher.input_size, or the view size when that is null."""
+    size = teacher_cfg.get("input_size")
+    return int(size) if size else (int(image_size) if image_size else None)
+
+
+def teacher_provenance(teacher_cfg, model: nn.Module, num_classes: int, image_size: int | None = None) -> dict:
+    """What the cache records about its teacher. The weights hash is the checkpoint file's when one is
+    configured and present, else that of the model's state dict (hub weights)."""
+    ckpt = teacher_cfg.get("checkpoint")
+    sha = weights_sha256(ckpt) if ckpt and Path(ckpt).is_file() else weights_sha256(model)
+    return {"name": str(teacher_cfg.name), "weights_sha256": sha, "num_classes": int(num_classes),
+            "resolution": teacher_resolution(teacher_cfg, image_size),
+            "mean": [float(v) for v in teacher_cfg.mean], "std": [float(v) for v in teacher_cfg.std]}
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+def model_input(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, device,
+                size: int | Sequence[int] | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW views -> normalised float32 on `device`: /255, bilinear resize to `size` (no antialias,
+    deterministic), then (x - mean) / std. Used by the teacher and the student (each with its own mean/std)."""
+    if images_u8.dtype != torch.uint8:
+        raise TypeError(f"model_input expects uint8 views, got {images_u8.dtype}")
+    x = images_u8.to(device, non_blocking=True).float().div_(255.0)
+    if size:
+        hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+        if tuple(x.shape[-2:]) != hw:
+            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=False)
+    m = torch.tensor(list(mean), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = x.sub_(m).div_(s)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class TeacherRunner:
+    """Teacher inference on uint8 view batches: float32 logits [B, C] on `device`.
+
+    CUDA: bf16 autocast (teacher.bf16), channels_last (teacher.channels_last), torch.compile (teacher.compile).
+    CPU: fp32, contiguous (torch.compile still honoured if asked for: slow to compile).
+    """
+
+    def __init__(self, model: nn.Module, teacher_cfg, device):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.mean, self.std = list(teacher_cfg.mean), list(teacher_cfg.std)
+        self.size = teacher_cfg.get("input_size") or None
+        self.bf16 = cuda and bool(teacher_cfg.get("bf16", False))
+        self.channels_last = cuda and bool(teacher_cfg.get("channels_last", False))
+        model = model.to(self.device).eval()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.forward = torch.compile(model) if teacher_cfg.get("compile", False) else model
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = model_input(images_u8, self.mean, self.std, device=self.device, size=self.size,
+                            channels_last=self.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.forward(x)
+            return logits.float()

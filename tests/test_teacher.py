@@ -1,0 +1,226 @@
+"""Teacher: building and loading checkpoints (with the errors that name what is wrong), model_input,
+TeacherRunner, provenance, and a short real training run through the CLI on the toy shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import shards, sources
+from pipeline.replay import AugmentConfig
+from pipeline.teacher import (TeacherError, TeacherRunner, create_teacher, model_input, teacher_provenance,
+                              weights_sha256)
+from pipeline.teacher_training import TEACHER_SEED_OFFSET, teacher_augment
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# The trained-teacher test uses its own, larger toy set and resnet10t (conf/teacher/resnet_toy.yaml): on the 512
+# samples of the shared fixture neither model beats chance within a test's budget (measured: resnet10t 0.15 after 8
+# epochs, regnety_002 0.09 after 30: it memorises), and regnety_002 needs ~500 updates on the full toy set before
+# it leaves chance (conf/teacher/regnety_toy.yaml). The loading/error tests below use regnety_002.
+TRAIN_N, VAL_N = 2048, 512
+TRAIN_OVERRIDES = ["teacher=resnet_toy", "teacher.train.epochs=6", "teacher.train.batch_size=32",
+                   "teacher.train.num_workers=0", "num_threads=1"]
+
+
+def teacher_cfg(**over):
+    cfg = OmegaConf.load(REPO / "conf" / "teacher" / "regnety_toy.yaml")
+    cfg.checkpoint = None
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train a toy teacher briefly through the real CLI on 2048 toy samples."""
+    work = tmp_path_factory.mktemp("teacher")
+    data = work / "shards"
+    for split, n in (("train", TRAIN_N), ("val", VAL_N)):
+        s = sources.toy(0, n, split)
+        shards.write_shards(s, data / split, shard_size=256, num_classes=10, class_names=s.class_names,
+                            source=s.source)
+    proc = run_cli("pipeline.train_teacher", f"workdir={work}", f"data.shards={data}", *TRAIN_OVERRIDES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = work / "runs" / "teacher" / "toy-resnet10t"
+    return work, data, out / "teacher.pt", json.loads((out / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_cli_trains_a_teacher_that_beats_chance(trained):
+    _, _, ckpt, metrics = trained
+    assert ckpt.is_file()
+    assert metrics["epochs"] == 6 and len(metrics["history"]) == 6
+    assert metrics["img_per_s"] > 0 and metrics["train_loss"] < metrics["history"][0]["train_loss"]
+    assert metrics["weights_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert metrics["run_seed"] == TEACHER_SEED_OFFSET  # cfg.run_seed 0: never the views the cache labels
+    # 10 classes: chance is 0.10 (seen here: 0.59 after 6 epochs, ~36 s of 1-thread CPU)
+    assert metrics["val_acc"] >= 0.3, metrics["history"]
+
+
+def test_checkpoint_loads_with_create_teacher_and_plain_timm(trained):
+    _, _, ckpt, _ = trained
+    ours = create_teacher(teacher_cfg(name="resnet10t", checkpoint=str(ckpt)), 10)
+    assert not ours.training
+    plain = timm.create_model("resnet10t", num_classes=10, checkpoint_path=str(ckpt)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+
+
+def test_cli_refuses_to_replace_a_teacher(trained):
+    work, data, ckpt, _ = trained
+    before = ckpt.read_bytes()
+    proc = run_cli("pipeline.train_teacher", f"workdir={work}", f"data.shards={data}", "teacher=resnet_toy",
+                   timeout=120)
+    assert proc.returncode == 2
+    assert "overwrite=true" in proc.stderr and str(ckpt) in proc.stderr and "Traceback" not in proc.stderr
+    assert ckpt.read_bytes() == before
+
+
+def test_cli_missing_shards_exit_2(tmp_path):
+    proc = run_cli("pipeline.train_teacher", f"workdir={tmp_path}", timeout=120)
+    assert proc.returncode == 2
+    assert "manifest" in proc.stderr and str(tmp_path / "data" / "shards" / "toy" / "train") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_class_count_mismatch_exit_2(tmp_path, toy_shards):
+    proc = run_cli("pipeline.train_teacher", f"workdir={tmp_path}", f"data.shards={toy_shards.root}",
+                   "data.num_classes=7", timeout=120)
+    assert proc.returncode == 2
+    assert "10 classes" in proc.stderr and "data.num_classes is 7" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "teacher" / "toy" / "teacher.pt").exists()
+
+
+def test_teacher_augment_is_its_own_recipe():
+    deit = OmegaConf.load(REPO / "conf" / "augment" / "deit.yaml")
+    cfg = OmegaConf.create({"augment": deit, "data": {"image_size": 32, "crop_pct": 1.0},
+                            "teacher": {"train": {"augment": None}}})
+    assert teacher_augment(cfg) == AugmentConfig.from_cfg(deit, 32)
+    cfg.teacher.train.augment = {"mix_prob": 0.0, "rand_augment": None}
+    own = teacher_augment(cfg)
+    assert own.mix_prob == 0.0 and own.ra is None and own.erase_prob == AugmentConfig(32).erase_prob
+    toy = OmegaConf.load(REPO / "conf" / "teacher" / "regnety_toy.yaml").train.augment
+    assert AugmentConfig.from_cfg(toy, 32).mixing is False
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    path = tmp_path / "nope.pt"
+    with pytest.raises(TeacherError, match=str(path)):
+        create_teacher(teacher_cfg(checkpoint=str(path)), 10)
+
+
+def test_load_false_skips_the_checkpoint(tmp_path):
+    model = create_teacher(teacher_cfg(checkpoint=str(tmp_path / "not-yet.pt")), 10, load=False)
+    assert model.get_classifier().out_features == 10
+
+
+def test_wrong_architecture_names_checkpoint_model_and_key(tmp_path):
+    path = tmp_path / "regnety_004.pt"
+    torch.save(timm.create_model("regnety_004", num_classes=10).state_dict(), path)
+    with pytest.raises(TeacherError) as err:
+        create_teacher(teacher_cfg(checkpoint=str(path)), 10)
+    msg = str(err.value)
+    assert str(path) in msg and "'regnety_002'" in msg
+    assert "key 'stem.conv.weight'" in msg or "key 's1." in msg, msg
+    assert "checkpoint [" in msg and "model [" in msg
+
+
+def test_class_count_mismatch_names_both_counts(tmp_path):
+    path = tmp_path / "five.pt"
+    torch.save({"model": timm.create_model("regnety_002", num_classes=5).state_dict(), "epoch": 3}, path)
+    with pytest.raises(TeacherError) as err:
+        create_teacher(teacher_cfg(checkpoint=str(path)), 10)
+    msg = str(err.value)
+    assert str(path) in msg and "'regnety_002'" in msg and "head.fc" in msg
+    assert "checkpoint has 5 classes" in msg and "model 10" in msg
+
+
+def test_wrapped_and_prefixed_state_dicts_load(tmp_path):
+    src = timm.create_model("regnety_002", num_classes=10)
+    path = tmp_path / "wrapped.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 1}, path)
+    model = create_teacher(teacher_cfg(checkpoint=str(path)), 10)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(TeacherError, match="cannot be read"):
+        create_teacher(teacher_cfg(checkpoint=str(path)), 10)
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+def test_model_input_scales_resizes_and_normalises():
+    x = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
+    out = model_input(x, MEAN, STD, device="cpu", size=16)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32
+    want = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)])
+    torch.testing.assert_close(out[0, :, 5, 7], want)
+    assert model_input(x, MEAN, STD, device="cpu").shape == (2, 3, 8, 8)  # no size: view size
+    assert model_input(x, MEAN, STD, device="cpu", channels_last=True).is_contiguous(
+        memory_format=torch.channels_last)
+    with pytest.raises(TypeError, match="uint8"):
+        model_input(x.float(), MEAN, STD, device="cpu")
+
+
+def test_runner_matches_plain_eval_forward():
+    torch.manual_seed(0)
+    model = create_teacher(teacher_cfg(), 10)
+    cfg = teacher_cfg(input_size=48)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        want = model(model_input(images, MEAN, STD, device="cpu", size=48))
+    runner = TeacherRunner(model, cfg, "cpu")
+    got = runner(images)
+    assert got.dtype == torch.float32 and got.shape == (5, 10)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def test_weights_sha256_and_provenance(tmp_path):
+    torch.manual_seed(0)
+    model = create_teacher(teacher_cfg(), 10)
+    sha = weights_sha256(model)
+    assert sha == weights_sha256(model.state_dict()) and len(sha) == 64
+    with torch.no_grad():
+        model.head.fc.bias[0] += 1
+    assert weights_sha256(model) != sha
+
+    path = tmp_path / "t.pt"
+    torch.save(model.state_dict(), path)
+    assert weights_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    prov = teacher_provenance(teacher_cfg(checkpoint=str(path)), model, 10)
+    assert prov["name"] == "regnety_002" and prov["num_classes"] == 10 and prov["resolution"] == 32
+    assert prov["weights_sha256"] == weights_sha256(path)
+    hub = teacher_provenance(teacher_cfg(input_size=None), model, 10, image_size=32)
+    assert hub["weights_sha256"] == weights_sha256(model) and hub["resolution"] == 32

@@ -1,0 +1,203 @@
+"""Stage one on real shards, a real Zarr store and real processes (torchrun, kill -9)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+
+from pipeline import sources
+from pipeline.cache_store import CacheStore
+from pipeline.replay import AugmentConfig
+from pipeline.shards import load_manifest, write_shards
+from pipeline.teacher import model_input
+from pipeline.views import block_views
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TEACHER = "regnety_002"
+
+
+def run_stage(module, *overrides, env=None, check=True, nproc=1, timeout=600):
+    cmd = [PY, "-m", f"pipeline.{module}", *overrides]
+    if nproc > 1:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+               f"pipeline.{module}", *overrides]
+    e = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **(env or {}))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=e, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A fixed (seeded random) RegNetY: stage one's mechanics do not need a good teacher."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(timm.create_model(TEACHER, num_classes=10).state_dict(), path)
+    return path
+
+
+def overrides(toy_shards, teacher_ckpt, store, *extra):
+    return ["teacher=regnety_toy", f"workdir={store.parent}", f"data.shards={toy_shards.root}",
+            f"teacher.checkpoint={teacher_ckpt}",
+            f"cache.path={store}", "cache.num_seeds=2", "cache.batch_size=64", "cache.num_workers=0",
+            "teacher.input_size=32", *extra]
+
+
+@pytest.fixture(scope="module")
+def built(toy_shards, teacher_ckpt, tmp_path_factory):
+    store = tmp_path_factory.mktemp("cache") / "one.zarr"
+    proc = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store))
+    assert "1024 views written" in proc.stdout
+    return store
+
+
+def _read_all(path):
+    store = CacheStore.open(path)
+    return {u: store.read_unit(*u) for u in [(s, k) for s in range(store.num_seeds)
+                                              for k in range(store.num_shards)]}
+
+
+def test_store_matches_independent_teacher_forward(built, toy_shards, teacher_ckpt):
+    store = CacheStore.open(built)
+    assert store.pending_units() == [] and store.num_seeds == 2 and store.topk == 10
+    model = timm.create_model(TEACHER, num_classes=10)
+    model.load_state_dict(torch.load(teacher_ckpt, weights_only=True))
+    model.eval()
+    manifest = load_manifest(toy_shards.root / "train")
+    cfg = AugmentConfig(image_size=32)
+    prov = store.provenance
+    assert prov["augment_hash"] == cfg.hash() and prov["data_fingerprint"] == manifest.fingerprint
+    # Independently render the first block of two shards under both seeds (no loader involved).
+    for s, k in [(0, 0), (1, 5)]:
+        items = [(i, data, label) for i, _, data, label in manifest.iter_shard(k)][:32]
+        views = block_views(items, run_seed=0, seed_index=s, cfg=cfg, num_classes=10)
+        x = model_input(torch.stack([v["image"] for v in views]), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+                        device="cpu")
+        with torch.no_grad():
+            logits = model(x).double()
+        rows = store.read_unit(s, k)
+        pos = np.array([v["index"] for v in views]) - manifest.shards[k].first
+        assert np.array_equal(rows["digest"][pos], np.array([v["digest"] for v in views], dtype=np.uint32))
+        assert np.array_equal(rows["argmax"][pos], logits.argmax(1).numpy())
+        top = logits.topk(10, dim=1)
+        assert np.allclose(rows["topk_values"][pos].astype(np.float64), top.values.numpy(), rtol=1e-3, atol=2e-3)
+        lse = torch.logsumexp(logits, 1).numpy()
+        assert np.allclose(rows["logsumexp"][pos], lse, rtol=1e-5, atol=1e-5)
+        p_top = np.exp(rows["topk_values"][pos].astype(np.float64) - rows["logsumexp"][pos, None])
+        assert (p_top.sum(1) <= 1 + 2e-3).all()
+        full = torch.softmax(logits, 1).numpy()
+        assert np.allclose(p_top, np.take_along_axis(full, rows["topk_indices"][pos].astype(np.int64), 1),
+                           atol=2e-3)
+
+
+def test_torchrun_two_ranks_equals_one_process(built, toy_shards, teacher_ckpt, tmp_path):
+    store = tmp_path / "ddp.zarr"
+    run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store), nproc=2)
+    one, two = _read_all(built), _read_all(store)
+    for unit in one:
+        assert np.array_equal(one[unit]["argmax"], two[unit]["argmax"])
+        assert np.array_equal(one[unit]["digest"], two[unit]["digest"])
+        assert np.allclose(one[unit]["topk_values"].astype(np.float32), two[unit]["topk_values"].astype(np.float32),
+                           atol=2e-3)
+    assert CacheStore.open(store).provenance["augment_hash"] == CacheStore.open(built).provenance["augment_hash"]
+
+
+def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, teacher_ckpt, tmp_path):
+    store = tmp_path / "killed.zarr"
+    cmd = [PY, "-m", "pipeline.teacher_cache", *overrides(toy_shards, teacher_ckpt, store, "cache.batch_size=16")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done_before = 0
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if (store / "done").exists():
+                try:
+                    done_before = int(np.asarray(zarr.open_array(store / "done", mode="r")[:]).sum())
+                except Exception:  # store being created
+                    continue
+                if done_before >= 3:
+                    break
+        assert proc.poll() is None, "the cache run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = int(np.asarray(zarr.open_array(store / "done", mode="r")[:]).sum())
+    assert 3 <= done_before < 16
+    rerun = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store))
+    assert f"({16 - done_before} units computed, {done_before} already done, of 16)" in rerun.stdout
+    one, resumed = _read_all(built), _read_all(store)
+    for unit in one:
+        for field in ("argmax", "digest", "topk_indices", "topk_values", "logsumexp"):
+            assert np.array_equal(one[unit][field], resumed[unit][field]), (unit, field)
+
+
+def test_verify_mode_agrees_and_detects_another_teacher(built, toy_shards, teacher_ckpt, tmp_path):
+    proc = run_stage("verify_cache", *overrides(toy_shards, teacher_ckpt, built, "cache.verify_fraction=0.2"))
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["ok"] and result["argmax_agreement"] == 1.0 and result["views_checked"] >= 128
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(timm.create_model(TEACHER, num_classes=10).state_dict(), other)
+    bad = run_stage("verify_cache", *overrides(toy_shards, other, built), check=False)
+    assert bad.returncode != 0 and "teacher weights" in bad.stderr
+
+
+def _snapshot(path):
+    return {p: p.read_bytes() for p in Path(path).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("change,field", [
+    ("run_seed=5", "run_seed"),
+    ("augment.erase_prob=0.5", "augment"),
+    ("data.shards={other_data}", "data_fingerprint"),
+])
+def test_store_from_other_config_is_refused_untouched(built, toy_shards, teacher_ckpt, tmp_path, change, field):
+    if "other_data" in change:
+        # Same shape (N, shards, classes), other images: only the fingerprint tells them apart.
+        other = tmp_path / "data"
+        s = sources.toy(1, toy_shards.train_size, "train")
+        write_shards(s, other / "train", shard_size=toy_shards.shard_size, num_classes=10,
+                     class_names=s.class_names, source=s.source)
+        change = change.format(other_data=other)
+    before = _snapshot(built)
+    args = overrides(toy_shards, teacher_ckpt, built)
+    args = [a for a in args if not a.startswith(change.split("=")[0] + "=")] + [change]
+    proc = run_stage("teacher_cache", *args, check=False)
+    assert proc.returncode != 0
+    assert f"field '{field}" in proc.stderr and "store has" in proc.stderr, proc.stderr
+    assert _snapshot(built) == before
+
+
+def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
+    store = tmp_path / "x.zarr"
+    missing = run_stage("teacher_cache", *overrides(toy_shards, tmp_path / "nope.pt", store), check=False)
+    assert missing.returncode == 2 and "nope.pt" in missing.stderr and not store.exists()
+    five = tmp_path / "five.pt"
+    torch.save(timm.create_model(TEACHER, num_classes=5).state_dict(), five)
+    mismatch = run_stage("teacher_cache", *overrides(toy_shards, five, store), check=False)
+    assert mismatch.returncode == 2 and "5" in mismatch.stderr and "10" in mismatch.stderr
+    arch = tmp_path / "arch.pt"
+    torch.save(timm.create_model("regnety_004", num_classes=10).state_dict(), arch)
+    wrong = run_stage("teacher_cache", *overrides(toy_shards, arch, store), check=False)
+    assert wrong.returncode == 2 and "arch.pt" in wrong.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    args = [a for a in overrides(toy_shards, teacher_ckpt, blocker / "c.zarr") if not a.startswith("workdir=")]
+    unwritable = run_stage("teacher_cache", *args, f"workdir={tmp_path}", check=False)
+    assert unwritable.returncode == 2 and str(blocker) in unwritable.stderr
+    assert blocker.read_text() == "not a directory"

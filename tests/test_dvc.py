@@ -19,7 +19,7 @@ DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which
 # Small sizes so the whole pipeline runs in about a minute here; the defaults run in .ci/run.
 SMALL = ["data.train_size=512", "data.val_size=128", "data.shard_size=64", "teacher.train.epochs=1",
          "teacher.input_size=32", "cache.num_seeds=2", "train.epochs=2", "train.batch_size=64",
-         "+student.kwargs.depth=2"]
+         "++student.kwargs.depth=2"]
 
 
 def test_committed_params_yaml_is_the_composition_of_conf():

@@ -88,8 +88,8 @@ def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=4096, help="toy train samples")
-    ap.add_argument("--photos", type=int, default=256, help="photo train samples (0: skip)")
+    ap.add_argument("--n", type=int, default=1024, help="toy train samples")
+    ap.add_argument("--photos", type=int, default=1024, help="photo train samples (0: skip)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "cache.json"))

@@ -189,8 +189,8 @@ def verify_cache(cfg: DictConfig, fraction: float, seed: int = 0) -> dict:
     if ours != theirs:
         raise ValueError(f"{store.path}: built with teacher weights {theirs[:12]}, config loads {ours[:12]}: "
                          f"a re-check needs the same teacher")
-    done = [(s, k) for s in range(store.num_seeds) for k in range(store.num_shards) if (s, k) not in
-            set(store.pending_units())]
+    pending = set(store.pending_units())  # one read of the markers
+    done = [(s, k) for s in range(store.num_seeds) for k in range(store.num_shards) if (s, k) not in pending]
     rng = np.random.default_rng(seed)
     count = min(len(done), max(1, int(round(fraction * len(done)))))
     chosen = sorted(done[i] for i in rng.choice(len(done), size=count, replace=False))

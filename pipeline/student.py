@@ -19,6 +19,8 @@ import timm
 import torch
 from torch import nn
 
+from pipeline.teacher import model_input
+
 
 def model_kwargs(student_cfg, num_classes: int) -> dict:
     """Keyword arguments for ``timm.create_model`` (everything but the name and weights)."""
@@ -51,11 +53,7 @@ def load_student(student_cfg, num_classes: int, path) -> nn.Module:
 def normalise(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float], device,
               channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW views -> float32 (x/255 - mean) / std on ``device`` (the student's own normalisation)."""
-    x = images_u8.to(device, non_blocking=True).float().div_(255.0)
-    m = torch.tensor(list(mean), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(list(std), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    x = x.sub_(m).div_(s)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return model_input(images_u8, mean, std, device=device, channels_last=channels_last)
 
 
 def heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Stage-one benchmark: end-to-end teacher_cache img/s next to pure teacher forward on the same batches, and
-bytes per view on disk (K=10 soft, hard-only) with the ImageNet-1k extrapolation.
+bytes per view on disk (K=10 soft, hard-only; bench_storage has the K sweep and the ImageNet-1k extrapolation).
 
     python -m bench.bench_cache [--n 4096] [--photos 256] [--workers 1]
 
@@ -25,7 +25,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGENET_N = 1_281_167
 
 
 def config(workdir: Path, overrides: list[str]):
@@ -86,14 +85,14 @@ def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers
             "bytes_per_view_hard_only": hard["total"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1024, help="toy train samples")
     ap.add_argument("--photos", type=int, default=1024, help="photo train samples (0: skip)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "cache.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "workers": args.workers, "seeds": args.seeds, "settings": []}
@@ -107,22 +106,22 @@ def main() -> None:
             "photo224 (500x375 JPEG, teacher @ 224 px)", work / "photo",
             ["data=folder", f"data.root={tree}", "data.num_classes=10", "data.shard_size=64", "augment=deit",
              "teacher.input_size=224"], args.seeds, args.workers))
-    soft = results["settings"][0]["bytes_per_view_soft_k10"]
-    hard = results["settings"][0]["bytes_per_view_hard_only"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return results
 
-    print(f"\n## teacher_cache on {results['machine']}: {args.workers} loader worker(s), regnety_002, CPU fp32\n")
-    print("| setting | views | pure teacher forward | end-to-end | end-to-end / pure | B/view K=10 | B/view hard |")
-    print("|---|---|---|---|---|---|---|")
+
+def table(results: dict) -> str:
+    lines = [f"teacher_cache on {results['machine']}: {results['workers']} loader worker(s), regnety_002, CPU fp32, "
+             f"{results['seeds']} seeds", "",
+             "| setting | views | pure teacher forward | end-to-end | end-to-end / pure | B/view K=10 | B/view hard |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["settings"]:
-        print(f"| {r['setting']} | {r['views']} | {r['pure_forward_img_s']:.0f} img/s | "
-              f"{r['end_to_end_img_s']:.0f} img/s | {r['ratio']:.2f} | {r['bytes_per_view_soft_k10']:.1f} | "
-              f"{r['bytes_per_view_hard_only']:.1f} |")
-    print(f"\nImageNet-1k ({IMAGENET_N:,} samples): K=10 soft {soft * IMAGENET_N / 1e9:.3f} GB per seed "
-          f"({soft * IMAGENET_N / 1e7:.1f} GB for S=100); hard-only {hard * IMAGENET_N / 1e9:.4f} GB per seed "
-          f"({hard * IMAGENET_N / 1e7:.2f} GB for S=100). Bytes per view are for 10 classes; see "
-          f"tests/test_cache_store.py for 1000 classes (32.6 / 5.3 B).")
+        lines.append(f"| {r['setting']} | {r['views']} | {r['pure_forward_img_s']:.0f} img/s | "
+                     f"{r['end_to_end_img_s']:.0f} img/s | {r['ratio']:.2f} | {r['bytes_per_view_soft_k10']:.1f} | "
+                     f"{r['bytes_per_view_hard_only']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Stage-two benchmark: student training step rate with no teacher, cached hard / soft targets, an online teacher.
 
-    python -m bench.bench_student [--steps 6] [--warmup 2] [--teacher224 regnety_160] [--skip-224]
+    python -m bench.bench_student [--steps 7] [--warmup 2] [--teacher224 regnety_160] [--students deit_tiny deit_small]
 
 Two settings, each run side by side through the real loop (pipeline.training.train_student: replayed views from
 WebDataset shards, DataLoader worker, cache rows checked by digest, AdamW + cosine, fp32 on CPU):
 
-- toy32:    toy shards, 32 px views, deit_tiny_toy (DeiT-Ti, patch 4: 64 tokens), batch 32, regnety_002 teacher
-            at 64 px (the toy recipe).
-- photo224: synthetic photo-size JPEGs (500x375, q90), 224 px views (DeiT augmentation), DeiT-Ti/16, batch 8,
-            1000 classes, regnety_160 teacher (DeiT's) at 224 px.
+- toy32:    toy shards, 32 px views, deit_tiny_toy (DeiT-Ti width, 4 blocks, patch 8), batch 32, regnety_002
+            teacher at 64 px.
+- photo224: synthetic photo-size JPEGs (500x375, q90), 224 px views (DeiT augmentation), DeiT-Ti/16 and DeiT-S/16
+            (``--students``), batch 8, 1000 classes, regnety_160 teacher (DeiT's) at 224 px.
 
 The caches hold seeded random logits with the real view digests (filled by replaying every view): speed does not
 depend on the values, and no teacher pass is spent building them. Teachers are randomly initialised (no hub
@@ -142,7 +142,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     ap.add_argument("--teacher224", default="regnety_160")
-    ap.add_argument("--skip-224", action="store_true")
+    ap.add_argument("--students", nargs="*", default=["deit_tiny", "deit_small"],
+                    help="224 px students (none: skip the 224 px settings)")
+    ap.add_argument("--skip-224", action="store_true", help="same as --students with no names")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "student.json"))
     args = ap.parse_args(argv)
 
@@ -168,11 +170,12 @@ def main(argv=None) -> dict:
         write_split(root, split, list(src), 64, len(src.class_names))
     base = [*common, "teacher=regnety_toy", "teacher.input_size=64", f"data.shards={root}", f"cache.path={work / 'toy.zarr'}", f"train.batch_size={batch}"]
     results["settings"]["toy32"] = {
-        "student": "deit_tiny_distilled (patch 4, 32 px)", "teacher": "regnety_002 @ 64 px", "batch": batch,
+        "student": "deit_tiny_toy (DeiT-Ti width, 4 blocks, patch 8, 32 px)", "teacher": "regnety_002 @ 64 px", "batch": batch,
         "classes": 10, **run_setting("toy32", base, work, args.warmup, MODES)}
 
     # ---- photo224
-    if not args.skip_224:
+    students = [] if args.skip_224 else args.students
+    if students:
         batch, classes = 8, 1000
         root = work / "photo"
         n_train = batch * steps + 32
@@ -182,13 +185,15 @@ def main(argv=None) -> dict:
         write_split(root, "train", [(b, "jpg", int(y)) for b, y in zip(jpegs[:n_train], labels)], 32, classes)
         write_split(root, "val", [(b, "jpg", int(y)) for b, y in zip(jpegs[n_train:], labels[n_train:])], 16,
                     classes)
+    for student in students:
         base = [*common, f"data.shards={root}", f"data.num_classes={classes}", "data.image_size=224",
-                "data.crop_pct=0.875", "student=deit_tiny", "teacher=regnety_160", f"teacher.name={args.teacher224}",
+                "data.crop_pct=0.875", f"student={student}", "teacher=regnety_160", f"teacher.name={args.teacher224}",
                 "teacher.input_size=null", f"cache.path={work / 'photo.zarr'}", f"train.batch_size={batch}"]
-        results["settings"]["photo224"] = {
-            "student": "deit_tiny_distilled_patch16_224", "teacher": f"{args.teacher224} @ 224 px", "batch": batch,
+        name = f"photo224-{student}"
+        results["settings"][name] = {
+            "student": config(base).student.name, "teacher": f"{args.teacher224} @ 224 px", "batch": batch,
             "classes": classes, "source_image": "500x375 JPEG q90",
-            **run_setting("photo224", base, work, args.warmup, MODES)}
+            **run_setting(name, base, work, args.warmup, MODES)}
 
     results["wall_s"] = time.perf_counter() - t_all
     results["load_avg_end"] = os.getloadavg()[0]

@@ -1,10 +1,9 @@
-"""Plots for the README from a finished toy pipeline run and the bench JSONs.
+"""Plot of a finished toy pipeline run (``dvc repro``) for the README; the benchmark plots come from
+``python -m bench.run_all``.
 
     python -m bench.plot_results [--run .] [--out docs/img]
 
-Writes toy_curves.png (teacher and student val accuracy per epoch, student train loss) and, when
-bench/out/replay.json and bench/out/student.json exist, bench.png (throughput bars). Needs matplotlib
-(pip install -e '.[bench]').
+Writes toy_curves.png: teacher and student val accuracy per epoch, student train and val loss.
 """
 
 import argparse
@@ -42,38 +41,14 @@ def toy_curves(run: Path, out: Path) -> None:
     fig.savefig(out / "toy_curves.png", dpi=110)
 
 
-def bench_bars(bench: Path, out: Path) -> None:
-    replay, student = _load(bench / "replay.json"), _load(bench / "student.json")
-    if not replay or not student:
-        return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    rows = replay["rows"]
-    names = [k for k in rows if not k.startswith("toy")]
-    a.barh([rows[k]["label"] + " " + rows[k]["source"] for k in names], [rows[k]["img_per_s_median"] for k in names])
-    a.set_xlabel("img/s per core"), a.set_title("replay vs timm (224 px)")
-    a.tick_params(axis="y", labelsize=6)
-    labels, values = [], []
-    for setting, d in student.get("settings", {}).items():
-        for mode, v in d.get("modes", {}).items():
-            labels.append(f"{setting} {mode}")
-            values.append(v["img_per_s"])
-    b.barh(labels, values)
-    b.set_xlabel("img/s (CPU)"), b.set_title("student step rate")
-    b.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=110)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=".")
-    ap.add_argument("--bench", default="bench/out")
     ap.add_argument("--out", default="docs/img")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     toy_curves(Path(args.run), out)
-    bench_bars(Path(args.bench), out)
     print(f"plots -> {out}")
 
 

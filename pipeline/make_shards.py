@@ -42,7 +42,7 @@ def make_shards(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         make_shards(cfg)
-    except (ShardError, FileNotFoundError, MissingMandatoryValue) as exc:
+    except (ShardError, FileNotFoundError, ValueError, MissingMandatoryValue) as exc:
         msg = f"{exc.full_key} is not set (???)" if isinstance(exc, MissingMandatoryValue) else exc
         print(f"make_shards: error: {msg}", file=sys.stderr)
         sys.exit(2)

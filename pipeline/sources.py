@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -272,6 +273,18 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0) -> SampleSet:
 
 
 # ------------------------------------------------------------------------------------------- config
+def prefix(samples: SampleSet, n: int, field_name: str = "limit") -> SampleSet:
+    """The first ``n`` samples of ``samples`` (a smaller, still class-mixed split: every source's order is
+    mixed). The limit enters ``source`` and so the shard fingerprint."""
+    if not 0 < n <= len(samples):
+        raise ValueError(f"{field_name}={n}: must be in [1, {len(samples)}] (the split has {len(samples)} samples)")
+
+    def iterate() -> Iterator[Sample]:
+        return itertools.islice(iter(samples), n)
+
+    return SampleSet(n, samples.class_names, {**samples.source, "limit": n}, iterate)
+
+
 def from_config(data_cfg, split: str) -> SampleSet:
     """The :class:`SampleSet` for ``split`` of a ``conf/data/*.yaml`` config (a mapping)."""
     kind = data_cfg["source"]
@@ -284,6 +297,9 @@ def from_config(data_cfg, split: str) -> SampleSet:
         s = folder(data_cfg["root"], split, data_cfg.get("seed", 0))
     else:
         raise ValueError(f"unknown data source {kind!r} (toy, fashion_mnist, folder)")
+    limit = data_cfg.get(f"{split}_limit")
+    if limit is not None:
+        s = prefix(s, int(limit), f"data.{split}_limit")
     if len(s.class_names) != int(data_cfg["num_classes"]):
         raise ShardError(
             f"data.num_classes={data_cfg['num_classes']} but source {kind} has {len(s.class_names)} classes: "

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from bench.bench_storage import synthetic_logits  # a trained teacher's logit shape (10 / 1000 classes)
 from pipeline.cache_store import (CacheError, CacheStore, ProvenanceMismatch, library_versions, soft_probs)
 
 VERSIONS = {"torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.20", "pillow": "11.0.0", "numpy": "2.4.0",
@@ -237,23 +238,12 @@ def test_check_compatible_and_pickle(tmp_path):
     assert "units done: 0/6" in store.summary()
 
 
-def realistic_logits(rng, n, classes):
-    y = rng.integers(0, classes, n)
-    if classes == 10:  # trained 10-class teacher: one confident class
-        x = rng.normal(0, 1, (n, classes))
-        x[np.arange(n), y] += rng.normal(6, 1.5, n)
-    else:  # ImageNet-like
-        x = rng.normal(0, 2, (n, classes))
-        x[np.arange(n), y] += rng.normal(8, 2, n)
-    return x.astype(np.float32)
-
-
 @pytest.mark.parametrize("classes", [10, 1000])
 def test_bytes_per_view_goals(tmp_path, classes):
     """Measured on disk: <= 40 B/view for K=10 soft, <= 8 B/view hard-only (shard_size 1000)."""
     rng = np.random.default_rng(classes)
     shards = 2
-    logits = [realistic_logits(rng, 1000, classes) for _ in range(shards)]
+    logits = [synthetic_logits(rng, 1000, classes) for _ in range(shards)]
     digests = [rng.integers(0, 2**32, 1000, dtype=np.uint32) for _ in range(shards)]
     res = {}
     for topk in (10, 0):

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import itertools
 import json
 import shutil
 import subprocess
@@ -200,6 +201,26 @@ def test_fashion_mnist(tmp_path):
             assert (im.mode, im.size) == ("L", (28, 28))
     counts = Counter(label for k in range(m.num_shards) for _, _, _, label in m.iter_shard(k))
     assert counts == {c: 1000 for c in range(10)}  # t10k is balanced
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"{FMNIST} absent (Debian package dataset-fashion-mnist)")
+def test_train_limit_is_a_prefix(tmp_path):
+    """data.train_limit keeps the first N samples of the source order, and enters the fingerprint."""
+    cfg = {"name": "fashion_mnist", "source": "fashion_mnist", "root": str(FMNIST), "num_classes": 10}
+    full = sources.from_config(cfg, "train")
+    part = sources.from_config({**cfg, "train_limit": 300}, "train")
+    assert len(part) == 300 and list(part) == list(itertools.islice(iter(full), 300))
+    assert len(sources.from_config({**cfg, "train_limit": 300}, "val")) == 10000  # val untouched
+    m_part = write_shards(part, tmp_path / "part", shard_size=100, num_classes=10, class_names=part.class_names,
+                          source=part.source)
+    assert m_part.n == 300 and m_part.source["limit"] == 300
+    m_other = write_shards(sources.from_config({**cfg, "train_limit": 200}, "train"), tmp_path / "other",
+                           shard_size=100, num_classes=10, class_names=part.class_names,
+                           source=sources.from_config({**cfg, "train_limit": 200}, "train").source)
+    assert m_other.fingerprint != m_part.fingerprint
+    r = _cli("data=fashion_mnist", f"workdir={tmp_path}", "data.train_limit=70000")
+    assert r.returncode == 2 and "data.train_limit=70000" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_fashion_mnist_bad_idx(tmp_path):

@@ -159,14 +159,14 @@ def markdown(res: dict) -> str:
         f"student {m['student']}; seeds {m['seeds']} (mean ± std over seeds, accuracy in %). "
         f"Machine: {m['machine']}.",
         "",
-        "| model | average of heads | class head | distillation head | agreement with teacher | train img/s |",
-        "|---|---|---|---|---|---|",
-        f"| teacher ({m['teacher']}) | {pm(res['teacher']['val_acc'])} | | | | |",
+        "| model | average of heads | class head | distillation head | agreement with teacher |",
+        "|---|---|---|---|---|",
+        f"| teacher ({m['teacher']}) | {pm(res['teacher']['val_acc'])} | | | |",
     ]
     for v, s in res["students"].items():
         agree = pm(s["teacher_agreement"]) if s["teacher_agreement"]["values"][0] is not None else "-"
         lines.append(f"| student, {v} | {pm(s['student_acc_avg'])} | {pm(s['student_acc_cls'])} | "
-                     f"{pm(s['student_acc_dist'])} | {agree} | {s['img_per_s']['mean']:.0f} |")
+                     f"{pm(s['student_acc_dist'])} | {agree} |")
     lines += ["", "Seed cycling (hard, from the cache; epoch e uses cached seed e mod S):", "",
               "| S cached seeds | average of heads |", "|---|---|"]
     lines += [f"| {p['S']} | {100 * p['mean']:.2f} ± {100 * p['std']:.2f} |" for p in res["seed_cycling"]]
@@ -192,6 +192,12 @@ def plot(res: dict, path: Path) -> None:
     pts = res["seed_cycling"]
     ax2.errorbar([p["S"] for p in pts], [100 * p["mean"] for p in pts], yerr=[100 * p["std"] for p in pts],
                  marker="o", capsize=4)
+    for p in pts:
+        ax2.scatter([p["S"]] * len(p["values"]), [100 * v for v in p["values"]], color="k", s=8, zorder=3)
+    if "none" in res["students"]:
+        ax2.axhline(100 * res["students"]["none"]["student_acc_avg"]["mean"], color="grey", ls=":",
+                    label="no distillation (mean)")
+        ax2.legend(fontsize=8)
     ax2.set_xscale("log", base=2)
     ax2.set_xticks([p["S"] for p in pts], [str(p["S"]) for p in pts])
     ax2.set_xlabel("cached augmentation seeds S (student epochs E = %d)" % res["meta"]["epochs"])

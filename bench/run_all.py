@@ -214,6 +214,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--accuracy", type=Path, default=REPO / "bench" / "out" / "accuracy" / "accuracy.json",
                     help="results of python -m bench.accuracy to include (skipped when missing)")
     ap.add_argument("--publish", action="store_true", help="copy results and plots to docs/ for the README")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild report and plots from the benches' JSON files in --out (nothing is measured)")
     args = ap.parse_args(argv)
 
     import timm
@@ -225,20 +227,25 @@ def main(argv=None) -> dict:
     p = PROFILES[profile]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     res: dict = {}
     steps = [("student", bench_student, p["student"]), ("cache", bench_cache, p["cache"]),
              ("replay", bench_replay, p["replay"]), ("storage", bench_storage, p["storage"]),
              ("flops", bench_flops, p["flops"])]
     for name, mod, extra in steps:
+        if args.report_only:
+            res[name] = json.loads((out / f"{name}.json").read_text())
+            continue
         print(f"\n=== bench.{mod.__name__.split('.')[-1]} {' '.join(extra)}", flush=True)
         t = time.time()
         res[name] = mod.main([*extra, "--out", str(out / f"{name}.json")])
+        res[name]["bench_seconds"] = time.time() - t
+        (out / f"{name}.json").write_text(json.dumps(res[name], indent=1) + "\n")
         print(f"=== {name}: {time.time() - t:.0f} s", flush=True)
     if args.accuracy.is_file():
         res["accuracy"] = json.loads(args.accuracy.read_text())
     res["meta"] = {"machine": machine(), "torch": torch.__version__, "timm": timm.__version__, "profile": profile,
-                   "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0, "python": sys.version.split()[0]}
+                   "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0],
+                   "wall_s": sum(res[name].get("bench_seconds", 0.0) for name, _, _ in steps)}
     published = DOCS / "results.json"
     if published.is_file() and not args.quick:
         res["comparison"] = compare(res, json.loads(published.read_text()))

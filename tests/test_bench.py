@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import accuracy, bench_flops
+from bench import accuracy, bench_flops, run_all
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -53,6 +53,14 @@ def test_run_all_quick(tmp_path):
             assert r["imagenet_gb_per_seed"] == pytest.approx(r["total"] * 1_281_167 / 1e9)
     assert res["storage"]["sources"]["synthetic-1000"]["rows"]["soft K=10"]["total"] <= 40  # the goal
     assert res["storage"]["sources"]["synthetic-1000"]["rows"]["hard-only"]["total"] <= 8
+
+    # the report is rebuilt from the JSON files alone; a run compares itself with a published one
+    before = md
+    _bench("run_all", "--quick", "--report-only", "--out", out, "--accuracy", tmp_path / "none.json")
+    assert (out / "results.md").read_text() == before
+    table = run_all.compare(res, res)
+    heads = run_all.headline(res)
+    assert len(heads) >= 10 and table.count("+0.0%") == len(heads)
 
     fl = res["flops"]
     assert 25 < fl["teacher"]["forward_gflops"] < 40  # regnety_160: 15.9 GMACs = 31.8 GFLOPs (timm's figure)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, compose, machine, save_json
+
 OUT = REPO / "bench" / "out" / "accuracy"
 # variant -> train_student overrides (a function of the epoch count E)
 VARIANTS = {
@@ -48,6 +48,23 @@ def cycle_points(epochs: int) -> list[tuple[int, str]]:
     return [(s, f"hard-S{s}") for s in (1, 2, 4) if s < epochs] + [(epochs, "hard")]
 
 
+def stage_overrides(args, r: int, variant: str | None = None) -> list[str]:
+    """The Hydra overrides of seed ``r``'s stages (``variant``: a student run); every path follows from them."""
+    out = Path(args.out).resolve()
+    ov = [
+        "data=fashion_mnist", f"data.train_limit={args.train_limit}", f"data.shards={out}/data/shards/fashion_mnist",
+        f"workdir={out}/seed{r}", f"run_seed={r}", f"num_threads={args.threads}",
+        f"teacher.train.init_seed={r}", f"teacher.train.epochs={args.teacher_epochs}",
+        f"cache.num_seeds={args.epochs}", f"train.epochs={args.epochs}", f"train.init_seed={r}",
+        "train.dvclive=false", "train.val=false", *args.override,
+    ]
+    if variant is not None:
+        w = out / f"seed{r}"
+        ov += [*VARIANTS[variant](args.epochs), f"train.out_dir={w}/runs/student/{variant}",
+               f"eval.out={w}/eval/{variant}.json"]
+    return ov
+
+
 class Study:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out).resolve()
@@ -60,18 +77,9 @@ class Study:
         with self._print:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def common(self, r: int) -> list[str]:
-        a = self.args
-        return [
-            "data=fashion_mnist", f"data.train_limit={a.train_limit}", f"data.shards={self.out}/data/shards/fashion_mnist",
-            f"workdir={self.out}/seed{r}", f"run_seed={r}", f"num_threads={a.threads}",
-            f"teacher.train.init_seed={r}", f"teacher.train.epochs={a.teacher_epochs}",
-            f"cache.num_seeds={a.epochs}", f"train.epochs={a.epochs}", f"train.init_seed={r}",
-            "train.dvclive=false", "train.val=false", *a.override,
-        ]
-
-    def run(self, name: str, stage: str, overrides: list[str], done: Path) -> None:
+    def run(self, name: str, stage: str, overrides: list[str], done) -> None:
         """``python -m pipeline.<stage> overrides``, unless ``done`` exists; a failure stops the study."""
+        done = Path(done)
         if done.is_file():
             return
         log = self.logs / f"{name}.log"
@@ -88,24 +96,22 @@ class Study:
         self.say(f"done  {name} ({time.time() - t0:.0f} s)")
 
     def shards(self) -> None:
-        r = self.args.seeds[0]
-        self.run("make_shards", "make_shards", self.common(r),
-                 self.out / "data/shards/fashion_mnist/val/manifest.json")
+        ov = stage_overrides(self.args, self.args.seeds[0])
+        self.run("make_shards", "make_shards", ov, Path(compose(ov).data.shards) / "val" / "manifest.json")
 
     def teacher_and_cache(self, r: int) -> None:
         with self._locks[r]:
-            w = self.out / f"seed{r}"
-            self.run(f"seed{r}-teacher", "train_teacher", self.common(r),
-                     w / "runs/teacher/fashion_mnist-resnet10t/metrics.json")
-            self.run(f"seed{r}-cache", "teacher_cache", self.common(r), w / "runs/cache/fashion_mnist/metrics.json")
+            ov = stage_overrides(self.args, r)
+            cfg = compose(ov)
+            self.run(f"seed{r}-teacher", "train_teacher", ov, cfg.teacher.train.metrics)
+            self.run(f"seed{r}-cache", "teacher_cache", ov, cfg.cache.metrics)
 
     def student(self, r: int, variant: str) -> None:
         self.teacher_and_cache(r)
-        w = self.out / f"seed{r}"
-        ov = [*self.common(r), *VARIANTS[variant](self.args.epochs), f"train.out_dir={w}/runs/student/{variant}",
-              f"eval.out={w}/eval/{variant}.json"]
-        self.run(f"seed{r}-{variant}", "train_student", ov, w / f"runs/student/{variant}/metrics.json")
-        self.run(f"seed{r}-{variant}-eval", "evaluate", ov, w / f"eval/{variant}.json")
+        ov = stage_overrides(self.args, r, variant)
+        cfg = compose(ov)
+        self.run(f"seed{r}-{variant}", "train_student", ov, Path(cfg.train.out_dir) / "metrics.json")
+        self.run(f"seed{r}-{variant}-eval", "evaluate", ov, cfg.eval.out)
 
     def execute(self) -> None:
         self.shards()
@@ -121,28 +127,43 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def collect(out: Path, seeds: list[int], variants: list[str], epochs: int) -> dict:
-    def read(path: Path) -> dict:
+def collect(args) -> dict:
+    """Mean ± std over seeds of every finished stage's metrics (paths from the composed configs)."""
+    seeds, variants = args.seeds, args.variants
+
+    def read(path) -> dict:
+        path = Path(path)
         if not path.is_file():
             sys.exit(f"bench.accuracy: error: {path} missing (that run has not finished; run without --report-only)")
         return json.loads(path.read_text())
 
-    teacher = [read(out / f"seed{r}/runs/teacher/fashion_mnist-resnet10t/metrics.json") for r in seeds]
+    base = {r: compose(stage_overrides(args, r)) for r in seeds}
+    runs_cfg = {(r, v): compose(stage_overrides(args, r, v)) for r in seeds for v in variants}
+    teacher = [read(base[r].teacher.train.metrics) for r in seeds]
     res = {"teacher": {"val_acc": mean_std([t["val_acc"] for t in teacher]),
                        "seconds": mean_std([t["seconds"] for t in teacher])},
            "students": {}}
     for v in variants:
-        evals = [read(out / f"seed{r}/eval/{v}.json") for r in seeds]
-        runs = [read(out / f"seed{r}/runs/student/{v}/metrics.json") for r in seeds]
+        evals = [read(runs_cfg[r, v].eval.out) for r in seeds]
+        runs = [read(Path(runs_cfg[r, v].train.out_dir) / "metrics.json") for r in seeds]
         res["students"][v] = {
             k: mean_std([e[k] for e in evals])
             for k in ("student_acc_avg", "student_acc_cls", "student_acc_dist", "teacher_agreement")
         }
         res["students"][v]["img_per_s"] = mean_std([m["img_per_s"] for m in runs])
-    cache = [read(out / f"seed{r}/runs/cache/fashion_mnist/metrics.json") for r in seeds]
+    cache = [read(base[r].cache.metrics) for r in seeds]
     res["cache"] = {"bytes_per_view": mean_std([c["total"] for c in cache])}
     res["seed_cycling"] = [{"S": s, "variant": v, **res["students"][v]["student_acc_avg"]}
-                           for s, v in cycle_points(epochs) if v in res["students"]]
+                           for s, v in cycle_points(args.epochs) if v in res["students"]]
+    cfg = base[seeds[0]]
+    res["meta"] = {
+        "val_samples": evals[0]["val_samples"], "seeds": seeds, "train_limit": args.train_limit,
+        "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "teacher": str(cfg.teacher.name),
+        "student": f"{cfg.student.name}, patch {cfg.student.patch_size}, "
+                   f"{', '.join(f'{k} {v}' for k, v in cfg.student.kwargs.items())}",
+        "cache_path": str(cfg.cache.path),  # seed 0's store (bench_storage reads its real teacher logits)
+        "machine": machine(), "overrides": args.override,
+    }
     return res
 
 
@@ -229,7 +250,7 @@ def main(argv=None) -> dict:
         args.variants = [v for v in VARIANTS if not v.startswith("hard-S") or v in cycling]
     if args.threads is None:
         args.threads = 1 if args.jobs > 1 else 0
-    out = Path(args.out).resolve()
+    out = args.out = Path(args.out).resolve()
     if args.fresh and out.exists():
         import shutil
         shutil.rmtree(out)
@@ -240,27 +261,17 @@ def main(argv=None) -> dict:
         except RuntimeError as exc:  # a stage failed: its log says why; finished stages are kept for a re-run
             print(f"bench.accuracy: error: {exc}", file=sys.stderr)
             sys.exit(2)
-    res = collect(out, args.seeds, args.variants, args.epochs)
-    res["meta"] = {
-        "val_samples": json.loads((out / f"seed{args.seeds[0]}/eval/{args.variants[0]}.json").read_text())["val_samples"],
-        "seeds": args.seeds, "train_limit": args.train_limit, "epochs": args.epochs,
-        "teacher_epochs": args.teacher_epochs, "teacher": "resnet10t", "student": "deit_tiny_toy (DeiT-Ti width, "
-        "4 blocks, patch 8)", "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU"
-        if not _cuda() else f"{platform.machine()}, GPU", "overrides": args.override,
-        "wall_seconds": None if args.report_only else time.time() - t0,
-    }
-    (out / "accuracy.json").write_text(json.dumps(res, indent=1) + "\n")
+    res = collect(args)
+    previous = out / "accuracy.json"  # --report-only keeps the measured wall time of the run it reports
+    res["meta"]["wall_seconds"] = (json.loads(previous.read_text())["meta"].get("wall_seconds")
+                                   if args.report_only and previous.is_file() else time.time() - t0)
+    save_json(out / "accuracy.json", res)
     md = markdown(res)
     (out / "accuracy.md").write_text(md)
     plot(res, out / "accuracy.png")
     print(md)
     print(f"-> {out / 'accuracy.json'}, {out / 'accuracy.md'}, {out / 'accuracy.png'}")
     return res
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -22,14 +21,12 @@ from pathlib import Path
 
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, compose, save_json
 
 
 def config(workdir: Path, overrides: list[str]):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"workdir={workdir}", *overrides])
+    return compose([f"workdir={workdir}", *overrides])
 
 
 def photo_tree(root: Path, n: int) -> Path:
@@ -106,8 +103,7 @@ def main(argv=None) -> dict:
             "photo224 (500x375 JPEG, teacher @ 224 px)", work / "photo",
             ["data=folder", f"data.root={tree}", "data.num_classes=10", "data.shard_size=64", "augment=deit",
              "teacher.input_size=224"], args.seeds, args.workers))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    save_json(Path(args.out), results)
     print(table(results))
     return results
 

@@ -16,10 +16,9 @@ so the teacher compute saved is 1 - S / (R x E), and of the whole distillation c
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, save_json
 IMAGENET_N = 1_281_167
 STUDENTS = {"deit_tiny": "deit_tiny_distilled_patch16_224", "deit_small": "deit_small_distilled_patch16_224"}
 
@@ -112,8 +111,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "flops.json")
     args = ap.parse_args(argv)
     res = run(args.teacher, args.students, args.epochs, args.runs, args.seeds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    save_json(args.out, res)
     print(table(res))
     return res
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import platform
@@ -41,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from bench.common import save_json
 
 SIZE = 224
 BLOCK = 32
@@ -375,8 +376,7 @@ def main(argv=None) -> dict:
         "setup_s": setup_s,
         "wall_s": time.perf_counter() - t0,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save_json(args.out, result)
     print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
     return result
 

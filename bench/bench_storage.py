@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, save_json
 IMAGENET_N = 1_281_167
 DEIT_EPOCHS = 300
 SHARD = 1000
@@ -121,13 +121,15 @@ def table(res: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=int, default=4, help="units of 1000 views per store")
-    ap.add_argument("--teacher-cache", type=Path,
-                    default=REPO / "bench/out/accuracy/seed0/cache/fashion_mnist-resnet10t-s8.zarr")
+    ap.add_argument("--teacher-cache", type=Path, default=None,
+                    help="a stage-one store with K = all (default: the accuracy study's, when it has run)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "storage.json")
     args = ap.parse_args(argv)
+    study = REPO / "bench" / "out" / "accuracy" / "accuracy.json"
+    if args.teacher_cache is None and study.is_file():
+        args.teacher_cache = Path(json.loads(study.read_text())["meta"].get("cache_path", study.parent / "none"))
     res = run(args.shards, args.teacher_cache)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    save_json(args.out, res)
     print(table(res))
     return res
 

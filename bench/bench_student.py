@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -31,21 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, compose, save_json
 MODES = {  # name -> distill overrides
     "none": ["distill=none"],
     "cache-hard": ["distill=hard", "distill.source=cache"],
     "cache-soft": ["distill=soft", "distill.source=cache"],
     "online-hard": ["distill=hard", "distill.source=online"],
 }
-
-
-def config(overrides: list[str]):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def photo_jpegs(n: int, size=(500, 375), seed: int = 0) -> list[bytes]:
@@ -106,7 +99,7 @@ def measure(base: list[str], mode: str, out: Path, warmup: int) -> dict:
         sizes.append(len(info["index"]))
 
     t0 = time.perf_counter()
-    train_student(config([*base, *MODES[mode], f"train.out_dir={out / mode}"]), step_callback=on_step)
+    train_student(compose([*base, *MODES[mode], f"train.out_dir={out / mode}"]), step_callback=on_step)
     total = time.perf_counter() - t0
     step_s = np.diff(stamps[warmup:])  # step j's time: end of step j-1 to end of step j
     batch = float(np.mean(sizes[warmup + 1:]))
@@ -117,7 +110,7 @@ def measure(base: list[str], mode: str, out: Path, warmup: int) -> dict:
 
 
 def run_setting(name: str, base: list[str], work: Path, warmup: int, modes) -> dict:
-    cfg = config(base)
+    cfg = compose(base)
     t = time.perf_counter()
     fill_cache(cfg)
     print(f"[{name}] cache filled in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
@@ -191,15 +184,14 @@ def main(argv=None) -> dict:
                 "teacher.input_size=null", f"cache.path={work / 'photo.zarr'}", f"train.batch_size={batch}"]
         name = f"photo224-{student}"
         results["settings"][name] = {
-            "student": config(base).student.name, "teacher": f"{args.teacher224} @ 224 px", "batch": batch,
+            "student": compose(base).student.name, "teacher": f"{args.teacher224} @ 224 px", "batch": batch,
             "classes": classes, "source_image": "500x375 JPEG q90",
             **run_setting(name, base, work, args.warmup, MODES)}
 
     results["wall_s"] = time.perf_counter() - t_all
     results["load_avg_end"] = os.getloadavg()[0]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    save_json(out, results)
     print(table(results))
     print(f"\nwritten {out} ({results['wall_s']:.0f} s)")
     return results

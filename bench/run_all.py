@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, machine, save_json
 DOCS = REPO / "docs"
 
 PROFILES = {
@@ -239,7 +237,7 @@ def main(argv=None) -> dict:
         t = time.time()
         res[name] = mod.main([*extra, "--out", str(out / f"{name}.json")])
         res[name]["bench_seconds"] = time.time() - t
-        (out / f"{name}.json").write_text(json.dumps(res[name], indent=1) + "\n")
+        save_json(out / f"{name}.json", res[name])
         print(f"=== {name}: {time.time() - t:.0f} s", flush=True)
     if args.accuracy.is_file():
         res["accuracy"] = json.loads(args.accuracy.read_text())
@@ -249,7 +247,7 @@ def main(argv=None) -> dict:
     published = DOCS / "results.json"
     if published.is_file() and not args.quick:
         res["comparison"] = compare(res, json.loads(published.read_text()))
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    save_json(out / "results.json", res)
     md = report(res)
     (out / "results.md").write_text(md)
     images = plots(res, out / "img")
@@ -265,13 +263,6 @@ def main(argv=None) -> dict:
     print(f"-> {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(i) for i in images)}"
           + (" (published to docs/)" if args.publish else ""))
     return res
-
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Rows, per source size (500x375 and 1000x750, JPEG q90 in memory, cycling through
   ours                 pipeline.views.block_views, AugmentConfig(image_size=224), blocks of 32, full DeiT
                        recipe incl. mixup/cutmix, targets and digests -> uint8 views
   ours, no mix         the same with mix_prob=0 (like for like: timm's transform does not mix)
+  ours, r=3            repeated augmentation (train.repeats=3): each block decoded once and rendered under 3 seed
+                       indices (pipeline.replay.views.group_views); img/s counts views (3 per image), so it
+                       compares with `ours` (r = 1) view for view
 Plus the toy set (32x32 PNGs from pipeline.sources.toy) through block_views at image_size 32, and a
 breakdown of where ours spends its time per image (timers wrapped around the pipeline's own functions).
 
@@ -45,6 +48,7 @@ from bench.common import save_json
 
 SIZE = 224
 BLOCK = 32
+REPEATS = 3  # DeiT's --repeated-aug
 SOURCES = {"500x375": (500, 375), "1000x750": (1000, 750)}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 TIMM_AA = "rand-m9-mstd0.5-inc1"
@@ -72,7 +76,7 @@ def photo_jpegs(size: tuple[int, int], n: int, quality: int = 90) -> list[bytes]
 
 def toy_pngs(n: int) -> list[tuple[bytes, int]] | None:
     try:
-        from pipeline.sources import toy
+        from pipeline.data.sources import toy
     except ImportError:
         return None
     return [(data, label) for data, _ext, label in toy(0, n, "train")]
@@ -90,8 +94,9 @@ def row_pil_full(jpegs):
 
 def row_pil_draft(jpegs, cfg):
     """Decode at the scale ours picks for each sample's crop (full size where no draft applies)."""
-    from pipeline import seeding
-    from pipeline.replay import open_image, sample_params
+    from pipeline.replay import seeding
+    from pipeline.replay.params import sample_params
+    from pipeline.replay.pixels import open_image
 
     plans = []
     for i, data in enumerate(jpegs):
@@ -143,8 +148,22 @@ class TimmRow:
             self.images += 1
 
 
+def row_ours_repeats(jpegs, cfg, repeats: int):
+    """Repeated augmentation: every block decoded once, rendered under `repeats` seed indices (views)."""
+    from pipeline.replay.views import group_views
+
+    items = [(i, data, i % 1000) for i, data in enumerate(jpegs)]
+
+    def run(lo=0, hi=None):
+        for s in range(lo, len(items) if hi is None else hi, BLOCK):
+            for _ in group_views(items[s:s + BLOCK], run_seed=0, seed_indices=range(repeats), cfg=cfg,
+                                 num_classes=1000):
+                pass
+    return run
+
+
 def row_ours(jpegs, cfg, labels=None):
-    from pipeline.views import block_views
+    from pipeline.replay.views import block_views
 
     items = [(i, data, (labels[i] if labels else i % 1000)) for i, data in enumerate(jpegs)]
     num_classes = 10 if labels else 1000
@@ -160,7 +179,8 @@ def row_ours(jpegs, cfg, labels=None):
 
 def breakdown(jpegs, cfg, reps: int) -> dict:
     """ms per image in each stage of ours, by wrapping the pipeline's own functions with timers."""
-    from pipeline import replay, views
+    from pipeline.replay import pixels as replay
+    from pipeline.replay import views
 
     acc: dict[str, float] = defaultdict(float)
     ra_ms: dict[str, list] = defaultdict(lambda: [0.0, 0])
@@ -191,7 +211,7 @@ def breakdown(jpegs, cfg, reps: int) -> dict:
 
     patches = [
         wrap(views, "sample_params", "params"),
-        wrap(replay, "decode", "decode"),
+        wrap(replay, "decode_drafted" if hasattr(replay, "decode_drafted") else "decode", "decode"),
         wrap(replay, "_crop_resize", "resized crop"),
         wrap(replay, "_erase", "erase"),
         wrap(views, "mix_images", "mix"),
@@ -229,7 +249,7 @@ def check_fast_ops(jpegs) -> dict:
     """Ours' exact fast paths against the torchvision ops they stand in for (pixels must be identical)."""
     import torchvision.transforms.v2.functional as F
 
-    from pipeline import replay
+    from pipeline.replay import pixels as replay
 
     g = torch.Generator().manual_seed(0)
     imgs = [torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=g),
@@ -272,7 +292,7 @@ def main(argv=None) -> dict:
         ap.error(f"--n must be a positive multiple of {BLOCK}")
 
     torch.set_num_threads(1)
-    from pipeline.replay import AugmentConfig
+    from pipeline.replay.params import AugmentConfig
 
     cfg = AugmentConfig(image_size=SIZE)
     cfg_nomix = AugmentConfig(image_size=SIZE, mix_prob=0.0)
@@ -294,6 +314,8 @@ def main(argv=None) -> dict:
         rows[f"timm@{src}"] = ("timm create_transform", src, timm_rows[src], args.n)
         rows[f"ours@{src}"] = ("ours block_views (mix)", src, row_ours(jpegs, cfg), args.n)
         rows[f"ours_nomix@{src}"] = ("ours block_views, no mix", src, row_ours(jpegs, cfg_nomix), args.n)
+        rows[f"ours_r{REPEATS}@{src}"] = (f"ours, repeats r={REPEATS} (img/s = views/s)", src,
+                                          row_ours_repeats(jpegs, cfg, REPEATS), REPEATS * args.n)
     toy = toy_pngs(args.n)
     if toy is not None:
         rows["toy@32x32"] = ("ours block_views, toy set", "32x32 PNG", row_ours([d for d, _ in toy], cfg_toy,
@@ -330,7 +352,9 @@ def main(argv=None) -> dict:
     timm_draws = sum(t.images for t in timm_rows.values())
     timm_retries = sum(t.retries for t in timm_rows.values())
     ratios = {src: {"ours/timm": med[f"ours@{src}"] / med[f"timm@{src}"],
-                    "ours_nomix/timm": med[f"ours_nomix@{src}"] / med[f"timm@{src}"]} for src in SOURCES}
+                    "ours_nomix/timm": med[f"ours_nomix@{src}"] / med[f"timm@{src}"],
+                    f"ours_r{REPEATS}/ours": med[f"ours_r{REPEATS}@{src}"] / med[f"ours@{src}"],
+                    f"ours_r{REPEATS}/timm": med[f"ours_r{REPEATS}@{src}"] / med[f"timm@{src}"]} for src in SOURCES}
 
     lines = ["| row | source | img/s per core (CPU time, median) | min-max | ms/img | vs timm | img/s (wall) |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -344,6 +368,8 @@ def main(argv=None) -> dict:
     print("\n".join(lines))
     for src in SOURCES:
         print(f"\n{src}: ours/timm = {ratios[src]['ours/timm']:.2f}x (no mix: {ratios[src]['ours_nomix/timm']:.2f}x); "
+              f"repeats r={REPEATS}: {ratios[src][f'ours_r{REPEATS}/ours']:.2f}x ours r=1 per view, "
+              f"{ratios[src][f'ours_r{REPEATS}/timm']:.2f}x timm; "
               f"reduced-size decode applies to {meta[src]['draft_fraction']:.0%} of crops; "
               f"mean JPEG {meta[src]['jpeg_kib_mean']:.0f} KiB")
     print(f"timm posterize ValueError retries: {timm_retries} in {timm_draws} images "
@@ -359,7 +385,8 @@ def main(argv=None) -> dict:
         f"{k} {v:.3f}" for k, v in sorted(bd["ra_op_ms_per_call"].items(), key=lambda kv: -kv[1])))
 
     result = {
-        "config": {"n": args.n, "reps": args.reps, "image_size": SIZE, "block": BLOCK, "timm_auto_augment": TIMM_AA,
+        "config": {"n": args.n, "reps": args.reps, "image_size": SIZE, "block": BLOCK, "repeats": REPEATS,
+                   "timm_auto_augment": TIMM_AA,
                    "timm_re_prob": 0.25, "photos": list(PHOTOS), "jpeg_quality": 90},
         "env": {"python": sys.version.split()[0], "torch": torch.__version__,
                 "torchvision": __import__("torchvision").__version__, "timm": __import__("timm").__version__,

@@ -44,7 +44,7 @@ def synthetic_logits(rng: np.random.Generator, n: int, classes: int) -> np.ndarr
 
 def cached_logits(path: Path, max_views: int) -> np.ndarray | None:
     """Full logits (K = C) back from a stage-one store: top-K values scattered to their class ids."""
-    from pipeline.cache_store import CacheStore
+    from pipeline.cache.store import CacheStore
 
     if not path.exists():
         return None
@@ -64,7 +64,7 @@ def cached_logits(path: Path, max_views: int) -> np.ndarray | None:
 
 def measure(logits: np.ndarray, ks: list[int], work: Path) -> dict[str, dict]:
     """{label: bytes_per_view dict} for each K (0 = hard-only), through real stores of SHARD-view units."""
-    from pipeline.cache_store import CacheStore
+    from pipeline.cache.store import CacheStore
 
     n, classes = logits.shape
     shards = n // SHARD

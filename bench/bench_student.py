@@ -57,7 +57,7 @@ def photo_jpegs(n: int, size=(500, 375), seed: int = 0) -> list[bytes]:
 
 
 def write_split(root: Path, split: str, samples: list[tuple[bytes, str, int]], shard_size: int, classes: int):
-    from pipeline.shards import write_shards
+    from pipeline.data.shards import write_shards
 
     return write_shards(iter(samples), root / split, n=len(samples), shard_size=shard_size, num_classes=classes,
                         class_names=[f"c{i}" for i in range(classes)], source={"name": "bench"}, split=split)
@@ -65,10 +65,11 @@ def write_split(root: Path, split: str, samples: list[tuple[bytes, str, int]], s
 
 def fill_cache(cfg) -> None:
     """A store with the run's provenance, random logits and the real digests of every (seed, shard) unit."""
-    from pipeline.cache_store import CacheStore, library_versions
-    from pipeline.loader import ViewLoader
-    from pipeline.shards import load_manifest
-    from pipeline.training import augment_config
+    from pipeline.cache.provenance import library_versions
+    from pipeline.cache.store import CacheStore
+    from pipeline.data.loader import ViewLoader
+    from pipeline.data.shards import load_manifest
+    from pipeline.config import augment_config
 
     train = Path(cfg.data.shards) / "train"
     m = load_manifest(train)
@@ -89,7 +90,7 @@ def fill_cache(cfg) -> None:
 
 
 def measure(base: list[str], mode: str, out: Path, warmup: int) -> dict:
-    from pipeline.training import train_student
+    from pipeline.train.runs import train_student
 
     stamps: list[float] = []
     sizes: list[int] = []
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "student.json"))
     args = ap.parse_args(argv)
 
-    from pipeline import sources
+    from pipeline.data import sources
 
     work = Path(tempfile.mkdtemp(prefix="bench_student_"))
     steps = args.warmup + args.steps + 1

@@ -32,14 +32,14 @@ DOCS = REPO / "docs"
 PROFILES = {
     "full": {
         "student": ["--steps", "7", "--warmup", "2", "--students", "deit_tiny", "deit_small"],
-        "cache": ["--n", "1024", "--photos", "1024", "--seeds", "2"],
+        "cache": ["--n", "1024", "--photos", "1024", "--seeds", "2", "--group-photos", "256", "--group-seeds", "8"],
         "replay": ["--n", "256", "--reps", "3"],
         "storage": ["--shards", "4"],
         "flops": [],
     },
     "quick": {
         "student": ["--steps", "2", "--warmup", "1", "--students"],
-        "cache": ["--n", "128", "--photos", "0", "--seeds", "1"],
+        "cache": ["--n", "128", "--photos", "0", "--seeds", "1", "--group-photos", "32", "--group-reps", "1"],
         "replay": ["--n", "32", "--reps", "1"],
         "storage": ["--shards", "1"],
         "flops": ["--students", "deit_tiny", "--runs", "1", "4", "--seeds", "300", "30"],
@@ -55,8 +55,13 @@ def headline(res: dict) -> dict[str, float]:
             h[f"student {name} {ratio}"] = v
     for s in res["cache"]["settings"]:
         h[f"stage one {s['setting'].split()[0]} end-to-end/pure"] = s["ratio"]
+    if res["cache"].get("grouped"):
+        h[f"stage one grouped/per-seed views/s per core (S={res['cache']['grouped']['seeds']})"] = \
+            res["cache"]["grouped"]["ratio"]
     for src, r in res["replay"]["ratios"].items():
         h[f"replay {src} ours/timm"] = r["ours/timm"]
+        if "ours_r3/ours" in r:
+            h[f"replay {src} ours r=3/r=1 per view"] = r["ours_r3/ours"]
     for name, s in res["storage"]["sources"].items():
         for label, r in s["rows"].items():
             h[f"storage {name} {label} B/view"] = r["total"]
@@ -96,12 +101,16 @@ def student_table(st: dict) -> str:
 
 def replay_table(rp: dict) -> str:
     rows = rp["rows"]
-    lines = ["| source | timm create_transform img/s per core | ours (with mixing) | ours, no mix | ours / timm |",
-             "|---|---:|---:|---:|---:|"]
+    r3 = all(f"ours_r3@{src}" in rows for src in rp["ratios"])  # repeats rows (absent in older results)
+    lines = ["| source | timm create_transform img/s per core | ours (with mixing) | ours, no mix | ours / timm |"
+             + (" ours, repeats r=3 (views/s) | r=3 / r=1 |" if r3 else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if r3 else "")]
     for src, r in rp["ratios"].items():
         lines.append(f"| {src} JPEG -> 224 px | {rows[f'timm@{src}']['img_per_s_median']:.0f} | "
                      f"{rows[f'ours@{src}']['img_per_s_median']:.0f} | "
-                     f"{rows[f'ours_nomix@{src}']['img_per_s_median']:.0f} | {r['ours/timm']:.2f}x |")
+                     f"{rows[f'ours_nomix@{src}']['img_per_s_median']:.0f} | {r['ours/timm']:.2f}x |"
+                     + (f" {rows[f'ours_r3@{src}']['img_per_s_median']:.0f} | {r['ours_r3/ours']:.2f}x |"
+                        if r3 else ""))
     if "toy@32x32" in rows:
         lines.append(f"| toy 32x32 PNG -> 32 px | | {rows['toy@32x32']['img_per_s_median']:.0f} | | |")
     bd = rp["breakdown"]["500x375"]

@@ -1,17 +1,21 @@
 """`python -m pipeline.evaluate`: the final student on val (class head, distillation head, their average,
 agreement with the teacher), gathered with the other stages' metrics into one summary and a printed table.
 
-Writes `${eval.out}` (metrics JSON read by `dvc metrics show`).
+    python -m pipeline.evaluate                         # the run configured in conf/
+    python -m pipeline.evaluate distill=soft            # the soft student (train.out_dir follows distill.mode)
+    python -m pipeline.evaluate --config-path $PWD --config-name params   # what `dvc repro` runs
+
+Writes `eval.out` (metrics JSON read by `dvc metrics show`).
 """
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import fail_cleanly
+from pipeline.cli import main as cli_main, stage
 
 
 def _read(path) -> dict:
@@ -21,32 +25,37 @@ def _read(path) -> dict:
 
 def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline import distributed
-    from pipeline.loader import ViewLoader
-    from pipeline.student import load_student
-    from pipeline.training import ValTeacher, _make_teacher, augment_config, evaluate
+    from pipeline.config import augment_config, split_dir
+    from pipeline.data.loader import ViewLoader
+    from pipeline.errors import MissingInput
+    from pipeline.models.student import load_student
+    from pipeline.models.teacher import load_runner
+    from pipeline.train.losses import create_loss
+    from pipeline.train.loop import validate
+    from pipeline.train.tasks import DistillationTask, ValTeacher
 
-    ctx = distributed.setup(str(cfg.train.get("device", "auto")), int(cfg.get("num_threads", 0)), 0)
-    val = ViewLoader(Path(cfg.data.shards) / "val", augment_config(cfg), run_seed=int(cfg.run_seed),
-                     batch_size=int(cfg.train.get("eval_batch_size") or cfg.train.batch_size), train=False)
+    ctx = distributed.setup(str(cfg.train.device), int(cfg.num_threads), 0)
+    val = ViewLoader(split_dir(cfg, "val"), augment_config(cfg), run_seed=int(cfg.run_seed),
+                     batch_size=int(cfg.train.eval_batch_size or cfg.train.batch_size), train=False)
     num_classes = val.manifest.num_classes
     out_dir = Path(cfg.train.out_dir)
     student_path = out_dir / "student.pt"
     if not student_path.is_file():
-        raise FileNotFoundError(f"{student_path}: no trained student (run python -m pipeline.train_student)")
+        raise MissingInput(f"{student_path}: no trained student (run python -m pipeline.train_student)")
     model = load_student(cfg.student, num_classes, student_path).to(ctx.device)
-    runner = _make_teacher(cfg, num_classes, ctx.device, required=False)
-    n, loss, cls, dist, avg, agree = evaluate(
-        model, val, mean=cfg.student.mean, std=cfg.student.std, device=ctx.device, bf16=False,
-        teacher=ValTeacher(runner) if runner is not None else None)
+    runner = load_runner(cfg.teacher, num_classes, ctx.device, required=False)
+    task = DistillationTask(create_loss(cfg.distill, num_classes), cfg.student.mean, cfg.student.std, ctx.device,
+                            val_teacher=ValTeacher(runner) if runner is not None else None)
+    m = validate(model, val, task, ctx)
     teacher = _read(cfg.teacher.train.metrics)
     cache = _read(cfg.cache.metrics)
     student = _read(out_dir / "metrics.json")
     summary = {
         "distill_mode": str(cfg.distill.mode), "distill_source": str(cfg.distill.source),
-        "val_samples": int(n),
-        "student_acc_cls": cls / n, "student_acc_dist": dist / n, "student_acc_avg": avg / n,
-        "student_val_loss": loss / n,
-        "teacher_agreement": agree / n if runner is not None else None,
+        "val_samples": val.manifest.n,
+        "student_acc_cls": m["val_acc_cls"], "student_acc_dist": m["val_acc_dist"], "student_acc_avg": m["val_acc"],
+        "student_val_loss": m["val_loss"],
+        "teacher_agreement": m.get("val_agree_teacher"),
         "teacher_val_acc": teacher.get("val_acc"),
         "cache_bytes_per_view": cache.get("total"),
         "img_per_s_train_teacher": teacher.get("img_per_s"),
@@ -81,14 +90,17 @@ def format_table(s: dict) -> str:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with fail_cleanly():
-        summary = evaluate_run(cfg)
-        out = Path(cfg.eval.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2))
-        print(format_table(summary))
-        print(f"summary -> {out}", file=sys.stderr)
+    from pipeline.atomic import atomic_write_text
+    from pipeline.config import validate
 
+    with stage("evaluate"):
+        summary = evaluate_run(validate(cfg))
+        atomic_write_text(Path(cfg.eval.out), json.dumps(summary, indent=2))
+        print(format_table(summary))
+        logging.getLogger("pipeline").info(f"summary -> {cfg.eval.out}")
+
+
+KEYS = ('train.out_dir', 'teacher.checkpoint', 'eval.out')
 
 if __name__ == "__main__":
-    main()
+    cli_main(main, __doc__, KEYS)

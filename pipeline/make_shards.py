@@ -5,48 +5,64 @@
     python -m pipeline.make_shards data=folder data.root=/path/to/tree data.num_classes=100
 
 Re-running with the same input verifies and keeps the shards ("up to date"); a different shard set is refused
-unless ``overwrite=true``. Errors (bad input, corrupt data, refused overwrite) exit with status 2.
+unless ``overwrite=true``. Every input image is decoded in full once (folder sources; 16-bit and float images are
+stored as 8-bit PNGs, pipeline.data.images), and every split is written and checked before any is installed:
+errors (bad input, a corrupt or truncated image, an empty class folder without data.allow_empty_classes=true,
+a refused overwrite, a full disk) exit with status 2 naming the file, and install nothing.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
-from tqdm import tqdm
 
-from .shards import ShardError, write_shards
-from .sources import SPLITS, from_config
+from pipeline.cli import main as cli_main, stage
+from pipeline.logs import progress
 
 
 def make_shards(cfg: DictConfig) -> dict:
+    import shutil
+
+    from pipeline.data.shards import install_plan, install_shards, stage_shards
+    from pipeline.data.sources import SPLITS, from_config
+
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
-    manifests = {}
-    for split in SPLITS:
-        samples = from_config(data, split)
-        out = Path(data["shards"]) / split
-        progress = tqdm(samples, total=len(samples), unit="img", desc=f"{data['name']}/{split}",
-                        dynamic_ncols=True, file=sys.stderr)
-        manifests[split] = write_shards(
-            progress, out, n=len(samples), split=split, shard_size=data["shard_size"],
-            num_classes=data["num_classes"], class_names=samples.class_names, source=samples.source,
-            overwrite=bool(cfg.overwrite),
-        )
-    return manifests
+    staged = {}  # split -> (temporary directory, destination, manifest)
+    try:
+        for split in SPLITS:
+            samples = from_config(data, split)
+            out = Path(data["shards"]) / split
+            bar = progress(len(samples), unit="img", desc=f"{data['name']}/{split}")
+            tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
+                                    shard_size=data["shard_size"], num_classes=data["num_classes"],
+                                    class_names=samples.class_names, source=samples.source)
+            staged[split] = (tmp, out, new)
+        plans = {split: install_plan(out, new, bool(cfg.overwrite)) for split, (_, out, new) in staged.items()}
+        return {split: install_shards(tmp, out, new, bool(cfg.overwrite), plan=plans[split])
+                for split, (tmp, out, new) in staged.items()}
+    finally:
+        for tmp, _, _ in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        make_shards(cfg)
-    except (ShardError, FileNotFoundError, ValueError, MissingMandatoryValue) as exc:
-        msg = f"{exc.full_key} is not set (???)" if isinstance(exc, MissingMandatoryValue) else exc
-        print(f"make_shards: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+    from pipeline.config import validate
 
+    with stage("make_shards"):
+        make_shards(validate(cfg))
+
+
+def _counted(samples, bar):
+    with bar:
+        for sample in samples:
+            yield sample
+            bar.update(1)
+
+
+KEYS = ('data.name', 'data.source', 'data.root', 'data.shards', 'data.num_classes', 'data.shard_size', 'data.image_size', 'overwrite')
 
 if __name__ == "__main__":
-    main()
+    cli_main(main, __doc__, KEYS)

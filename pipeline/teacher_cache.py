@@ -1,40 +1,43 @@
 """`python -m pipeline.teacher_cache`: stage one, teacher targets per view into Zarr (resumable).
 
-    python -m pipeline.teacher_cache                      # one process (CPU or one GPU)
+    python -m pipeline.teacher_cache                      # one process (CPU or one GPU: cache.device)
     torchrun --nproc-per-node=8 -m pipeline.teacher_cache # units round-robin over ranks
     python -m pipeline.teacher_cache overwrite=true       # rebuild
-    python -m pipeline.teacher_cache cache.verify_fraction=0.05
+    python -m pipeline.teacher_cache cache.verify_fraction=0.05   # then re-check 5% of views with the teacher
 """
 
 import json
-import sys
-from pathlib import Path
+import logging
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import fail_cleanly
+from pipeline.cli import main as cli_main, stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline import cache_builder, distributed
+    from pipeline import distributed
+    from pipeline.atomic import atomic_write_text
+    from pipeline.cache.builder import build_cache, format_summary
+    from pipeline.cache.verify import verify_cache
+    from pipeline.config import validate
 
-    with fail_cleanly():
-        summary = cache_builder.build_cache(cfg)
+    with stage("teacher_cache"):
+        cfg = validate(cfg)
+        summary = build_cache(cfg)
         if float(cfg.cache.verify_fraction) > 0:
             distributed.cleanup()
-            summary["verify"] = check = cache_builder.verify_cache(cfg, float(cfg.cache.verify_fraction))
-            print(json.dumps(check), file=sys.stderr)
+            summary["verify"] = check = verify_cache(cfg, float(cfg.cache.verify_fraction))
+            logging.getLogger("pipeline").info(json.dumps(check))
             if not check["ok"]:
                 raise SystemExit(f"teacher cache re-check failed: {check}")
         if "path" in summary:  # rank 0
-            print(cache_builder.format_summary(summary))
-            out = Path(cfg.cache.metrics)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(summary, indent=2))
-        distributed.cleanup()
+            print(format_summary(summary))
+            atomic_write_text(cfg.cache.metrics, json.dumps(summary, indent=2))
 
+
+KEYS = ('cache.path', 'cache.num_seeds', 'cache.topk', 'cache.batch_size', 'cache.num_workers', 'cache.device', 'cache.verify_fraction', 'teacher.name', 'teacher.checkpoint', 'augment.rand_augment', 'run_seed', 'overwrite')
 
 if __name__ == "__main__":
-    main()
+    cli_main(main, __doc__, KEYS)

@@ -1,4 +1,4 @@
-"""`python -m pipeline.train_student`: stage two, a DeiT student on replayed views (pipeline.training).
+"""`python -m pipeline.train_student`: stage two, a DeiT student on replayed views (pipeline.train).
 
     python -m pipeline.train_student                                   # toy data, distill=hard from the cache
     python -m pipeline.train_student distill=soft                      # top-K soft targets from the cache
@@ -8,27 +8,26 @@
     python -m pipeline.train_student train.resume=never                # start afresh (default: auto-resume)
 
 Outputs in train.out_dir: student.pt (plain timm state dict), metrics.json, history.json, dvclive/,
-checkpoint-last.pt / checkpoint-prev.pt. Known errors (provenance or digest mismatch, missing cache or
-shards, a schedule beyond the cached seeds) exit with status 2 and one line on stderr.
+checkpoint-last.pt / checkpoint-prev.pt. User errors (provenance or digest mismatch, missing cache or shards, a
+schedule beyond the cached seeds, a bad config value) exit 2 with one line on stderr.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import fail_cleanly
+from pipeline.cli import main as cli_main, stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline import distributed
-    from pipeline.training import train_student
+    from pipeline.config import validate
+    from pipeline.train.runs import train_student
 
-    try:
-        with fail_cleanly():
-            train_student(cfg)
-    finally:
-        distributed.cleanup()
+    with stage("train_student"):
+        train_student(validate(cfg))
 
+
+KEYS = ('distill.mode', 'distill.source', 'student.name', 'train.epochs', 'train.batch_size', 'train.lr', 'train.out_dir', 'train.resume', 'cache.path', 'cache.cycle')
 
 if __name__ == "__main__":
-    main()
+    cli_main(main, __doc__, KEYS)

@@ -1,34 +1,36 @@
-"""Train the teacher on our shards and write `teacher.checkpoint` (timm state dict) and `teacher.train.metrics`.
+"""`python -m pipeline.train_teacher`: train the teacher on our shards (data without a pretrained teacher: toy,
+Fashion-MNIST, custom classes); writes `teacher.checkpoint` (timm state dict) and `teacher.train.metrics`.
 
-    python -m pipeline.train_teacher                       # toy data, regnety_toy recipe
+    python -m pipeline.train_teacher                                  # toy data, the toy recipe
     python -m pipeline.train_teacher data=fashion_mnist teacher.train.epochs=20
+    torchrun --nproc-per-node=2 -m pipeline.train_teacher             # DDP; resumes from teacher.train.out_dir
 
-Errors (missing shards or manifest, class-count mismatch, an existing checkpoint without overwrite=true)
-exit with status 2 and a one-line message.
+The same loop as the student (pipeline.train.loop): per-epoch atomic checkpoints in `teacher.train.out_dir`,
+auto-resume (`teacher.train.resume`), DDP under torchrun. User errors exit 2 with one line.
 """
 
-from __future__ import annotations
-
-import sys
+import logging
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.shards import ShardError
-from pipeline.teacher import TeacherError
-from pipeline.teacher_training import train_teacher
+from pipeline.cli import main as cli_main, stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        m = train_teacher(cfg)
-    except (TeacherError, ShardError, FileNotFoundError) as exc:
-        print(f"train_teacher: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(f"teacher {m['teacher']}: val_acc {m['val_acc']:.4f} after {m['epochs']} epochs "
-          f"({m['img_per_s']:.0f} img/s, {m['seconds']:.0f} s) -> {m['checkpoint']}")
+    from pipeline.config import validate
+    from pipeline.train.runs import train_teacher
 
+    with stage("train_teacher"):
+        m = train_teacher(validate(cfg))
+        if m:
+            logging.getLogger("pipeline").info(
+                f"teacher {m['teacher']}: val_acc {m['val_acc']:.4f} after {m['epochs']} epochs "
+                f"({m['img_per_s']:.0f} img/s, {m['seconds']:.0f} s) -> {m['checkpoint']}")
+
+
+KEYS = ('teacher.name', 'teacher.checkpoint', 'teacher.train.epochs', 'teacher.train.batch_size', 'teacher.train.lr', 'teacher.train.out_dir', 'teacher.train.resume', 'data.shards')
 
 if __name__ == "__main__":
-    main()
+    cli_main(main, __doc__, KEYS)

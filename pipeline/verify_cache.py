@@ -1,25 +1,39 @@
-"""`python -m pipeline.verify_cache [cache.verify_fraction=0.05]`: replay a random subset of cached views, rerun
-the teacher, report argmax agreement and the largest top-K logit difference; exit 1 unless all agree."""
+"""`python -m pipeline.verify_cache [cache.verify_fraction=0.05]`: check every committed unit of the cache without the
+teacher (chunks, checksums, shapes, dtypes, invariants) and that the store belongs to this configuration; with
+`cache.verify_fraction > 0` also replay that fraction of units, rerun the teacher and compare argmax, top-K logits,
+logsumexp and digests. Prints the damaged units (stderr) and a JSON report (stdout); exit 1 unless all is well,
+2 for a user error (no store, another configuration's store, a writer holding it).
+
+    python -m pipeline.verify_cache                              # integrity of every unit, no teacher
+    python -m pipeline.verify_cache cache.verify_fraction=0.05   # plus the teacher on 5% of the units
+    python -m pipeline.verify_cache replay.backend=batched cache.verify_fraction=0.05   # agreement across backends
+"""
 
 import json
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import fail_cleanly
+from pipeline.cli import main as cli_main, stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.cache_builder import verify_cache
+    from pipeline.cache.verify import format_damage, verify_cache
+    from pipeline.config import validate
 
-    with fail_cleanly():
-        fraction = float(cfg.cache.verify_fraction) or 0.05
-        result = verify_cache(cfg, fraction)
+    with stage("verify_cache"):
+        cfg = validate(cfg)
+        result = verify_cache(cfg, float(cfg.cache.verify_fraction))
+        for line in format_damage(result):
+            print(line, file=sys.stderr)
         print(json.dumps(result, indent=2))
         if not result["ok"]:
             raise SystemExit(1)
 
 
+KEYS = ('cache.path', 'cache.verify_fraction', 'cache.tolerance', 'teacher.checkpoint', 'data.shards', 'run_seed')
+
 if __name__ == "__main__":
-    main()
+    cli_main(main, __doc__, KEYS)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import shards, sources
+from pipeline.data import shards, sources
 
 TOY_SEED = 0
 TOY_TRAIN, TOY_VAL, TOY_SHARD_SIZE = 512, 128, 64  # 8 train shards, 2 val shards

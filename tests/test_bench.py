@@ -121,3 +121,19 @@ def test_accuracy_study_smoke(tmp_path):
     assert "start" not in r.stdout  # every stage was done: nothing re-run
     assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
     assert json.loads((out / "accuracy.json").read_text())["students"] == res["students"]
+
+
+def test_gpu_bench_runs_every_path_on_cpu(tmp_path):
+    """`python -m bench.gpu` is meant for a GPU box; --smoke runs each of its rows (pure step, cached per-sample,
+    cached batched, online, stage one) on CPU at toy sizes, so the command is known to work before a GPU run."""
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--device", "cpu", "--batch", "4", "--steps", "1",
+                        "--warmup", "1", "--workers", "0", "--students", "deit_tiny", "--teacher", "regnety_002",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res["students"]["deit_tiny"]
+    assert set(rows) == {"pure", "cached, per-sample", "cached, batched", "online"}
+    assert all(v > 0 for v in rows.values())
+    assert res["stage_one"]["views"] > 0 and res["stage_one"]["ratio"] > 0
+    assert "best cached / online" in r.stdout

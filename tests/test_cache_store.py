@@ -1,4 +1,4 @@
-"""The Zarr v3 teacher-target store (pipeline.cache_store): layout, round trip, resume, concurrency, size."""
+"""The Zarr v3 teacher-target store (pipeline.cache): layout, round trip, resume, concurrency, size."""
 
 import json
 import multiprocessing as mp
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from bench.bench_storage import synthetic_logits  # a trained teacher's logit shape (10 / 1000 classes)
-from pipeline.cache_store import (CacheError, CacheStore, ProvenanceMismatch, library_versions, soft_probs)
+from pipeline.cache.provenance import library_versions
+from pipeline.cache.store import CacheStore
+from pipeline.cache.targets import soft_probs
+from pipeline.errors import CacheError, ProvenanceMismatch
 
 VERSIONS = {"torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.20", "pillow": "11.0.0", "numpy": "2.4.0",
             "zarr": "3.1.6"}
@@ -264,11 +267,48 @@ def test_bytes_per_view_goals(tmp_path, classes):
 
 def test_compute_targets_tie_order():
     """Ties (common with bf16 teacher logits) break by class id ascending, also at the K-th place."""
-    from pipeline.cache_store import compute_targets
+    from pipeline.cache.targets import stored_arrays
     rng = np.random.default_rng(3)
     x = np.round(rng.normal(0, 2, (200, 50)) * 2) / 2  # coarse grid: many ties
     for k in (1, 5, 50):
-        t = compute_targets(x.astype(np.float32), k)
+        t = stored_arrays(x.astype(np.float32), k, np.dtype(np.int16))
         ref = np.lexsort((np.broadcast_to(np.arange(50), x.shape), -x), axis=1)[:, :k]
         np.testing.assert_array_equal(t["topk_indices"], ref)
         np.testing.assert_array_equal(t["topk_indices"][:, 0], t["argmax"])
+
+
+def test_a_store_of_another_contract_version_is_refused(tmp_path):
+    """A store built under another replay contract holds targets of other views: opening it names both versions."""
+    from pipeline.replay import CONTRACT_VERSION
+
+    store = CacheStore.create(tmp_path / "c.zarr", provenance={"contract_version": CONTRACT_VERSION + 1},
+                              num_seeds=1, shard_counts=[4], shard_size=4, num_classes=3, topk=2)
+    with pytest.raises(CacheError, match=f"version {CONTRACT_VERSION + 1}.*version {CONTRACT_VERSION}"):
+        CacheStore.open(store.path)
+    # overwrite=true may still replace it (it is a cache store)
+    CacheStore.create(tmp_path / "c.zarr", provenance={"contract_version": CONTRACT_VERSION}, num_seeds=1,
+                      shard_counts=[4], shard_size=4, num_classes=3, topk=2, overwrite=True)
+    assert CacheStore.open(store.path).provenance["contract_version"] == CONTRACT_VERSION
+
+
+def test_cache_and_online_targets_agree_with_ties(tmp_path):
+    """The cache writer and the online teacher use one top-K function: tied logits (common in bf16) give the same
+    argmax, indices, values and logsumexp on both paths, through a real store."""
+    import torch
+
+    from pipeline.cache.targets import teacher_targets
+
+    rng = np.random.default_rng(5)
+    logits = (np.round(rng.normal(0, 2, (64, 12)) * 2) / 2).astype(np.float32)  # coarse grid: many ties
+    logits[:, 3] = logits[:, 7] = logits.max(axis=1) + 1  # a tie at the top in every row
+    for k in (1, 4, 12):
+        store = CacheStore.create(tmp_path / f"t{k}.zarr", provenance={}, num_seeds=1, shard_counts=[64],
+                                  shard_size=64, num_classes=12, topk=k)
+        store.write_unit(0, 0, logits, np.arange(64, dtype=np.uint32))
+        got = store.read_unit(0, 0)
+        online = teacher_targets(torch.from_numpy(logits), k)
+        np.testing.assert_array_equal(got["argmax"], online.argmax.numpy())
+        np.testing.assert_array_equal(got["argmax"], 3)  # the lower class id of the tie
+        np.testing.assert_array_equal(got["topk_indices"], online.topk_indices.numpy())
+        np.testing.assert_array_equal(got["topk_values"], online.topk_values.numpy())
+        np.testing.assert_array_equal(got["logsumexp"], online.logsumexp.numpy())

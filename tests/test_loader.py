@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import sources
-from pipeline.loader import DigestMismatch, ViewLoader
-from pipeline.replay import AugmentConfig
-from pipeline.shards import load_manifest, write_shards
+from pipeline.data import sources
+from pipeline.data.loader import ViewLoader
+from pipeline.errors import DigestMismatch
+from pipeline.replay.params import AugmentConfig
+from pipeline.data.shards import load_manifest, write_shards
 
 N_TRAIN, SHARD = 640, 64
 CFG = AugmentConfig(image_size=32)

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (DistillationLoss, TeacherTargets, create_loss, soft_teacher_log_probs,
-                             teacher_targets_from_logits)
+from pipeline.cache.targets import TeacherTargets, stored_arrays
+from pipeline.cache.targets import teacher_targets as teacher_targets_from_logits
+from pipeline.train.losses import DistillationLoss, create_loss, soft_teacher_log_probs
 
 
 def _soft_ce(x, target):
@@ -142,13 +143,8 @@ def test_none_ignores_teacher_and_trains_both_heads():
 def test_cache_and_online_identical(mode, k):
     teacher, cls, dist, target = _data(seed=3)
     online = teacher_targets_from_logits(teacher, k)
-    # store -> read emulation with the cache's dtypes (section 4)
-    vals, idx = teacher.topk(max(k, 1), -1)
-    stored = {"argmax": teacher.argmax(-1).numpy().astype(np.int16),
-              "digest": np.zeros(8, np.uint32)}
-    if k:
-        stored.update(topk_values=vals.numpy().astype(np.float16), topk_indices=idx.numpy().astype(np.int16),
-                      logsumexp=torch.logsumexp(teacher, -1).numpy().astype(np.float32))
+    # what the store writes, in its dtypes (docs/design.md, section 6)
+    stored = {**stored_arrays(teacher.numpy(), k, np.dtype(np.int16)), "digest": np.zeros(8, np.uint32)}
     batch = {key: torch.from_numpy(v) for key, v in stored.items()}
     cached = TeacherTargets.from_batch(batch)
     assert cached.topk_values is None if not k else cached.topk_values.dtype == torch.float16

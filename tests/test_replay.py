@@ -9,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import seeding
-from pipeline.replay import AugmentConfig, apply, decode, open_image, sample_params
-from pipeline.views import block_partners, block_views, sample_mix, view_digest
+from pipeline.replay import seeding
+from pipeline.replay.params import AugmentConfig, sample_params
+from pipeline.replay.pixels import apply, decode, open_image
+from pipeline.replay.digest import view_digest
+from pipeline.replay.mixing import block_partners, sample_mix
+from pipeline.replay.views import block_views
 
 CFG = AugmentConfig(image_size=32)
 DRAWS = 6000
@@ -176,3 +179,51 @@ def test_reduced_size_jpeg_decode_matches_full_decode_closely():
     assert s1 == 1.0 and s2 == 0.125
     a, b = apply(full, p, cfg, s1).float(), apply(small, p, cfg, s2).float()
     assert (a - b).abs().mean() < 4.0
+
+
+# ------------------------------------------------------------------------------------------ contract version
+
+# Digests of fixed (run_seed, seed index, sample) views under the DeiT recipe on a 375x500 source. They change
+# only when sampling or draw order changes: then bump pipeline.replay.CONTRACT_VERSION (every cache built before
+# holds targets of other views) and record the new values here.
+GOLDEN = {(0, 0, 0): 0xB5D65DB6, (0, 1, 7): 0x253882BC, (3, 5, 123456): 0x077A4EDA5, (12345, 99, 1281166): 0x051872F1}
+
+
+def test_golden_digests_pin_the_replay_contract():
+    from pipeline.replay import CONTRACT_VERSION
+
+    deit = AugmentConfig(image_size=224)
+    for (run_seed, s, i), want in GOLDEN.items():
+        params = sample_params(seeding.view_rng(run_seed, s, i), (375, 500), deit)
+        assert view_digest(i, params) == want, (f"view ({run_seed}, {s}, {i}) changed: the replay contract "
+                                                f"(version {CONTRACT_VERSION}) was broken; bump CONTRACT_VERSION")
+    assert block_partners(0, 2, 64, 8) == [3, 2, 1, 0, 7, 6, 5, 4]
+    mix = sample_mix(seeding.generator(0, 2, 64, seeding.MIX_PAIR), deit)
+    assert mix == {"mode": "cutmix", "lam": 0.368543, "box": [8, 34, 178, 178]}
+
+
+def test_jpeg_decode_is_pillows_pixels_at_every_scale():
+    """decode() reads JPEGs with simplejpeg at the scale Pillow's draft picks: Pillow's own pixels, bit for bit,
+    on real photos (colour and grey, baseline and progressive), full size and reduced."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    for photo, mode, progressive in ((data.astronaut(), "RGB", False), (data.coffee(), "RGB", True),
+                                     (data.camera(), "L", False)):
+        buf = io.BytesIO()
+        Image.fromarray(photo).convert(mode).save(buf, "JPEG", quality=90, progressive=progressive)
+        raw = buf.getvalue()
+        w, h = Image.open(io.BytesIO(raw)).size
+        for crop_side in (w // 2, w // 4, w, 64):  # a crop that allows 1/2, 1/4, ... or only the full size
+            params = {"crop": [0, 0, min(crop_side, h), min(crop_side, w)]}
+            ours, scale = decode(open_image(raw), params, 64)
+            ref = Image.open(io.BytesIO(raw))
+            factor = min(params["crop"][2:]) / 64
+            if factor >= 2:
+                ref.draft("RGB", (int(np.ceil(w / factor)), int(np.ceil(h / factor))))
+            want = np.asarray(ref.convert("RGB")).transpose(2, 0, 1)
+            assert scale == ref.size[0] / w
+            assert np.array_equal(ours.numpy(), want), (mode, progressive, crop_side)

@@ -17,8 +17,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline import shards, sources
-from pipeline.shards import ShardError, load_manifest, verify_shards, write_shards
+from pipeline.data import shards, sources
+from pipeline.data.shards import load_manifest, verify_shards, write_shards
+from pipeline.errors import ShardError
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -1,4 +1,4 @@
-"""Stage two (pipeline.training): modes, cache/online parity, refusals, DDP under torchrun, kill -9 + resume.
+"""Stage two (pipeline.train): modes, cache/online parity, refusals, DDP under torchrun, kill -9 + resume.
 
 Toy data (tests/conftest.py: 512 train samples in 8 shards, 128 val), a randomly initialised regnety_002 teacher
 (mechanics only), a DeiT-Ti student cut to depth 2 at 32 px / patch 4. CPU, one intra-op thread per process.
@@ -23,11 +23,15 @@ import torch
 import zarr
 from hydra import compose, initialize_config_dir
 
-from pipeline.cache_store import CacheError, ProvenanceMismatch
-from pipeline.loader import DigestMismatch, ViewLoader
-from pipeline.targets import CacheTargets, ScheduleError, plan_schedule, seed_schedule
-from pipeline.training import (CHECKPOINT_LAST, CHECKPOINT_PREV, METRICS, STUDENT, STUDENT_EMA, TIMING_KEYS,
-                               augment_config, find_checkpoint, train_student)
+from pipeline.errors import CacheError, ProvenanceMismatch
+from pipeline.data.loader import ViewLoader
+from pipeline.errors import DigestMismatch
+from pipeline.cache.reader import CacheTargets
+from pipeline.errors import ScheduleError
+from pipeline.train.schedule import plan_schedule, seed_schedule
+from pipeline.config import augment_config
+from pipeline.train.checkpoint import CHECKPOINT_LAST, CHECKPOINT_PREV, find_checkpoint
+from pipeline.train.runs import METRICS, STUDENT, STUDENT_EMA, TIMING_KEYS, train_student
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -42,8 +46,8 @@ def make_cfg(overrides: list[str]):
 def _spread_teacher(toy_shards):
     """A randomly initialised regnety_002 whose head is re-drawn on standardised features, so that its argmax
     varies across views (timm's init gives near-equal logits and one class for almost every view)."""
-    from pipeline.replay import AugmentConfig
-    from pipeline.teacher import model_input
+    from pipeline.replay.params import AugmentConfig
+    from pipeline.models.teacher import model_input
 
     torch.manual_seed(0)
     model = timm.create_model("regnety_002", num_classes=toy_shards.num_classes).eval()
@@ -63,7 +67,7 @@ def _spread_teacher(toy_shards):
 @pytest.fixture(scope="module")
 def env(toy_shards, tmp_path_factory):
     """Teacher checkpoint + a 2-seed cache of the toy train split, built by stage one's own code."""
-    from pipeline.cache_builder import build_cache
+    from pipeline.cache.builder import build_cache
 
     tmp = tmp_path_factory.mktemp("student")
     teacher = tmp / "teacher.pt"
@@ -89,8 +93,8 @@ def _overrides_for(e, *fixed):
 @pytest.fixture(scope="module")
 def tiny(env, tmp_path_factory):
     """64 train samples (one shard), plain views (augment=none), a 1-seed cache: a few epochs memorise them."""
-    from pipeline import shards, sources
-    from pipeline.cache_builder import build_cache
+    from pipeline.data import shards, sources
+    from pipeline.cache.builder import build_cache
 
     root = tmp_path_factory.mktemp("tiny_shards")
     for split, n in (("train", 64), ("val", 32)):
@@ -225,7 +229,7 @@ def test_other_provenance_refused(env, tmp_path, override, field):
 
 
 def test_hard_only_store_refused_for_soft(env, tmp_path):
-    from pipeline.cache_store import CacheStore
+    from pipeline.cache.store import CacheStore
 
     prov = CacheStore.open(env.cache).provenance
     m = env.toy.train
@@ -354,7 +358,7 @@ def test_kill_9_then_resume_matches_uninterrupted(env, tmp_path):
 
 
 def test_student_loads_with_timm_and_eval_averages_heads(env, tmp_path):
-    from pipeline.student import heads
+    from pipeline.models.student import heads
 
     train_student(make_cfg(env.overrides(tmp_path, "distill=none", "train.max_steps_per_epoch=2",
                                          "train.dvclive=false")))

@@ -15,11 +15,12 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import shards, sources
-from pipeline.replay import AugmentConfig
-from pipeline.teacher import (TeacherError, TeacherRunner, create_teacher, model_input, teacher_provenance,
+from pipeline.data import shards, sources
+from pipeline.replay.params import AugmentConfig
+from pipeline.errors import TeacherError
+from pipeline.models.teacher import (TeacherRunner, create_teacher, model_input, teacher_provenance,
                               weights_sha256)
-from pipeline.teacher_training import TEACHER_SEED_OFFSET, teacher_augment
+from pipeline.train.runs import TEACHER_SEED_OFFSET, teacher_augment
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -120,7 +121,7 @@ def test_teacher_augment_is_its_own_recipe():
     cfg.teacher.train.augment = {"mix_prob": 0.0, "rand_augment": None}
     own = teacher_augment(cfg)
     assert own.mix_prob == 0.0 and own.ra is None and own.erase_prob == AugmentConfig(32).erase_prob
-    toy = OmegaConf.load(REPO / "conf" / "teacher" / "regnety_toy.yaml").train.augment
+    toy = OmegaConf.load(REPO / "conf" / "teacher_recipe" / "toy.yaml").augment  # the toy teachers' recipe
     assert AugmentConfig.from_cfg(toy, 32).mixing is False
 
 

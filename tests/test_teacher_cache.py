@@ -14,12 +14,12 @@ import timm
 import torch
 import zarr
 
-from pipeline import sources
-from pipeline.cache_store import CacheStore
-from pipeline.replay import AugmentConfig
-from pipeline.shards import load_manifest, write_shards
-from pipeline.teacher import model_input
-from pipeline.views import block_views
+from pipeline.data import sources
+from pipeline.cache.store import CacheStore
+from pipeline.replay.params import AugmentConfig
+from pipeline.data.shards import load_manifest, write_shards
+from pipeline.models.teacher import model_input
+from pipeline.replay.views import block_views
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

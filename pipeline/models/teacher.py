@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import TeacherError
 
-class TeacherError(RuntimeError):
-    """A teacher that cannot be built or loaded as configured (missing or mismatched checkpoint)."""
+
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -187,3 +187,14 @@ class TeacherRunner:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.forward(x)
             return logits.float()
+
+
+def load_runner(teacher_cfg, num_classes: int, device, *, required: bool) -> TeacherRunner | None:
+    """A runner for the configured teacher; None (not an error) when it cannot be loaded and is not required."""
+    try:
+        model = create_teacher(teacher_cfg, num_classes)
+    except TeacherError:
+        if required:
+            raise
+        return None
+    return TeacherRunner(model, teacher_cfg, device)

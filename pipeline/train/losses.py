@@ -1,46 +1,20 @@
-"""Distillation loss for stage two (DESIGN.md section 5), one code path for cache and online teachers.
+"""Distillation loss for stage two (docs/design.md, section 7), one code path for cache and online teachers.
 
-Teacher targets are always in the cache's form (section 4): ``argmax``, top-K logits (fp16, descending),
+Teacher targets are always in the cache's form (docs/design.md, section 6): ``argmax``, top-K logits (fp16, descending),
 their indices and the fp32 ``logsumexp`` over all classes at tau=1. An online teacher goes through
-:func:`teacher_targets_from_logits`, which applies exactly the cache's rounding, so ``source=online`` and
+:func:`pipeline.cache.targets.teacher_targets`, the cache writer's own function, so ``source=online`` and
 ``source=cache`` give identical losses on identical logits.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.cache.targets import TeacherTargets
+from pipeline.errors import ConfigError
+
 MODES = ("none", "soft", "hard")
-_FIELDS = ("argmax", "topk_values", "topk_indices", "logsumexp")
-
-
-@dataclass
-class TeacherTargets:
-    argmax: Tensor | None = None        # [B] int
-    topk_values: Tensor | None = None   # [B, K] logits, descending (fp16 in the cache)
-    topk_indices: Tensor | None = None  # [B, K] int class ids
-    logsumexp: Tensor | None = None     # [B] fp32, log softmax normaliser over all C classes, tau=1
-
-    @classmethod
-    def from_batch(cls, batch: dict) -> TeacherTargets:
-        return cls(**{f: batch.get(f) for f in _FIELDS})
-
-
-@torch.no_grad()
-def teacher_targets_from_logits(logits: Tensor, k: int) -> TeacherTargets:
-    """What the cache stores for these logits: top-k rounded to fp16 (returned as float), fp32 lse."""
-    logits = logits.detach().float()
-    if not 0 <= k <= logits.shape[-1]:
-        raise ValueError(f"top-k k={k} must be in [0, num_classes={logits.shape[-1]}]")
-    argmax = logits.argmax(-1)
-    if k == 0:  # cache.topk=0: hard labels only
-        return TeacherTargets(argmax=argmax)
-    values, indices = logits.topk(k, dim=-1, largest=True, sorted=True)
-    return TeacherTargets(argmax=argmax, topk_values=values.half().float(), topk_indices=indices,
-                          logsumexp=torch.logsumexp(logits, dim=-1))
 
 
 def soft_teacher_log_probs(t: TeacherTargets, num_classes: int, tau: float) -> Tensor:
@@ -77,18 +51,18 @@ class DistillationLoss(nn.Module):
     def __init__(self, mode: str = "none", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"distill.mode={mode!r} is unknown; expected one of {MODES}")
+            raise ConfigError(f"distill.mode={mode!r} is unknown; expected one of {MODES}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"distill.alpha={alpha} must be in [0, 1]")
+            raise ConfigError(f"distill.alpha={alpha} must be in [0, 1]")
         if tau <= 0:
-            raise ValueError(f"distill.tau={tau} must be > 0")
-        self.mode, self.alpha, self.tau, self.num_classes = mode, float(alpha), float(tau), int(num_classes)
+            raise ConfigError(f"distill.tau={tau} must be > 0")
+        self.mode, self.alpha, self.tau, self.num_classes = str(mode), float(alpha), float(tau), int(num_classes)
 
     def _require(self, teacher: TeacherTargets | None, fields: tuple[str, ...], hint: str) -> None:
         missing = [f for f in fields if teacher is None or getattr(teacher, f) is None]
         if missing:
             got = "no teacher targets" if teacher is None else f"missing: {', '.join(missing)}"
-            raise ValueError(f"distill.mode={self.mode} needs {'/'.join(fields)}{hint}; {got}")
+            raise ConfigError(f"distill.mode={self.mode} needs {'/'.join(fields)}{hint}; {got}")
 
     def forward(self, outputs, target: Tensor, teacher: TeacherTargets | None = None
                 ) -> tuple[Tensor, dict[str, float]]:
@@ -125,5 +99,5 @@ class DistillationLoss(nn.Module):
 
 def create_loss(distill_cfg, num_classes: int) -> DistillationLoss:
     """``distill_cfg``: dict or DictConfig with ``mode``, ``alpha``, ``tau``."""
-    return DistillationLoss(mode=str(distill_cfg.get("mode", "none")), alpha=float(distill_cfg.get("alpha", 0.5)),
-                            tau=float(distill_cfg.get("tau", 1.0)), num_classes=num_classes)
+    return DistillationLoss(**{k: distill_cfg[k] for k in ("mode", "alpha", "tau") if k in distill_cfg},
+                            num_classes=num_classes)

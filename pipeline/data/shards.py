@@ -1,6 +1,6 @@
 """WebDataset shards with a manifest: global sample indices, shard hashes and a dataset fingerprint.
 
-Layout of one split (docs/design.md, section 2)::
+Layout of one split (docs/design.md, section 1)::
 
     <shards>/<split>/shard-00000.tar      samples [0, n), keys "000000".."000255"
     <shards>/<split>/shard-00001.tar      samples [n, 2n) ...
@@ -15,10 +15,10 @@ byte-identical shards and the same fingerprint.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -27,7 +27,9 @@ from typing import Iterable, Iterator
 
 import webdataset as wds
 from webdataset import tariterators as wds_tar
-from PIL import Image
+
+from pipeline.data.images import check_decodes
+from pipeline.errors import ShardError, WriteError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -36,28 +38,8 @@ IMAGE_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": 
 _MTIME = 0  # fixed tar member mtime: re-runs are byte-identical
 
 
-class ShardError(RuntimeError):
-    """Invalid, missing, corrupt or mismatching shard data; the message names the file (and key)."""
-
-
 def key_of(index: int, width: int) -> str:
     return f"{index:0{width}d}"
-
-
-def check_decodes(data: bytes, where: str, *, full: bool = False) -> None:
-    """Raise ShardError naming ``where`` if ``data`` is not a decodable image.
-
-    ``full=False`` uses PIL ``verify()`` (cheap: headers and, for PNG, chunk CRCs); ``full=True`` decodes
-    every pixel.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if full:
-                im.load()
-            else:
-                im.verify()
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
-        raise ShardError(f"{where}: image does not decode: {type(exc).__name__}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -189,18 +171,44 @@ def _check_manifest(m: Manifest) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+class _Hashing:
+    """A binary stream that hashes every byte read through it (the shard's sha256, at no extra read)."""
+
+    def __init__(self, f, path, enabled: bool = True):
+        self.f, self.path, self.h = f, path, hashlib.sha256() if enabled else None
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        if self.h is not None:
+            self.h.update(b)
+        return b
+
+    def hexdigest_to_end(self) -> str | None:
+        if self.h is None:
+            return None
+        for chunk in iter(lambda: self.f.read(1 << 20), b""):  # the tar's end padding
+            self.h.update(chunk)
+        return self.h.hexdigest()
+
+    def __repr__(self):
+        return str(self.path)
+
+
 def _tar_members(path: Path, fileobj) -> Iterator[tuple[str, bytes]]:
     # webdataset's streaming tar expansion; errors are re-raised and named by iter_shard.
     for member in wds_tar.tar_file_iterator(fileobj, handler=wds.reraise_exception):
         yield member["fname"], member["data"]
 
 
-def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
-               fileobj=None) -> Iterator[tuple[int, str, bytes, int]]:
+def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *, fileobj=None,
+               check_hash: bool = True) -> Iterator[tuple[int, str, bytes, int]]:
     """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
     keys are exactly ``entry.first .. entry.first+count-1`` in order, each sample has a ``cls`` field with an
-    integer label in ``[0, num_classes)`` and exactly one image field; the tar reads to its end.
-    No sha256 and no decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key <key>: ...")``.
+    integer label in ``[0, num_classes)`` and exactly one image field; the tar reads to its end. With
+    ``check_hash`` (every stage) the bytes are hashed as they stream by and the sha256 must equal the manifest's
+    ``entry.sha256``, checked *before the last sample is yielded*: no consumer ever holds every sample of a shard
+    that differs from its manifest. No decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key
+    <key>: ...")``.
 
     ``fileobj`` (optional): an open binary stream of the shard (e.g. from fsspec); ``path`` then only names it.
     """
@@ -238,6 +246,7 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
         raise ShardError(f"{path}: shard file missing") from None
     try:
         key, fields = None, {}
+        f = _Hashing(f, path, check_hash)
         try:
             for name, data in _tar_members(path, f):
                 k, dot, ext = name.partition(".")
@@ -255,14 +264,18 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             where = f"after key {last}" if last is not None else "at the start"
             raise ShardError(f"{path}: corrupt or truncated tar ({where}): {type(exc).__name__}: {exc}") from exc
-        if key is not None:
-            yield finish(key, fields)
+        last_sample = finish(key, fields) if key is not None else None
         if j != entry.count:
             raise ShardError(f"{path}: holds {j} samples, the manifest says {entry.count} "
                              f"(truncated or corrupt tar; last key {key})")
+        got = f.hexdigest_to_end()
+        if check_hash and got != entry.sha256:
+            raise ShardError(f"{path}: sha256 {got} does not match the manifest's {entry.sha256}: the shard changed "
+                             f"after its manifest was written; nothing computed from it is kept")
+        yield last_sample
     finally:
         if own:
-            f.close()
+            f.f.close()
 
 
 def sha256_file(path: Path) -> str:
@@ -275,17 +288,19 @@ def sha256_file(path: Path) -> str:
 
 def verify_shards(manifest: Manifest, deep: bool = True) -> None:
     """Check every shard's sha256 against the manifest; with ``deep``, also read every sample (keys in order,
-    labels in range, one image field) and decode every image. Raises ShardError naming the file (and key)."""
+    labels in range, one image field) and decode every image, in the same pass. Raises ShardError naming the file
+    (and key)."""
     for k, entry in enumerate(manifest.shards):
         path = manifest.shard_path(k)
         if not path.is_file():
             raise ShardError(f"{path}: shard file missing")
+        if deep:
+            for _, key, data, _ in iter_shard(path, entry, manifest):  # sha256 checked as the shard streams
+                check_decodes(data, f"{path}: key {key}", full=True)
+            continue
         got = sha256_file(path)
         if got != entry.sha256:
             raise ShardError(f"{path}: sha256 {got} does not match the manifest's {entry.sha256}")
-        if deep:
-            for _, key, data, _ in iter_shard(path, entry, manifest):
-                check_decodes(data, f"{path}: key {key}", full=True)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -300,6 +315,20 @@ def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.Pa
     ``n`` defaults to ``len(samples)`` (needed up front for the key width); ``split`` to ``out_dir``'s name.
     """
     out_dir = Path(out_dir)
+    tmp, new = stage_shards(samples, out_dir, shard_size=shard_size, num_classes=num_classes,
+                            class_names=class_names, source=source, n=n, split=split)
+    try:
+        return install_shards(tmp, out_dir, new, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_names: list[str], source: dict,
+                 n: int | None = None, split: str | None = None) -> tuple[Path, Manifest]:
+    """Write the shards into a new temporary directory beside ``out_dir``; returns it and its manifest. On any
+    error it is removed again (nothing staged); a full disk or an unwritable directory is a WriteError."""
+    out_dir = Path(out_dir)
     if n is None:
         if not hasattr(samples, "__len__"):
             samples = list(samples)
@@ -310,15 +339,19 @@ def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.Pa
     if len(class_names) != num_classes:
         raise ShardError(f"{out_dir}: {len(class_names)} class names for num_classes={num_classes}")
     width = max(6, len(str(n - 1)))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        new = _write_into(tmp, samples, n, width, shard_size, num_classes, class_names, source,
-                          split or out_dir.name)
-        return _install(tmp, out_dir, new, overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
+    try:
+        return tmp, _write_into(tmp, samples, n, width, shard_size, num_classes, class_names, source,
+                                split or out_dir.name)
+    except OSError as e:
+        raise WriteError(f"{out_dir}: cannot write shards: {e}; nothing installed") from e
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if sys.exc_info()[0] is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_names, source, split) -> Manifest:
@@ -371,7 +404,9 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
     return m
 
 
-def _install(tmp: Path, out_dir: Path, new: Manifest, overwrite: bool) -> Manifest:
+def install_plan(out_dir: Path, new: Manifest, overwrite: bool) -> Manifest | None:
+    """What installing ``new`` at ``out_dir`` would do: the existing manifest when it is the same, verified shard
+    set (kept), else None (install); a refusal raises (ShardError naming the directory), with nothing touched."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -382,7 +417,6 @@ def _install(tmp: Path, out_dir: Path, new: Manifest, overwrite: bool) -> Manife
         if old is not None and old.fingerprint == new.fingerprint:
             try:
                 verify_shards(old, deep=False)
-                print(f"{out_dir}: up to date (fingerprint {old.fingerprint}, {old.n} samples)")
                 return old
             except ShardError as exc:
                 why = f"same fingerprint {old.fingerprint} but the existing shards fail verification: {exc}"
@@ -390,6 +424,18 @@ def _install(tmp: Path, out_dir: Path, new: Manifest, overwrite: bool) -> Manife
             why = f"holds a different shard set (fingerprint {old.fingerprint}; new {new.fingerprint})"
         if not overwrite:
             raise ShardError(f"{out_dir}: {why}; refusing to replace it without overwrite=true")
+    return None
+
+
+def install_shards(tmp: Path, out_dir: Path, new: Manifest, overwrite: bool, *, plan="check") -> Manifest:
+    """Install shards staged in ``tmp`` at ``out_dir`` (see :func:`write_shards`); ``plan``: the result of
+    :func:`install_plan` when the caller already checked it (make_shards checks every split before installing)."""
+    out_dir = Path(out_dir)
+    keep = install_plan(out_dir, new, overwrite) if isinstance(plan, str) else plan
+    if keep is not None:
+        print(f"{out_dir}: up to date (fingerprint {keep.fingerprint}, {keep.n} samples)")
+        return keep
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rename(out_dir, trash / "old")
         os.rename(tmp, out_dir)

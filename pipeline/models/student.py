@@ -19,7 +19,8 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.teacher import model_input
+from pipeline.errors import ConfigError
+from pipeline.models.teacher import model_input
 
 
 def model_kwargs(student_cfg, num_classes: int) -> dict:
@@ -35,10 +36,10 @@ def create_student(student_cfg, num_classes: int, *, checkpoint_path: str | None
     """timm ``student_cfg.name`` (a ``deit_*_distilled_*``) with timm's own init, drop-path, distilled training."""
     name = str(student_cfg.name)
     kw = model_kwargs(student_cfg, num_classes)
-    model = timm.create_model(name, pretrained=False, drop_path_rate=float(student_cfg.get("drop_path", 0.0)),
+    model = timm.create_model(name, pretrained=False, drop_path_rate=float(student_cfg.drop_path),
                               checkpoint_path=checkpoint_path, **kw)
     if not hasattr(model, "set_distilled_training") or not hasattr(model, "head_dist"):
-        raise ValueError(f"student.name={name!r} is not a distilled DeiT (no distillation token/head); "
+        raise ConfigError(f"student.name={name!r} is not a distilled DeiT (no distillation token/head); "
                          f"use a deit_*_distilled_* model")
     model.set_distilled_training(True)
     return model
@@ -63,14 +64,12 @@ def heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict without DDP/compile prefixes, on CPU (what timm's checkpoint_path loads)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v.detach().cpu().clone()
-    return out
+    """The unwrapped model's state dict (no DDP/compile prefixes), copied to CPU (what timm's checkpoint_path
+    loads)."""
+    sd = unwrap(model).state_dict()
+    for k, v in sd.items():
+        sd[k] = v.detach().cpu().clone()
+    return sd
 
 
 def unwrap(model: nn.Module) -> nn.Module:

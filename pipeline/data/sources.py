@@ -2,7 +2,7 @@
 
 Each source function returns a :class:`SampleSet`: a sized, re-iterable, pure description of a split.
 Iterating it yields ``(image_bytes: bytes, ext: str, label: int)`` in the order that fixes the global
-sample indices (docs/design.md, section 2). Orders are class-mixed (mixup pairs partners inside blocks of
+sample indices (docs/design.md, section 1). Orders are class-mixed (mixup pairs partners inside blocks of
 consecutive indices): ``toy`` is random by construction, Fashion-MNIST's file order is already mixed, and
 ``folder`` applies a seeded permutation to its sorted file list.
 """
@@ -10,7 +10,6 @@ consecutive indices): ``toy`` is random by construction, Fashion-MNIST's file or
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import os
 import struct
@@ -19,9 +18,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
-from .shards import IMAGE_EXTS, ShardError, check_decodes
+from pipeline.data.images import encode_png, normalised  # noqa: F401 - encode_png: part of this module's API
+from pipeline.data.shards import IMAGE_EXTS
+from pipeline.errors import ConfigError, MissingInput, ShardError
 
 Sample = tuple[bytes, str, int]
 
@@ -56,13 +56,6 @@ def _split_id(split: str) -> int:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
     return SPLITS.index(split)
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    """PNG bytes with fixed parameters (deterministic for a given Pillow/zlib)."""
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=6, optimize=False)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- toy
@@ -155,7 +148,7 @@ def toy(seed: int, n: int, split: str) -> SampleSet:
     """
     sid, seed, n = _split_id(split), int(seed), int(n)
     if n <= 0:
-        raise ValueError(f"toy: n must be positive, got {n}")
+        raise ConfigError(f"toy: n must be positive, got {n}")
 
     def iterate() -> Iterator[Sample]:
         for i in range(n):
@@ -173,7 +166,7 @@ _IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (Fashion-MNIST; Debian package dataset-fashion-mnist)")
+        raise MissingInput(f"{path}: no such file (Fashion-MNIST; Debian package dataset-fashion-mnist)")
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
@@ -225,36 +218,44 @@ def folder_classes(root: str | os.PathLike) -> list[str]:
     """Class names of a folder tree: the sorted subfolder names of ``<root>/train``."""
     train = Path(root) / "train"
     if not train.is_dir():
-        raise FileNotFoundError(f"{train}: no such directory (expected <root>/train/<class>/*)")
+        raise MissingInput(f"{train}: no such directory (expected <root>/train/<class>/*)")
     names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise ShardError(f"{train}: no class subfolders")
     return names
 
 
-def folder(root: str | os.PathLike, split: str, seed: int = 0) -> SampleSet:
-    """Images under ``<root>/<split>/<class>/*`` (jpg/jpeg/png/webp/bmp, any case), bytes kept as they are.
+def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_classes: bool = False) -> SampleSet:
+    """Images under ``<root>/<split>/<class>/*`` (jpg/jpeg/png/webp/bmp, any case).
 
     Classes are the sorted subfolders of ``<root>/train`` (so train and val agree on label ids; a val
-    class folder unknown to train is an error). The global order is a permutation, seeded by ``seed``,
-    of the file list sorted by (class, file name). Every file is checked to decode (PIL ``verify``).
+    class folder unknown to train is an error). A class folder without images is refused by name unless
+    ``allow_empty_classes`` (``data.allow_empty_classes``): then it stays a class, with no samples in that split.
+    The global order is a permutation, seeded by ``seed``, of the file list sorted by (class, file name). Every
+    file is decoded in full once as it is read (a truncated or corrupt one is a ShardError naming it); bytes are
+    kept as they are (JPEG stays JPEG) unless the image is not 8-bit (16-bit, float): then an 8-bit PNG is stored
+    (pipeline.data.images.normalised).
     """
     _split_id(split)
     root = Path(root)
     classes = folder_classes(root)
     split_dir = root / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir}: no such directory")
+        raise MissingInput(f"{split_dir}: no such directory")
     known = set(classes)
     files: list[tuple[Path, str, int]] = []
     for sub in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.name not in known:
             raise ShardError(f"{sub}: class folder not present in {root / 'train'}")
         label = classes.index(sub.name)
+        found = len(files)
         for f in sorted(sub.iterdir()):
             ext = IMAGE_EXTS.get(f.suffix[1:].lower())
             if ext is not None and f.is_file():
                 files.append((f, ext, label))
+        if len(files) == found and not allow_empty_classes:
+            raise ShardError(f"{sub}: class folder holds no images (jpg/jpeg/png/webp/bmp); remove it, or set "
+                             f"data.allow_empty_classes=true to keep it as a class without {split} samples")
     if not files:
         raise ShardError(f"{split_dir}: no images (jpg/jpeg/png/webp/bmp) in class subfolders")
     rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), _split_id(split), 0xF01])))
@@ -263,8 +264,7 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0) -> SampleSet:
     def iterate() -> Iterator[Sample]:
         for j in order:
             path, ext, label = files[j]
-            data = path.read_bytes()
-            check_decodes(data, str(path))
+            data, ext = normalised(path.read_bytes(), ext, str(path))  # decoded in full once
             yield data, ext, label
 
     return SampleSet(
@@ -277,7 +277,7 @@ def prefix(samples: SampleSet, n: int, field_name: str = "limit") -> SampleSet:
     """The first ``n`` samples of ``samples`` (a smaller, still class-mixed split: every source's order is
     mixed). The limit enters ``source`` and so the shard fingerprint."""
     if not 0 < n <= len(samples):
-        raise ValueError(f"{field_name}={n}: must be in [1, {len(samples)}] (the split has {len(samples)} samples)")
+        raise ConfigError(f"{field_name}={n}: must be in [1, {len(samples)}] (the split has {len(samples)} samples)")
 
     def iterate() -> Iterator[Sample]:
         return itertools.islice(iter(samples), n)
@@ -294,9 +294,9 @@ def from_config(data_cfg, split: str) -> SampleSet:
     elif kind == "fashion_mnist":
         s = fashion_mnist(data_cfg["root"], split)
     elif kind == "folder":
-        s = folder(data_cfg["root"], split, data_cfg.get("seed", 0))
+        s = folder(data_cfg["root"], split, data_cfg.get("seed", 0), bool(data_cfg.get("allow_empty_classes")))
     else:
-        raise ValueError(f"unknown data source {kind!r} (toy, fashion_mnist, folder)")
+        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder)")
     limit = data_cfg.get(f"{split}_limit")
     if limit is not None:
         s = prefix(s, int(limit), f"data.{split}_limit")

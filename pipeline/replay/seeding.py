@@ -1,7 +1,7 @@
 """Counter-based generators: every random draw of a view comes from (run_seed, seed index, sample, stream).
 
 Nothing here depends on worker id, rank, batch size, shuffle buffer or process history, so any loader layout
-replays the same views (docs/design.md, section 3).
+replays the same views (docs/design.md, section 2).
 """
 
 import numpy as np

@@ -1,0 +1,177 @@
+"""Stage one: replay views unit by unit, run the teacher, write each (seed index, shard) Zarr chunk.
+
+A work unit is (seed group, shard): one pass over the shard decodes each image once and renders its views under
+every pending seed index of the group (`cache.seeds_per_pass` seeds per group; null = all S), and each
+(seed, shard) chunk is committed on its own as soon as its rows are complete. Work units go round-robin to
+ranks; a rank owns its units' chunks outright, so concurrent writers never share a chunk. A chunk's `done`
+marker is written last, so a killed run resumes by recomputing the (seed, shard) chunks whose marker is false.
+The teacher never waits on Zarr: finished chunks go to a writer thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.cache.provenance import build_provenance
+from pipeline.cache.store import CacheStore
+from pipeline.config import augment_config, split_dir
+from pipeline.data.loader import ViewLoader
+from pipeline.data.shards import Manifest, load_manifest
+from pipeline.errors import UserError
+from pipeline.models.teacher import TeacherRunner, create_teacher
+
+
+def group_units(pending: list[tuple[int, int]], num_seeds: int,
+                seeds_per_pass: int | None) -> list[tuple[tuple[int, ...], int]]:
+    """Work units (seed group, shard) over the pending (seed, shard) chunks: groups of `seeds_per_pass`
+    consecutive seed indices (None: one group of all S), each unit holding only its group's pending seeds of that
+    shard; ordered by group, then shard."""
+    g = int(num_seeds) if seeds_per_pass is None else int(seeds_per_pass)
+    if g < 1:
+        raise ValueError(f"cache.seeds_per_pass={seeds_per_pass} must be >= 1 (or null for all seeds)")
+    by_unit: dict[tuple[int, int], list[int]] = {}
+    for s, k in sorted(pending):
+        by_unit.setdefault((s // g, k), []).append(int(s))
+    return [(tuple(seeds), k) for (_, k), seeds in sorted(by_unit.items())]
+
+
+class UnitAssembler:
+    """Collects teacher rows by unit; hands a unit to the writer thread once all its samples arrived."""
+
+    def __init__(self, store: CacheStore, manifest: Manifest, units: list[tuple[int, int]], num_classes: int):
+        self.store, self.manifest = store, manifest
+        self.open: dict[tuple[int, int], list] = {}
+        for s, k in units:
+            n = manifest.shards[k].count
+            self.open[(s, k)] = [np.zeros((n, num_classes), np.float32), np.zeros(n, np.uint32), 0]
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._write, daemon=True)
+        self.thread.start()
+
+    def add(self, seeds: np.ndarray, index: np.ndarray, logits: np.ndarray, digest: np.ndarray) -> int:
+        """Scatter a batch into its units; returns how many units completed."""
+        shard = index // self.manifest.shard_size
+        done = 0
+        for s, k in {(int(a), int(b)) for a, b in zip(seeds, shard)}:
+            sel = (seeds == s) & (shard == k)
+            rows = self.open[(s, k)]
+            pos = index[sel] - self.manifest.shards[k].first
+            rows[0][pos] = logits[sel]
+            rows[1][pos] = digest[sel]
+            rows[2] += int(sel.sum())
+            if rows[2] == len(rows[1]):
+                self._put((s, k, rows[0], rows[1]))
+                del self.open[(s, k)]
+                done += 1
+        return done
+
+    def _put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                _reraise(self.error)
+            try:
+                self.queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def _write(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self.store.write_unit(*item)
+            except BaseException as exc:  # surfaced in the main thread
+                self.error = exc
+                return
+
+    def close(self) -> None:
+        if self.open:
+            raise RuntimeError(f"{len(self.open)} units incomplete: {sorted(self.open)[:4]}...")
+        self._put(None)
+        self.thread.join()
+        if self.error is not None:
+            _reraise(self.error)
+
+
+def _reraise(exc: BaseException):
+    """A writer-thread error: user errors (a full disk, a replaced store, a lost lease) keep their one-line message."""
+    if isinstance(exc, UserError):
+        raise exc
+    raise RuntimeError(f"cache writer failed: {exc}") from exc
+
+
+def build_cache(cfg: DictConfig) -> dict:
+    """Build or resume the store at cfg.cache.path; returns a summary (rank 0's, for all ranks)."""
+    ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)
+    manifest = load_manifest(split_dir(cfg, "train"))
+    aug = augment_config(cfg)
+    teacher = create_teacher(cfg.teacher, manifest.num_classes)
+    path = Path(cfg.cache.path)
+    if ctx.is_main:
+        CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),
+                          num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
+                          shard_size=manifest.shard_size, num_classes=manifest.num_classes,
+                          topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
+                          overwrite=bool(cfg.overwrite))
+    distributed.barrier()
+    store = CacheStore.open(path, mode="r+")
+    pending = distributed.broadcast_object(store.pending_units() if ctx.is_main else None)
+    work = group_units(pending, store.num_seeds, cfg.cache.get("seeds_per_pass"))
+    mine_work = work[ctx.rank::ctx.world_size]
+    mine = [(s, k) for seeds, k in mine_work for s in seeds]  # the (seed, shard) chunks this rank commits
+    total_units = store.num_seeds * store.num_shards
+
+    runner = TeacherRunner(teacher, cfg.teacher, ctx.device)
+    loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=int(cfg.run_seed), batch_size=int(cfg.cache.batch_size),
+                        num_workers=int(cfg.cache.num_workers), train=True,
+                        pin_memory=ctx.device.type == "cuda", backend=cfg.replay.backend, device=ctx.device)
+    assembler = UnitAssembler(store, manifest, mine, manifest.num_classes)
+    views = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(mine), unit="unit", desc=f"teacher cache [rank {ctx.rank}]", file=sys.stderr,
+               dynamic_ncols=True, disable=not ctx.is_main and ctx.world_size > 1)
+    try:
+        for batch in loader.units(mine_work):
+            logits = runner(batch["image"]).float().cpu().numpy()
+            done = assembler.add(batch["seed"].numpy(), batch["index"].numpy(), logits,
+                                 batch["digest"].numpy().astype(np.uint32))
+            views += len(logits)
+            bar.update(done)
+            bar.set_postfix(img_s=f"{views / (time.perf_counter() - t0):.0f}")
+    finally:
+        bar.close()
+    assembler.close()
+    seconds = time.perf_counter() - t0
+    totals = distributed.all_reduce_sum([views, seconds, len(mine)], ctx.device)
+    distributed.barrier()
+    store.release_lease()  # rank 0's writer lease (CacheStore.create took it), now that every rank has committed
+    summary = {
+        "units_total": total_units,
+        "units_computed": int(totals[2]),
+        "units_skipped": total_units - len(pending),
+        "views_written": int(totals[0]),
+        # Throughput of the whole job: views over the slowest rank's wall time is not known here; use the mean.
+        "img_per_s": totals[0] / max(totals[1] / ctx.world_size, 1e-9),
+    }
+    if ctx.is_main:
+        summary.update(store.bytes_per_view() | {"path": str(path)})
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"teacher cache {s.get('path', '')}: {s['views_written']} views written "
+             f"({s['units_computed']} units computed, {s['units_skipped']} already done, of {s['units_total']}), "
+             f"{s['img_per_s']:.1f} img/s"]
+    if "total" in s:
+        lines.append(f"  bytes per view on disk: {s['total']:.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""Integrity of a cache store without the teacher (docs/design.md, section 6), and the repair stage one runs.
+
+A committed unit (s, k) must have: every chunk file present and decodable (crc32c codec); rows equal to the
+checksums its commit recorded; the layout's shapes and dtypes; and these invariants of the teacher targets:
+
+- ``argmax`` and ``topk_indices`` are class ids in [0, C); a row's top-K ids are distinct;
+- ``argmax == topk_indices[:, 0]`` (one stable sort decides both, pipeline.cache.targets);
+- ``topk_values`` are finite and descending;
+- ``logsumexp`` is finite and ``>=`` the top value, and the top-K softmax mass ``sum exp(v - lse) <= 1``, both up to
+  the fp16 rounding of the stored values (half an ulp: ``|v| * 2**-11``).
+
+:func:`check_store` reports every damaged unit (``python -m pipeline.verify_cache``); :func:`repair` clears the
+commit marker of each damaged unit, naming it in the log, so stage one recomputes it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipeline.cache.layout import array_specs, crc32c
+from pipeline.errors import CacheError
+from pipeline.logs import progress
+
+log = logging.getLogger("pipeline")
+REPAIR = "re-run stage one (python -m pipeline.teacher_cache) to repair it"
+FP16_ULP = 2.0 ** -11  # half an ulp of float16, relative
+
+
+def damaged(store, s: int, k: int, field: str, what: str) -> CacheError:
+    return CacheError(f"{store.path}: unit (seed {s}, shard {k}): field '{field}' {what}: the store is damaged; "
+                      f"{REPAIR}")
+
+
+def why(e: Exception) -> str:
+    """A chunk read failure in words: the crc32c codec's mismatch, or the exception."""
+    if isinstance(e, ValueError) and "checksum" in str(e):
+        return "fails its crc32c (the chunk file's bytes changed on disk)"
+    return f"does not decode ({type(e).__name__}: {e})"
+
+
+def stored_checksums(store, s: int, k: int) -> dict[str, int]:
+    """{field: crc32c} recorded by the commit of unit (s, k) (empty for a version 1 store)."""
+    if not store.checksum_fields:
+        return {}
+    try:
+        row = store._arrays["checksums"][s, k]
+    except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
+        raise damaged(store, s, k, "checksums", why(e)) from e
+    return {f: int(v) for f, v in zip(store.checksum_fields, row)}
+
+
+def verify_rows(store, s: int, k: int, rows: dict[str, np.ndarray]) -> None:
+    """CacheError naming store, seed index, shard and field unless ``rows`` match the unit's checksums."""
+    stored = stored_checksums(store, s, k)
+    for f, a in rows.items():
+        got = crc32c(a)
+        if f in stored and got != stored[f]:
+            raise damaged(store, s, k, f, f"does not match its checksum (stored crc32c {stored[f]:#010x}, data "
+                                          f"{got:#010x})")
+
+
+def _first(bad: np.ndarray) -> int:
+    return int(np.flatnonzero(np.asarray(bad).reshape(len(bad), -1).any(axis=1))[0])
+
+
+def invariants(rows: dict[str, np.ndarray], num_classes: int) -> list[str]:
+    """Problems of one unit's rows (see the module docstring); empty when they hold."""
+    out = []
+    am, idx = rows.get("argmax"), rows.get("topk_indices")
+    for name, ids in (("argmax", am), ("topk_indices", idx)):
+        if ids is not None and ((ids < 0) | (ids >= num_classes)).any():
+            bad = (ids < 0) | (ids >= num_classes)
+            out.append(f"{name}: class id out of range [0, {num_classes}) at row {_first(bad)}")
+    if idx is not None and idx.shape[1] > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        out.append(f"topk_indices: repeated class id at row {_first(np.diff(np.sort(idx, axis=1), axis=1) == 0)}")
+    if idx is not None and am is not None and (idx[:, 0] != am).any():
+        out.append(f"argmax != top-1 index at row {_first(idx[:, 0] != am)}")
+    v = rows.get("topk_values")
+    if v is not None:
+        v = v.astype(np.float64)
+        if not np.isfinite(v).all():
+            out.append(f"topk_values: non-finite at row {_first(~np.isfinite(v))}")
+        elif (np.diff(v, axis=1) > 0).any():
+            out.append(f"topk_values: not descending at row {_first(np.diff(v, axis=1) > 0)}")
+    lse = rows.get("logsumexp")
+    if lse is not None:
+        lse = lse.astype(np.float64)
+        if not np.isfinite(lse).all():
+            out.append(f"logsumexp: non-finite at row {_first(~np.isfinite(lse))}")
+        elif v is not None and np.isfinite(v).all() and v.shape[1]:
+            # fp16 rounding of the values (margin 2) and fp32 rounding of logsumexp
+            slack = 2 * FP16_ULP * np.abs(v).max(axis=1) + 1e-6 * (1 + np.abs(lse))
+            low = v[:, 0] > lse + slack
+            if low.any():
+                i = _first(low)
+                out.append(f"logsumexp {lse[i]:.6g} below the top value {v[i, 0]:.6g} at row {i}")
+            mass = np.exp(v - lse[:, None]).sum(axis=1)
+            over = mass > np.exp(slack) + 1e-5
+            if over.any():
+                i = _first(over)
+                out.append(f"top-K softmax mass {mass[i]:.6g} > 1 at row {i}")
+    return out
+
+
+def array_problems(store) -> list[str]:
+    """Array metadata against the layout: shape, dtype and chunks of every array."""
+    out = []
+    for name, spec in array_specs(store.layout, store.format_version).items():
+        arr = store._arrays[name]
+        for what, have, want in (("shape", tuple(arr.shape), tuple(spec["shape"])),
+                                 ("dtype", np.dtype(arr.dtype), np.dtype(spec["dtype"])),
+                                 ("chunks", tuple(arr.chunks), tuple(spec["chunks"]))):
+            if have != want:
+                out.append(f"array '{name}': {what} {have}, the layout needs {want}")
+    return out
+
+
+def unit_problems(store, s: int, k: int) -> list[str]:
+    """Everything wrong with committed unit (s, k): missing or undecodable chunks, checksums, shapes, invariants."""
+    rows, problems, data = store.unit_rows(k), [], {}
+    count = rows.stop - rows.start
+    for f in store.fields + (("checksums",) if store.checksum_fields else ()):
+        if not store._chunk_file(f, s, k).is_file():
+            problems.append(f"field '{f}': chunk file missing")
+        elif f != "checksums":
+            try:
+                data[f] = store._arrays[f][s, rows]
+            except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
+                problems.append(f"field '{f}': chunk {why(e)}")
+    try:
+        stored = stored_checksums(store, s, k)
+    except CacheError:
+        problems.append("field 'checksums': chunk fails its crc32c or does not decode")
+        stored = {}
+    for f, a in data.items():
+        width = {"topk_values": store.topk, "topk_indices": store.topk, "logits": store.num_classes}.get(f)
+        shape = (count,) if width is None else (count, width)
+        if a.shape != shape or a.dtype != store._arrays[f].dtype:
+            problems.append(f"field '{f}': rows of shape {a.shape} {a.dtype}, expected {shape} {store._arrays[f].dtype}")
+        elif f in stored and crc32c(a) != stored[f]:
+            problems.append(f"field '{f}': checksum mismatch (stored crc32c {stored[f]:#010x}, data {crc32c(a):#010x})")
+    return problems + invariants(data, store.num_classes)
+
+
+def check_store(store, *, bar: bool = False) -> dict:
+    """Every committed unit checked (no teacher): {"store", "format_version", "checksums", "units_total",
+    "units_done", "units_checked", "array_problems", "damaged": [{"seed", "shard", "problems"}], "ok"}."""
+    problems = array_problems(store)
+    done = store.done_mask()
+    units = [(int(s), int(k)) for s, k in zip(*np.nonzero(done))]
+    damaged_units = []
+    with progress(len(units), unit="unit", desc="check cache units", disable=not bar) as p:
+        for s, k in units:
+            found = unit_problems(store, s, k)
+            if found:
+                damaged_units.append({"seed": s, "shard": k, "problems": found})
+            p.update(1)
+    return {"store": str(store.path), "format_version": store.format_version,
+            "checksums": bool(store.checksum_fields), "units_total": int(done.size), "units_done": len(units),
+            "units_checked": len(units), "array_problems": problems, "damaged": damaged_units,
+            "ok": not problems and not damaged_units}
+
+
+def repair(store) -> list[tuple[int, int]]:
+    """Stage one's resume: clear the commit marker of every damaged committed unit, each named in the log, so it is
+    recomputed with the pending ones (also listed); returns the damaged units."""
+    report = check_store(store)
+    if report["array_problems"]:
+        raise CacheError(f"{store.path}: {report['array_problems'][0]}: the store itself is damaged (not one unit): "
+                         f"rebuild it with overwrite=true")
+    units = []
+    for d in report["damaged"]:
+        s, k = d["seed"], d["shard"]
+        log.warning(f"{store.path}: unit (seed {s}, shard {k}) is damaged ({'; '.join(d['problems'])}): "
+                    f"recomputing it")
+        store.set_done(s, k, False)
+        units.append((s, k))
+    pending = store.pending_units()
+    if pending:
+        shown = ", ".join(f"(seed {s}, shard {k})" for s, k in pending[:12]) + (", ..." if len(pending) > 12 else "")
+        log.info(f"{store.path}: {len(pending)} unit(s) to compute ({len(units)} repaired): {shown}")
+    return units

@@ -1,0 +1,134 @@
+"""The cache layout: arrays, dtypes, chunks and codecs of a teacher-target store (docs/design.md, section 6).
+
+Layout (S seeds, N samples, K top-k, C classes, n samples per shard)::
+
+    topk_values   float16  [S, N, K]  teacher logits of the K largest classes, descending      (K > 0 only)
+    topk_indices  int16    [S, N, K]  their class ids (int32 when C > 32767)                    (K > 0 only)
+    logsumexp     float32  [S, N]     log softmax normaliser over all C classes (fp64 reduction) (K > 0 only)
+    argmax        int16    [S, N]     teacher hard label, from the fp32 logits (int32 when C > 32767)
+    digest        uint32   [S, N]     view digest (docs/design.md, section 4)
+    done          bool     [S, num_shards], chunks (1, 1): commit marker of unit (s, k), written last
+    checksums     uint32   [S, num_shards, F], chunks (1, 1, F): crc32c of unit (s, k)'s rows of each of the F
+                           per-view arrays (order: attribute ``checksum_fields`` of the array), written before done
+    logits        float16  [S, N, C]  optional full logits (small class counts)
+
+Format version 2 (pipeline.cache.store.FORMAT_VERSION) added ``checksums``, Zarr's crc32c codec on every chunk but
+the digest's (random bits, checked view by view against the replay) and a store id (attribute ``store_id`` of
+``done``, a uuid drawn at creation). Version 1 stores still open for reading, unverified.
+
+Every per-view array is chunked ``(1, n, ...)``: chunk ``(s, k)`` of every array belongs to exactly one work
+unit (seed s, shard k), so ranks writing different units never touch the same file. ``K = 0`` ("hard-only")
+stores only argmax + digest (+ done). Fill values are sentinels (NaN for floats, -1 for class ids, 0 for
+digests) and ``write_empty_chunks`` is on, so an unfinished unit reads as obviously invalid and a finished
+one always has its chunk files; ``done`` is the truth, and :meth:`CacheStore.read_unit` refuses units whose
+marker is false.
+
+Compression (measured, Blosc-zstd clevel 9 per array; bytes on disk per view, shard_size 1000, 8k views of
+synthetic logits: 10 classes = N(0,1) plus a N(6,1.5) peak, 1000 classes = N(0,2) plus a N(8,2) peak;
+chunk files only, zarr.json excluded)::
+
+                          10 classes    1000 classes   codec
+    topk_values (K=10)       17.3          11.8        blosc zstd9 byte-shuffle (bitshuffle: 17.7 / 12.6)
+    topk_indices (K=10)       4.3          12.6        byte-shuffle if C <= 256 else bitshuffle
+    logsumexp                 3.2           2.9        blosc zstd9 bitshuffle
+    argmax                    0.5           1.3        byte-shuffle if C <= 256 else bitshuffle
+    digest                    4.0           4.0        none (random 32 bits; any codec only adds a header)
+    done                    0.001         0.001        none (1 byte per unit)
+    total K=10 soft          29.3          32.6        goal <= 40 (TinyViT: 44)
+    total hard-only           4.5           5.3        goal <= 8
+
+Plain ZstdCodec (levels 3-19, no shuffle) was worse on every array; clevel 5 costs ~5% more bytes than 9
+(clevel 9 encodes a 1000-view unit in ~6 ms: negligible beside the teacher). The table counts file sizes
+(what object storage holds). A local filesystem allocates whole blocks (4 KiB on ext4) per chunk file: at
+shard_size 1000 that is 45 B/view soft and 12.3 B/view hard-only *allocated* (each of argmax, digest, done,
+logsumexp rounds up to 4 KiB per unit), amortised by larger shards; see ``bytes_per_view(allocated=True)``.
+Zarr v3's sharding codec would pack many chunks per file (fewer objects at ImageNet scale: 1,250 shards x S
+files per array), but it rewrites the whole shard file on every chunk write, so a Zarr shard must then hold
+whole work units of a single writer; not used here.
+"""
+
+
+from __future__ import annotations
+
+import google_crc32c
+import numpy as np
+import zarr.codecs as zc
+
+PER_VIEW = ("topk_values", "topk_indices", "logsumexp", "argmax", "digest")  # standard fields, read order
+ALL_ARRAYS = PER_VIEW + ("logits", "done", "checksums")
+ZARR_CONFIG = {"write_empty_chunks": True}
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+
+
+def _blosc(shuffle: str, crc: bool = True) -> list:
+    return [zc.BloscCodec(cname="zstd", clevel=9, shuffle=shuffle)] + _crc(crc)
+
+
+def _crc(crc: bool = True) -> list:
+    """Zarr's crc32c codec (format version 2): a chunk whose bytes changed on disk fails to decode."""
+    return [zc.Crc32cCodec()] if crc else []
+
+
+def checksum_fields(layout: dict) -> tuple[str, ...]:
+    """The per-view arrays a unit's ``checksums`` row covers, in order."""
+    return tuple(n for n in PER_VIEW if layout["topk"] > 0 or n in ("argmax", "digest")) + \
+        (("logits",) if layout["store_logits"] else ())
+
+
+def crc32c(rows: np.ndarray) -> int:
+    """crc32c of a unit's rows of one array: its C-order little-endian bytes in the store's dtype."""
+    a = np.ascontiguousarray(rows)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return int(google_crc32c.value(a.tobytes()))
+
+
+def array_specs(layout: dict, version: int = 2) -> dict:
+    """name -> create_array kwargs (without the store/name), per the measured codec table above; ``version`` 1:
+    the arrays of a format version 1 store (no checksums, no crc32c codec)."""
+    S, N, K, C, n = (layout[k] for k in ("num_seeds", "N", "topk", "num_classes", "shard_size"))
+    ids = np.dtype(layout["index_dtype"])
+    id_shuffle = "shuffle" if C <= 256 else "bitshuffle"
+    crc = version >= 2
+    specs = {}
+    if K > 0:
+        specs["topk_values"] = dict(shape=(S, N, K), dtype="float16", chunks=(1, n, K), fill_value=np.nan,
+                                    compressors=_blosc("shuffle", crc), dimension_names=("seed", "sample", "rank"))
+        specs["topk_indices"] = dict(shape=(S, N, K), dtype=ids, chunks=(1, n, K), fill_value=-1,
+                                     compressors=_blosc(id_shuffle, crc), dimension_names=("seed", "sample", "rank"))
+        specs["logsumexp"] = dict(shape=(S, N), dtype="float32", chunks=(1, n), fill_value=np.nan,
+                                  compressors=_blosc("bitshuffle", crc), dimension_names=("seed", "sample"))
+    specs["argmax"] = dict(shape=(S, N), dtype=ids, chunks=(1, n), fill_value=-1,
+                           compressors=_blosc(id_shuffle, crc), dimension_names=("seed", "sample"))
+    specs["digest"] = dict(shape=(S, N), dtype="uint32", chunks=(1, n), fill_value=0, compressors=None,
+                           dimension_names=("seed", "sample"))
+    if layout["store_logits"]:
+        specs["logits"] = dict(shape=(S, N, C), dtype="float16", chunks=(1, n, C), fill_value=np.nan,
+                               compressors=_blosc("shuffle", crc), dimension_names=("seed", "sample", "class"))
+    specs["done"] = dict(shape=(S, len(layout["shard_counts"])), dtype="bool", chunks=(1, 1), fill_value=False,
+                         compressors=_crc(crc) or None, dimension_names=("seed", "shard"))
+    if crc:
+        F = len(checksum_fields(layout))
+        specs["checksums"] = dict(shape=(S, len(layout["shard_counts"]), F), dtype="uint32", chunks=(1, 1, F),
+                                  fill_value=0, compressors=_crc(), dimension_names=("seed", "shard", "field"),
+                                  attributes={"checksum": "crc32c", "checksum_fields": list(checksum_fields(layout))})
+    return specs
+
+
+def check_layout_args(num_seeds, shard_counts, shard_size, num_classes, topk) -> list[int]:
+    counts = [int(c) for c in shard_counts]
+    if int(num_seeds) < 1:
+        raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
+    if int(shard_size) < 1 or not counts:
+        raise ValueError(f"need shard_size >= 1 and at least one shard, got {shard_size}, {len(counts)} shards")
+    if any(c != shard_size for c in counts[:-1]) or not 1 <= counts[-1] <= shard_size:
+        raise ValueError(f"shard_counts must be shard_size={shard_size} for every shard but the last, and the "
+                         f"last in [1, shard_size]; got {counts[:5]}{'...' if len(counts) > 5 else ''} "
+                         f"(last {counts[-1]})")
+    if int(num_classes) < 1 or not 0 <= int(topk) <= int(num_classes):
+        raise ValueError(f"need num_classes >= 1 and 0 <= topk <= num_classes, got {num_classes}, {topk}")
+    return counts
+

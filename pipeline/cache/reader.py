@@ -1,0 +1,88 @@
+"""Stage two's side of the cache: the start-up checks of a store for a run, and the loader hook that attaches
+cached rows to replayed views.
+
+- :func:`open_cache`: no writer may hold the store's lease (stage one running: CacheError naming it); provenance
+  (data fingerprint, augmentation hash, run seed, class count) must match the config (ProvenanceMismatch names the
+  field and both values), the shard layout must match the manifest and the mode's fields must be stored.
+  Library-version differences come back as warnings.
+- :func:`check_units_done`: every unit the schedule reads must be committed.
+- :class:`CacheTargets`: the loader's ``extras`` hook. Picklable; opens the store lazily once per process
+  (DataLoader worker); one batched read of chunk (s, shard) per field per unit, ``digest`` always included so
+  the loader checks every sample against its replayed view. Every unit read is verified: its commit marker, the
+  crc32c codec of each chunk and the unit's checksums of the mode's fields (a mismatch is a CacheError naming the
+  store, seed index, shard and field). The digest is checked view by view against the replay instead
+  (DigestMismatch naming the key), which is stronger than its checksum.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from pipeline.cache import lease
+from pipeline.cache.provenance import expected_provenance
+from pipeline.cache.store import CacheStore
+from pipeline.errors import CacheError, ScheduleError
+
+MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
+
+
+def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
+               mode: str) -> tuple[CacheStore, list[str]]:
+    """Open and check the store for a run in ``mode``; returns (store, library-version warnings)."""
+    lease.refuse_if_written(path, "train_student")
+    store = CacheStore.open(path, "r")
+    warnings = store.check_compatible(expected_provenance(manifest, aug, run_seed))
+    if store.shard_size != manifest.shard_size or store.shard_counts != [s.count for s in manifest.shards]:
+        raise CacheError(f"{store.path}: shard layout (shard_size {store.shard_size}, {store.num_shards} shards) "
+                         f"differs from the train manifest (shard_size {manifest.shard_size}, "
+                         f"{manifest.num_shards} shards)")
+    fields = MODE_FIELDS[mode]
+    missing = [f for f in fields if f not in store.fields]
+    if missing:
+        raise CacheError(f"{store.path}: distill.mode={mode} needs {'/'.join(missing)}, but the store holds "
+                         f"{list(store.fields)} (built with cache.topk={store.topk}"
+                         f"{': hard labels only' if store.topk == 0 else ''}); rebuild with cache.topk > 0")
+    return store, warnings
+
+
+def check_units_done(store: CacheStore, seeds: Sequence[int]) -> None:
+    """Every unit (s, k) of every scheduled seed s must be cached and committed (one read of ``done``)."""
+    mask = store.done_mask()
+    for s in sorted(set(seeds)):
+        if s >= store.num_seeds:
+            raise ScheduleError(f"{store.path}: seed index {s} is not cached (S={store.num_seeds})")
+        pending = [k for k in range(store.num_shards) if not mask[s, k]]
+        if pending:
+            raise CacheError(f"{store.path}: unit (seed {s}, shard {pending[0]}) is not done ({len(pending)} "
+                             f"shards of seed {s} pending): finish stage one (python -m pipeline.teacher_cache) "
+                             f"before training")
+
+
+class CacheTargets:
+    """``extras(seed_index, shard) -> {field: rows}`` for :class:`pipeline.loader.ViewLoader`."""
+
+    def __init__(self, path, fields: Sequence[str]):
+        self.path = str(path)
+        self.fields = tuple(dict.fromkeys([*fields, "digest"]))
+        self._store: CacheStore | None = None
+        self._pid: int | None = None
+
+    def store(self) -> CacheStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = CacheStore.open(self.path, "r"), os.getpid()
+        return self._store
+
+    def __call__(self, seed_index: int, shard: int) -> dict:
+        verify = tuple(f for f in self.fields if f != "digest")  # the digest: checked per view by the loader
+        return self.store().read_unit(int(seed_index), int(shard), self.fields, verify=verify)
+
+    def __getstate__(self):
+        return {"path": self.path, "fields": self.fields}
+
+    def __setstate__(self, state):
+        self.path, self.fields = state["path"], tuple(state["fields"])
+        self._store = self._pid = None
+
+    def __repr__(self):
+        return f"CacheTargets({self.path!r}, {list(self.fields)})"

@@ -1,0 +1,224 @@
+"""The configuration schema and what the stages read from the composed config, in one place.
+
+conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
+of their own. `validate(cfg)` merges the composed config into the schema, so a misspelled or unknown key, a
+missing mandatory value (``???``) or a value of the wrong type fails before any work, naming the key; then
+range checks name the key and the allowed range. Every entry module calls it first (pipeline.cli).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError
+from pipeline.replay.params import AugmentConfig
+
+
+@dataclass
+class DataSchema:
+    name: str = MISSING
+    source: str = MISSING            # toy | fashion_mnist | folder
+    shards: str = MISSING
+    num_classes: int = MISSING
+    image_size: int = MISSING
+    shard_size: int = MISSING
+    crop_pct: float = MISSING
+    root: Optional[str] = None       # fashion_mnist, folder (None: not used by this source)
+    seed: Optional[int] = None       # toy, folder
+    train_size: Optional[int] = None  # toy
+    val_size: Optional[int] = None    # toy
+    train_limit: Optional[int] = None
+    val_limit: Optional[int] = None
+    allow_empty_classes: Optional[bool] = None  # folder: keep a class folder without images (default: refused)
+
+
+@dataclass
+class AugmentSchema:
+    crop_scale: list[float] = MISSING
+    crop_ratio: list[float] = MISSING
+    hflip: float = MISSING
+    rand_augment: Optional[str] = MISSING
+    color_jitter: float = MISSING
+    erase_prob: float = MISSING
+    mixup_alpha: float = MISSING
+    cutmix_alpha: float = MISSING
+    mix_prob: float = MISSING
+    switch_prob: float = MISSING
+    mix_block: int = MISSING
+    label_smoothing: float = MISSING
+    interpolation: str = MISSING
+
+
+@dataclass
+class LoopSchema:
+    """conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_epochs: float = MISSING
+    min_lr: float = MISSING
+    warmup_lr: float = MISSING
+    clip_grad: Optional[float] = MISSING
+    ema: bool = MISSING
+    ema_decay: float = MISSING
+    compile: bool = MISSING
+    init_seed: int = MISSING
+    device: str = MISSING
+    resume: str = MISSING
+    dvclive: bool = MISSING
+    log_indices: bool = MISSING
+    val: bool = MISSING
+    max_steps_per_epoch: Optional[int] = MISSING
+    num_workers: int = MISSING
+    out_dir: str = MISSING
+
+
+@dataclass
+class TeacherTrainSchema(LoopSchema):
+    metrics: str = MISSING
+    augment: Optional[AugmentSchema] = MISSING
+
+
+@dataclass
+class TeacherSchema:
+    name: str = MISSING
+    pretrained: bool = MISSING
+    checkpoint: Optional[str] = MISSING
+    input_size: Optional[int] = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    channels_last: bool = MISSING
+    bf16: bool = MISSING
+    compile: bool = MISSING
+    train: TeacherTrainSchema = MISSING
+
+
+@dataclass
+class StudentSchema:
+    name: str = MISSING
+    img_size: int = MISSING
+    patch_size: int = MISSING
+    drop_path: float = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs; {} = none
+
+
+@dataclass
+class DistillSchema:
+    mode: str = MISSING               # none | hard | soft
+    source: str = MISSING             # cache | online
+    alpha: float = MISSING
+    tau: float = MISSING
+
+
+@dataclass
+class CacheSchema:
+    path: str = MISSING
+    num_seeds: int = MISSING
+    seeds_per_pass: Optional[int] = MISSING
+    topk: int = MISSING
+    store_logits: bool = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    nproc: int = MISSING
+    verify_fraction: float = MISSING
+    tolerance: float = MISSING
+    cycle: bool = MISSING
+    device: str = MISSING
+    metrics: str = MISSING
+
+
+@dataclass
+class TrainSchema(LoopSchema):
+    seed_schedule: Optional[list[int]] = MISSING
+    repeats: int = MISSING
+    eval_batch_size: Optional[int] = MISSING
+    bf16: bool = MISSING
+    nproc: int = MISSING
+
+
+@dataclass
+class ReplaySchema:
+    backend: str = MISSING           # per_sample | batched
+    allow_backend_mismatch: bool = MISSING
+
+
+@dataclass
+class EvalSchema:
+    out: str = MISSING
+
+
+@dataclass
+class RunSchema:
+    data: DataSchema = MISSING
+    augment: AugmentSchema = MISSING
+    teacher: TeacherSchema = MISSING
+    student: StudentSchema = MISSING
+    distill: DistillSchema = MISSING
+    cache: CacheSchema = MISSING
+    train: TrainSchema = MISSING
+    replay: ReplaySchema = MISSING
+    eval: EvalSchema = MISSING
+    run_seed: int = MISSING
+    workdir: str = MISSING
+    overwrite: bool = MISSING
+    num_threads: int = MISSING
+
+
+CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
+           "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched")}
+AT_LEAST = {  # key -> smallest allowed value
+    "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
+    "data.train_limit": 1, "data.val_limit": 1, "augment.mix_block": 2, "student.img_size": 1,
+    "student.patch_size": 1, "cache.num_seeds": 1, "cache.seeds_per_pass": 1, "train.repeats": 1, "cache.topk": 0, "cache.batch_size": 1, "cache.num_workers": 0,
+    "cache.nproc": 1, "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
+    "train.num_workers": 0, "train.nproc": 1, "train.max_steps_per_epoch": 1, "teacher.train.epochs": 1,
+    "teacher.train.batch_size": 1, "teacher.train.num_workers": 0, "teacher.input_size": 1, "run_seed": 0,
+    "num_threads": 0, "data.seed": 0, "train.init_seed": 0, "teacher.train.init_seed": 0,
+}
+FRACTIONS = ("distill.alpha", "cache.verify_fraction", "augment.hflip", "augment.erase_prob", "augment.mix_prob",
+             "augment.switch_prob", "augment.label_smoothing")
+DEVICES = ("cache.device", "train.device", "teacher.train.device")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """``cfg`` checked against the schema and the value ranges above; raises naming the key."""
+    checked = OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)  # unknown key / wrong type: names the key
+    OmegaConf.resolve(checked)
+    OmegaConf.to_container(checked, throw_on_missing=True)  # a ??? left unset: names the key
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(checked, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    for key, low in AT_LEAST.items():
+        value = OmegaConf.select(checked, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}")
+    for key in FRACTIONS:
+        if not 0.0 <= OmegaConf.select(checked, key) <= 1.0:
+            raise ConfigError(f"{key}={OmegaConf.select(checked, key)} must be in [0, 1]")
+    if checked.distill.tau <= 0:
+        raise ConfigError(f"distill.tau={checked.distill.tau} must be > 0")
+    for key in DEVICES:
+        value = OmegaConf.select(checked, key)
+        if value != "auto" and value.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"{key}={value!r}: expected auto, cpu, cuda or cuda:<n>")
+    return checked
+
+
+def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
+    """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
+    aug = cfg.augment if augment is None else augment
+    return AugmentConfig.from_cfg(OmegaConf.to_container(aug, resolve=True), cfg.data.image_size, cfg.data.crop_pct)
+
+
+def split_dir(cfg: DictConfig, split: str) -> Path:
+    """Shards of one split: ``<data.shards>/<split>``."""
+    return Path(cfg.data.shards) / split

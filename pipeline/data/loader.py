@@ -1,0 +1,338 @@
+"""WebDataset loader of replayed views, for any number of workers and any rank/world split of shards.
+
+Work is cut into units (seed index, shard), or (seed indices, shard) when one pass over a shard renders its
+views under several seed indices (stage one's seed groups, stage two's repeats: each image decoded once for
+all of them). A worker reads a shard tar with webdataset, renders it block by block (pipeline.replay.views),
+attaches per-(seed, shard) extras (cache rows, checked by digest) and hands whole blocks to the main process,
+which shuffles them in a pool and cuts batches of a planned size so that every rank takes the same number of
+steps and every sample is used exactly once (r times with repeats) per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.errors import ConfigError, DigestMismatch, ShardError
+from pipeline.replay import seeding
+from pipeline.data.images import decode_error, named_decode_errors
+from pipeline.data.shards import Manifest, iter_shard, load_manifest
+from pipeline.replay.batched import merge_plans, plan_block, render_plan
+from pipeline.replay.params import AugmentConfig
+from pipeline.replay.views import block_views, group_views
+
+BACKENDS = ("per_sample", "batched")
+# extras(seed_index, shard) -> {field: array with one row per sample of the shard}; "digest" is checked.
+Extras = Callable[[int, int], dict]
+# A unit's seeds: one seed index, or a tuple of seed indices rendered in one pass over the shard.
+Seeds = int | tuple[int, ...]
+
+
+def unit_seeds(seeds: Seeds) -> tuple[int, ...]:
+    return tuple(int(s) for s in seeds) if isinstance(seeds, (tuple, list)) else (int(seeds),)
+
+
+@dataclass(frozen=True)
+class ViewSource:
+    """Everything a worker needs to render units (picklable)."""
+
+    manifest: Manifest
+    cfg: AugmentConfig
+    run_seed: int
+    train: bool = True
+    extras: Extras | None = None
+    backend: str = "per_sample"  # or "batched": plan here (bytes + params), render in the consumer (replay.backend)
+
+    def unit_blocks(self, seeds: Seeds, shard: int, rng: np.random.Generator | None = None):
+        """Yield collated blocks of the unit's views; with rng, blocks and samples come in shuffled order.
+
+        seeds: one seed index, or a tuple of them: then each block is decoded once and rendered under every seed
+        index in turn (one collated block per seed index, in tuple order), with the extras of each view's own
+        seed index (one extras call per (seed, shard))."""
+        group = unit_seeds(seeds)
+        entry = self.manifest.shards[shard]
+        path = self.manifest.shard_path(shard)
+        items = [(index, data, label) for index, _key, data, label in iter_shard(path, entry, self.manifest)]
+        rows = {s: self.extras(s, shard) for s in group} if self.extras is not None else None
+        g = self.cfg.mix_block
+        starts = list(range(0, len(items), g))
+        if rng is not None:
+            starts = [starts[k] for k in rng.permutation(len(starts))]
+        for start in starts:
+            block = items[start:start + g]
+            for seed_index, batch in zip(group, self._render(block, group, rng)):
+                if rows is not None:
+                    pos = batch["index"].numpy() - entry.first
+                    for name, arr in rows[seed_index].items():
+                        if name == "digest":
+                            _check(batch["digest"], torch.as_tensor(arr[pos].astype(np.int64)), batch["index"],
+                                   path, seed_index, self.manifest.key_width)
+                        else:
+                            batch[name] = torch.as_tensor(np.ascontiguousarray(arr[pos]))
+                yield batch
+
+
+    def _render(self, block, group: tuple[int, ...], rng):
+        """One collated batch per seed index of ``group``: rendered views (per_sample), or plans whose pixels the
+        consumer renders (batched; ``perm`` orders them as the per-sample path would)."""
+        kw = dict(run_seed=self.run_seed, cfg=self.cfg, num_classes=self.manifest.num_classes, train=self.train)
+        if self.backend == "batched":
+            for seed_index in group:
+                with named_decode_errors(self.manifest, block):  # an image that does not decode: shard and key
+                    plan = plan_block(block, seed_index=seed_index, **kw)
+                perm = rng.permutation(len(block)) if rng is not None else np.arange(len(block))
+                yield collate_plan(plan, seed_index, perm)
+            return
+        with named_decode_errors(self.manifest, block):  # an image that does not decode: shard and key
+            rendered = (group_views(block, seed_indices=group, **kw) if len(group) > 1
+                        else [block_views(block, seed_index=group[0], **kw)])
+        for seed_index, views in zip(group, rendered):
+            if rng is not None:
+                views = [views[k] for k in rng.permutation(len(views))]
+            yield collate(views, seed_index)
+
+
+def collate_plan(plan: dict, seed_index: int, perm: np.ndarray) -> dict:
+    """collate() of a block's plan: the same fields in ``perm`` order; the pixels come later (render_blocks)."""
+    order = torch.from_numpy(np.asarray(perm, dtype=np.int64))
+    return {"index": torch.tensor(plan["index"], dtype=torch.int64)[order], "target": plan["target"][order],
+            "label": torch.tensor(plan["label"], dtype=torch.int64)[order],
+            "digest": torch.tensor(plan["digest"], dtype=torch.int64)[order],
+            "seed": torch.full((len(order),), seed_index, dtype=torch.int64), "plan": plan, "order": order}
+
+
+def render_blocks(blocks: list[dict], device: torch.device, manifest: Manifest) -> None:
+    """Render the pixels of batched-backend blocks in place, all in one render_plan call on ``device`` (on CUDA
+    from a side stream, so rendering the next batch overlaps the current step's kernels)."""
+    todo = [b for b in blocks if "plan" in b]
+    if not todo:
+        return
+    plans = [b.pop("plan") for b in todo]
+    try:
+        images = _render_plans(plans, device)
+    except ShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an image that does not decode: name its shard and key
+        for plan in plans:
+            items = list(zip(plan["index"], plan["data"], plan["label"]))
+            named = decode_error(manifest.shard_path(manifest.shard_of(items[0][0])), items, manifest.key_width)
+            if named is not None:
+                raise named from exc
+        raise
+    start = 0
+    for block in todo:
+        n = len(block["index"])
+        block["image"] = images[start:start + n][block.pop("order").to(device)]
+        start += n
+
+
+def _render_plans(plans: list[dict], device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        side, main = _side_stream(device), torch.cuda.current_stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            images = render_plan(merge_plans(plans), device)
+        main.wait_stream(side)
+        images.record_stream(main)
+        return images
+    return render_plan(merge_plans(plans), device)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def collate(views: list[dict], seed_index: int) -> dict:
+    return {
+        "index": torch.tensor([v["index"] for v in views], dtype=torch.int64),
+        "image": torch.stack([v["image"] for v in views]),
+        "target": torch.stack([v["target"] for v in views]),
+        "label": torch.tensor([v["label"] for v in views], dtype=torch.int64),
+        "digest": torch.tensor([v["digest"] for v in views], dtype=torch.int64),
+        "seed": torch.full((len(views),), seed_index, dtype=torch.int64),
+    }
+
+
+def _check(computed: torch.Tensor, stored: torch.Tensor, index: torch.Tensor, path, seed_index: int,
+           key_width: int) -> None:
+    bad = (computed != stored.to(torch.int64)).nonzero().flatten()
+    if len(bad):
+        k = int(bad[0])
+        key = str(int(index[k])).zfill(key_width)
+        raise DigestMismatch(
+            f"{path}: key {key}: seed {seed_index}: stored digest {int(stored[k]):#010x} != replayed view "
+            f"{int(computed[k]):#010x} ({len(bad)} of {len(index)} in this block differ): the cache was built "
+            f"from other views (augmentation, data or code differ)")
+
+
+class UnitStream(IterableDataset):
+    """Units split across DataLoader workers (unit u goes to worker u mod W)."""
+
+    def __init__(self, source: ViewSource, units: list[tuple[Seeds, int]], shuffle_seed: tuple | None):
+        self.source, self.units, self.shuffle_seed = source, units, shuffle_seed
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for u in range(wid, len(self.units), nw):
+            s, k = self.units[u]
+            rng = None if self.shuffle_seed is None else seeding.generator(*self.shuffle_seed, *unit_seeds(s), k,
+                                                                            seeding.SHUFFLE)
+            yield from self.source.unit_blocks(s, k, rng)
+
+
+def batch_sizes(total: int, steps: int) -> list[int]:
+    base, extra = divmod(total, steps)
+    return [base + 1 if j < extra else base for j in range(steps)]
+
+
+class ViewLoader:
+    """Batches of replayed views of one split: `epoch(seed_index, epoch)` for training, `units(...)` for stage one.
+
+    Batches are dicts of tensors: index, image (uint8 NCHW), target (float, mixed + smoothed), label, digest,
+    seed, plus any extras fields.
+
+    repeats = r > 1 (repeated augmentation, train.repeats): `epoch(seeds, e)` takes r distinct seed indices and
+    every sample of the rank's shards appears r times, once under each, decoded once (units (seeds, shard)); the
+    epoch is r times longer in steps, and with shuffling the pool holds r times as many blocks and cuts batches
+    of distinct samples where it can, so the r copies of a sample land in different steps of its rank.
+
+    backend "batched" (replay.backend): workers only read bytes and sample params (pipeline.replay.batched); this
+    process decodes and renders each pool of blocks at once on ``device`` (nvJPEG and batched tensor ops on
+    CUDA). Same params, digests, targets and sample order as "per_sample"; pixels equal wherever both decode at
+    full size (docs/design.md, section 5).
+    """
+
+    def __init__(self, split_dir, cfg: AugmentConfig, *, run_seed: int, batch_size: int, num_workers: int = 0,
+                 train: bool = True, shuffle: bool = False, rank: int = 0, world_size: int = 1,
+                 extras: Extras | None = None, pool_blocks: int = 8, pin_memory: bool = False, repeats: int = 1,
+                 backend: str = "per_sample", device="cpu"):
+        self.manifest = load_manifest(split_dir)
+        if backend not in BACKENDS:
+            raise ConfigError(f"replay.backend={backend!r} is unknown; expected one of {BACKENDS}")
+        self.source = ViewSource(self.manifest, cfg, int(run_seed), train, extras, backend)
+        self.device = torch.device(device)  # where the batched backend renders
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.repeats = int(repeats)
+        if self.repeats < 1:
+            raise ConfigError(f"train.repeats={repeats} must be >= 1")
+        self.shuffle, self.rank, self.world_size = shuffle, int(rank), int(world_size)
+        self.pool_blocks, self.pin_memory = pool_blocks, pin_memory
+        if self.manifest.num_shards < self.world_size:
+            raise ConfigError(f"{split_dir}: {self.manifest.num_shards} shards cannot feed {self.world_size} ranks; "
+                             f"write smaller shards (data.shard_size)")
+
+    def rank_shards(self, epoch: int, rank: int | None = None) -> list[int]:
+        order = np.arange(self.manifest.num_shards)
+        if self.shuffle:
+            order = seeding.generator(self.source.run_seed, epoch, seeding.SHUFFLE).permutation(order)
+        r = self.rank if rank is None else rank
+        return [int(k) for k in order[r::self.world_size]]
+
+    def _count(self, shards: list[int]) -> int:
+        return sum(self.manifest.shards[k].count for k in shards)
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """The same on every rank: enough steps for the rank with the most views (repeats x its samples)."""
+        most = max(self._count(self.rank_shards(epoch, r)) for r in range(self.world_size))
+        return math.ceil(self.repeats * most / self.batch_size)
+
+    def epoch(self, seed_index: int | Sequence[int], epoch: int = 0) -> Iterator[dict]:
+        """One epoch of this rank: every sample of its shards once per seed index (seed_index: one, or a
+        sequence of `repeats` distinct ones)."""
+        seeds = unit_seeds(seed_index)
+        if len(seeds) != self.repeats or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"epoch {epoch}: seed indices {list(seeds)} for train.repeats={self.repeats}: need "
+                              f"{self.repeats} distinct seed indices")
+        unit = seeds if self.repeats > 1 else seeds[0]
+        shards = self.rank_shards(epoch)
+        sizes = batch_sizes(self.repeats * self._count(shards), self.steps_per_epoch(epoch))
+        seed = (self.source.run_seed, epoch, self.rank) if self.shuffle else None
+        return self._batches([(unit, k) for k in shards], sizes, seed)
+
+    def units(self, units: list[tuple[Seeds, int]]) -> Iterator[dict]:
+        """Stage one: the given units (seed index or tuple of them, shard) in order, batches of batch_size (the
+        last may be smaller)."""
+        total = sum(len(unit_seeds(s)) * self.manifest.shards[k].count for s, k in units)
+        steps = max(1, math.ceil(total / self.batch_size))
+        return self._batches(list(units), batch_sizes(total, steps) if total else [], None)
+
+    def _batches(self, units, sizes: list[int], shuffle_seed) -> Iterator[dict]:
+        stream = UnitStream(self.source, units, shuffle_seed)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.num_workers else None,
+                            persistent_workers=False)
+        rng = np.random.default_rng(list(shuffle_seed)) if shuffle_seed is not None else None
+        pool: list[dict] = []
+        blocks = iter(loader)
+        try:
+            yield from self._cut(blocks, sizes, pool, rng)
+        finally:
+            _shutdown(blocks)
+
+    def _cut(self, blocks, sizes, pool, rng):
+        pooled = 0
+        distinct = self.repeats > 1  # repeats: keep a sample's copies in different batches where the pool allows
+        # Repeats: the pool holds pool_blocks blocks' worth of distinct samples (r copies each) before every cut.
+        # (r = 1 keeps its historical rule, which tops the pool up by pool_blocks - 1 blocks per cut.)
+        rows = self.pool_blocks * self.repeats * self.source.cfg.mix_block
+        for size in sizes:
+            while pooled < size or (rng is not None and (pooled < rows if distinct else len(pool) < self.pool_blocks)):
+                block = next(blocks, None)
+                if block is None:
+                    break
+                pool.append(block)
+                pooled += len(block["index"])
+            if pooled < size:
+                raise RuntimeError(f"loader ran dry: planned {sum(sizes)} samples, got fewer")
+            render_blocks(pool, self.device, self.manifest)
+            yield _take(pool, size, rng, distinct)
+            pooled -= size
+        if next(blocks, None) is not None or pooled:
+            raise RuntimeError("loader produced more samples than planned")
+
+
+def _shutdown(blocks) -> None:
+    """Stop DataLoader workers now (an error mid-epoch would otherwise leave them to the garbage collector,
+    whose shutdown waits out a 5 s timeout per worker)."""
+    shutdown = getattr(blocks, "_shutdown_workers", None)
+    if shutdown is not None:
+        for w in getattr(blocks, "_workers", []):
+            if w.is_alive():
+                w.terminate()
+        shutdown()
+
+
+def _take(pool: list[dict], size: int, rng: np.random.Generator | None, distinct: bool = False) -> dict:
+    """Cut `size` samples from the pool (random rows when shuffling, else in arrival order).
+
+    distinct (repeats): among the random rows, the first copy of each sample goes first, so a batch holds two
+    copies of a sample only when the pool has fewer than `size` distinct samples (the end of an epoch)."""
+    merged = pool[0] if len(pool) == 1 else {k: torch.cat([b[k] for b in pool]) for k in pool[0]}
+    n = len(merged["index"])
+    if rng is None:  # arrival order: slices (views), no gather copies
+        pool.clear()
+        if n > size:
+            pool.append({k: v[size:] for k, v in merged.items()})
+        return {k: v[:size] for k, v in merged.items()}
+    order = rng.permutation(n)
+    if distinct:
+        first = np.zeros(n, dtype=bool)
+        first[np.unique(merged["index"].numpy()[order], return_index=True)[1]] = True
+        order = np.concatenate([order[first], order[~first]])
+    perm = torch.from_numpy(order)
+    take, keep = perm[:size], perm[size:]
+    pool.clear()
+    if len(keep):
+        pool.append({k: v[keep] for k, v in merged.items()})
+    return {k: v[take] for k, v in merged.items()}

@@ -1,0 +1,266 @@
+"""The two training runs, as configured: the teacher (classification) and the student (distillation).
+
+Each reads its recipe from the composed config, builds the model, the task and the loaders, and hands them to
+the one loop (pipeline.train.loop.fit); then writes its final weights and metrics atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import distributed
+from pipeline.atomic import atomic_save, atomic_write_text
+from pipeline.cache.reader import MODE_FIELDS, CacheTargets, check_units_done, open_cache
+from pipeline.config import augment_config, split_dir
+from pipeline.data.loader import ViewLoader
+from pipeline.data.shards import load_manifest
+from pipeline.errors import CacheError, ConfigError, TeacherError
+from pipeline.models.student import create_student, plain_state_dict, unwrap
+from pipeline.models.teacher import create_teacher, load_runner, teacher_provenance, weights_sha256
+from pipeline.train.losses import create_loss
+from pipeline.train.loop import LoopConfig, fit
+from pipeline.train.schedule import plan_schedule
+from pipeline.train.tasks import ClassificationTask, DistillationTask, ValTeacher
+
+log = logging.getLogger("pipeline")
+
+STUDENT, STUDENT_EMA, METRICS, HISTORY = "student.pt", "student-ema.pt", "metrics.json", "history.json"
+SOURCES = ("cache", "online")
+TIMING_KEYS = ("img_per_s", "epoch_seconds", "seconds")  # metrics that measure time, not the run
+# The teacher trains on views of run_seed + TEACHER_SEED_OFFSET, never on the exact views (run_seed, s, i) that
+# stage one later labels with it: otherwise its cached targets would be answers on memorised training views,
+# more confident than on anything the student sees at test time.
+TEACHER_SEED_OFFSET = 1000
+
+
+def loop_config(tr: DictConfig, key: str, lr: float, out_dir: Path, overwrite: bool = False) -> LoopConfig:
+    return LoopConfig(epochs=int(tr.epochs), lr=lr, weight_decay=float(tr.weight_decay), min_lr=float(tr.min_lr),
+                      warmup_epochs=float(tr.warmup_epochs), warmup_lr=float(tr.warmup_lr), out_dir=out_dir, key=key,
+                      clip_grad=tr.clip_grad, ema=bool(tr.ema), ema_decay=float(tr.ema_decay), compile=bool(tr.compile),
+                      init_seed=int(tr.init_seed), resume="never" if overwrite else str(tr.resume),
+                      dvclive=bool(tr.dvclive), log_indices=bool(tr.log_indices), val=bool(tr.val),
+                      max_steps_per_epoch=tr.max_steps_per_epoch)
+
+
+def checked_manifests(cfg: DictConfig, error=ConfigError):
+    """Train and val manifests, with the class count the config declares (error names both)."""
+    out = []
+    for split in ("train", "val"):
+        m = load_manifest(split_dir(cfg, split))  # ShardError naming the file when missing or invalid
+        if m.num_classes != int(cfg.data.num_classes):
+            raise error(f"{m.split_dir}: the shards have {m.num_classes} classes, data.num_classes is "
+                        f"{int(cfg.data.num_classes)}")
+        out.append(m)
+    return out
+
+
+def teacher_augment(cfg: DictConfig):
+    """The teacher's own augmentation recipe (`teacher.train.augment`), or the pipeline's when that is null."""
+    own = cfg.teacher.train.augment
+    return augment_config(cfg, own if own is not None else cfg.augment)
+
+
+def train_teacher(cfg: DictConfig) -> dict:
+    """Train ``teacher.name`` on the shards; writes ``teacher.checkpoint`` and ``teacher.train.metrics``."""
+    tcfg, tr = cfg.teacher, cfg.teacher.train
+    if not tcfg.checkpoint:
+        raise TeacherError("teacher.checkpoint is null: set the path the trained teacher is written to")
+    ckpt = Path(tcfg.checkpoint)
+    if ckpt.exists() and not cfg.overwrite:
+        raise TeacherError(f"{ckpt}: a teacher checkpoint exists; refusing to replace it without overwrite=true")
+    ctx = distributed.setup(str(tr.device), int(cfg.num_threads), int(tr.num_workers))
+    cuda = ctx.device.type == "cuda"
+    train_m, _ = checked_manifests(cfg, TeacherError)
+    aug, run_seed = teacher_augment(cfg), int(cfg.run_seed) + TEACHER_SEED_OFFSET
+    loaders = [ViewLoader(split_dir(cfg, split), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
+                          num_workers=int(tr.num_workers), train=split == "train", shuffle=split == "train",
+                          rank=ctx.rank, world_size=ctx.world_size, pin_memory=cuda, backend=cfg.replay.backend,
+                          device=ctx.device) for split in ("train", "val")]
+    task = ClassificationTask(tcfg.mean, tcfg.std, ctx.device, bf16=cuda and bool(tcfg.bf16), size=tcfg.input_size,
+                              channels_last=cuda and bool(tcfg.channels_last))
+    torch.manual_seed(int(tr.init_seed))  # weight init only; the views never touch global RNGs
+    model = create_teacher(tcfg, train_m.num_classes, load=False).to(ctx.device)
+    if task.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loop = loop_config(tr, "teacher.train", float(tr.lr), Path(tr.out_dir), bool(cfg.overwrite))
+    run_key = {"teacher": str(tcfg.name), "num_classes": train_m.num_classes, "epochs": loop.epochs,
+               "batch_size": int(tr.batch_size), "world_size": ctx.world_size, "lr": loop.lr,
+               "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
+               "init_seed": loop.init_seed}
+    start = time.time()
+    history, _ = fit(model, task, *loaders, list(range(loop.epochs)), loop, ctx, run_key, name="teacher")
+    metrics = {}
+    if ctx.is_main:
+        model.eval()
+        atomic_save(unwrap(model).state_dict(), ckpt)
+        last = history[-1]
+        metrics = {
+            "teacher": str(tcfg.name), "num_classes": train_m.num_classes, "input_size": tcfg.input_size,
+            "data": str(cfg.data.name), "epochs": loop.epochs, "val_acc": last["val_acc"],
+            "train_loss": last["train_loss"], "img_per_s": float(np.mean([h["img_per_s"] for h in history])),
+            "seconds": time.time() - start, "run_seed": run_seed, "augment_hash": aug.hash(), "checkpoint": str(ckpt),
+            "weights_sha256": weights_sha256(ckpt), "device": str(ctx.device), "world_size": ctx.world_size,
+            "torch_threads": torch.get_num_threads(), "recipe": OmegaConf.to_container(tr, resolve=True),
+            "history": history}
+        atomic_write_text(Path(tr.metrics), json.dumps(metrics, indent=2) + "\n")
+    distributed.barrier()
+    return metrics
+
+
+def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
+    """Run (or resume) stage two as configured; returns the final metrics (the same on every rank).
+
+    ``step_callback(info)`` (tests, debugging) is called after every update with epoch, step, seed, sample
+    indices, teacher targets and loss."""
+    tr, mode, source = cfg.train, str(cfg.distill.mode), str(cfg.distill.source)
+    ctx = distributed.setup(str(tr.device), int(cfg.num_threads), int(tr.num_workers))
+    cuda = ctx.device.type == "cuda"
+    if mode not in MODE_FIELDS:
+        raise ConfigError(f"distill.mode={mode!r} is unknown; expected one of {tuple(MODE_FIELDS)}")
+    if source not in SOURCES:
+        raise ConfigError(f"distill.source={source!r} is unknown; expected one of {SOURCES}")
+    train_m, val_m = checked_manifests(cfg)
+    num_classes, aug, run_seed = train_m.num_classes, augment_config(cfg), int(cfg.run_seed)
+    cached, online = mode != "none" and source == "cache", mode != "none" and source == "online"
+    store, schedule = _schedule(cfg, mode, source, cached, train_m, aug)
+    teacher = _teacher(cfg, mode, online, num_classes, ctx.device, store)
+
+    torch.manual_seed(int(tr.init_seed))
+    model = create_student(cfg.student, num_classes).to(ctx.device)
+    global_batch = int(tr.batch_size) * ctx.world_size
+    loop = loop_config(tr, "train", float(tr.lr) * global_batch / 512.0, Path(tr.out_dir))
+    task = DistillationTask(create_loss(cfg.distill, num_classes), cfg.student.mean, cfg.student.std, ctx.device,
+                            bf16=cuda and bool(tr.bf16), source=source if mode != "none" else None, teacher=teacher,
+                            topk=min(int(cfg.cache.topk), num_classes),
+                            val_teacher=ValTeacher(teacher) if teacher is not None and loop.val else None)
+    train_loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
+                              num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
+                              world_size=ctx.world_size, pin_memory=cuda, repeats=_repeats(cfg),
+                              backend=cfg.replay.backend, device=ctx.device,
+                              extras=CacheTargets(store.path, MODE_FIELDS[mode]) if cached else None)
+    val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
+    val_loader = None
+    if loop.val and (val_world > 1 or ctx.is_main):
+        val_loader = ViewLoader(split_dir(cfg, "val"), aug, run_seed=run_seed,
+                                batch_size=int(tr.eval_batch_size or tr.batch_size), num_workers=int(tr.num_workers),
+                                train=False, rank=ctx.rank if val_world > 1 else 0, world_size=val_world,
+                                pin_memory=cuda, backend=cfg.replay.backend, device=ctx.device)
+    run_key = {
+        "student": str(cfg.student.name),
+        "student_kwargs": json.dumps(OmegaConf.to_container(cfg.student, resolve=True), sort_keys=True),
+        "num_classes": num_classes, "mode": mode, "alpha": float(cfg.distill.alpha), "tau": float(cfg.distill.tau),
+        "epochs": loop.epochs, "global_batch": global_batch, "lr": loop.lr, "weight_decay": loop.weight_decay,
+        "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
+        "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
+        "total_updates": _total_updates(train_loader, loop)}
+    log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
+             f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "
+             f"(lr {loop.lr:.3g}), {run_key['total_updates']} updates, device {ctx.device}")
+    t_run = time.time()
+    history, ema = fit(model, task, train_loader, val_loader, schedule, loop, ctx, run_key, name="student",
+                       step_callback=step_callback)
+    final = _final_metrics(history, cfg, mode, source, ctx.world_size, global_batch, schedule, time.time() - t_run)
+    if ctx.is_main:
+        out = loop.out_dir
+        atomic_save(plain_state_dict(model), out / STUDENT)
+        if ema is not None:
+            atomic_save(plain_state_dict(unwrap(ema.module)), out / STUDENT_EMA)
+        atomic_write_text(out / HISTORY, json.dumps(history, indent=1) + "\n")
+        atomic_write_text(out / METRICS, json.dumps(final, indent=2) + "\n")
+        log.info(f"student -> {out / STUDENT}; metrics -> {out / METRICS}")
+    distributed.barrier()
+    final["history"] = history
+    return final
+
+
+def _repeats(cfg) -> int:
+    """train.repeats (repeated augmentation; 1 when a config predates the key)."""
+    return int(cfg.train.get("repeats") or 1)
+
+
+def _schedule(cfg, mode, source, cached, manifest, aug):
+    """(store or None, seed index per epoch, or with train.repeats = r > 1 the list of its r seed indices);
+    refusals name the field or seed."""
+    explicit = list(cfg.train.seed_schedule or []) or None
+    epochs, cycle, repeats = int(cfg.train.epochs), bool(cfg.cache.cycle), _repeats(cfg)
+    store = None
+    if cached:
+        store, notes = open_cache(cfg.cache.path, manifest=manifest, aug=aug, run_seed=int(cfg.run_seed), mode=mode)
+        for note in notes:
+            log.warning(f"warning: {note}")
+        _check_backend(store, cfg.replay)
+        schedule = plan_schedule(epochs, store.num_seeds, explicit, cycle, what=f"the cache {store.path}",
+                                 repeats=repeats)
+        check_units_done(store, _flat(schedule))
+    else:
+        schedule = plan_schedule(epochs, int(cfg.cache.num_seeds), explicit, cycle,
+                                 what=f"cache.num_seeds (no cache read in distill.mode={mode} source={source})",
+                                 repeats=repeats)
+    if len(set(_flat(schedule))) < len(_flat(schedule)):
+        log.info(f"note: seed schedule {schedule} repeats views (cache.cycle=true)")
+    return store, schedule
+
+
+def _flat(schedule) -> list[int]:
+    return [s for entry in schedule for s in (entry if isinstance(entry, list) else [entry])]
+
+
+def _check_backend(store, replay) -> None:
+    """A cache's targets belong to the pixels its backend rendered; another backend renders the same params with
+    slightly different pixels where it decodes differently (docs/design.md, section 5): refused unless allowed."""
+    theirs = store.provenance.get("replay_backend", "per_sample")  # stores from before the field: per_sample
+    if theirs != replay.backend and not replay.allow_backend_mismatch:
+        raise CacheError(f"{store.path}: built with replay.backend={theirs}, this run renders with "
+                         f"replay.backend={replay.backend}; pixels can differ between backends: set "
+                         f"replay.backend={theirs}, or replay.allow_backend_mismatch=true to accept it "
+                         f"(python -m pipeline.verify_cache replay.backend={replay.backend} measures the teacher's "
+                         f"agreement across the two)")
+    if theirs != replay.backend:
+        log.warning(f"warning: {store.path} was rendered with replay.backend={theirs}, this run uses "
+                    f"{replay.backend} (replay.allow_backend_mismatch=true)")
+
+
+def _teacher(cfg, mode, online, num_classes, device, store):
+    """The teacher runner: required for online targets; else for val agreement when trained weights exist."""
+    teacher = None
+    if online:
+        teacher = load_runner(cfg.teacher, num_classes, device, required=True)
+    elif cfg.train.val:
+        # Agreement needs trained weights: the checkpoint when it exists; with a distillation mode also hub
+        # weights (teacher.pretrained) or a configured checkpoint that turns out unloadable (then skipped).
+        ckpt = cfg.teacher.checkpoint
+        has_file = bool(ckpt) and Path(str(ckpt)).is_file()
+        if has_file or (mode != "none" and (ckpt or cfg.teacher.pretrained)):
+            teacher = load_runner(cfg.teacher, num_classes, device, required=False)
+        if teacher is None:
+            log.info(f"note: no trained teacher ({cfg.teacher.name}, checkpoint {ckpt}): val agreement with the "
+                     f"teacher is skipped")
+    if teacher is not None and store is not None:
+        ours = teacher_provenance(cfg.teacher, teacher.model, num_classes)["weights_sha256"]
+        theirs = (store.provenance.get("teacher") or {}).get("weights_sha256")
+        if theirs and ours != theirs:
+            log.warning(f"warning: teacher weights {ours[:12]} differ from the cache's teacher {theirs[:12]}: "
+                        f"val_agree_teacher measures agreement with another teacher than the cached one")
+    return teacher
+
+
+def _total_updates(loader, loop: LoopConfig) -> int:
+    steps = [loader.steps_per_epoch(e) for e in range(loop.epochs)]
+    return sum(min(s, int(loop.max_steps_per_epoch)) if loop.max_steps_per_epoch else s for s in steps)
+
+
+def _final_metrics(history, cfg, mode, source, world, global_batch, schedule, seconds) -> dict:
+    last = dict(history[-1]) if history else {}
+    out = {k: v for k, v in last.items() if k not in ("epoch_seconds",)}
+    out["img_per_s"] = float(np.mean([h["img_per_s"] for h in history])) if history else 0.0
+    out.update({"student": str(cfg.student.name), "distill_mode": mode, "distill_source": source,
+                "epochs": int(cfg.train.epochs), "world_size": world, "global_batch": global_batch,
+                "seed_schedule": list(schedule), "seconds": seconds})
+    return out

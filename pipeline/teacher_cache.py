@@ -8,6 +8,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -34,7 +35,11 @@ def main(cfg: DictConfig) -> None:
                 raise SystemExit(f"teacher cache re-check failed: {check}")
         if "path" in summary:  # rank 0
             print(format_summary(summary))
-            atomic_write_text(cfg.cache.metrics, json.dumps(summary, indent=2))
+            metrics = Path(cfg.cache.metrics)
+            if summary["units_computed"] == 0 and metrics.is_file():  # nothing to do: keep the build's numbers
+                logging.getLogger("pipeline").info(f"nothing to compute: {metrics} keeps the last build's metrics")
+            else:
+                atomic_write_text(metrics, json.dumps(summary, indent=2))
 
 
 KEYS = ('cache.path', 'cache.num_seeds', 'cache.topk', 'cache.batch_size', 'cache.num_workers', 'cache.device', 'cache.verify_fraction', 'teacher.name', 'teacher.checkpoint', 'augment.rand_augment', 'run_seed', 'overwrite')

@@ -201,3 +201,13 @@ def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
     unwritable = run_stage("teacher_cache", *args, f"workdir={tmp_path}", check=False)
     assert unwritable.returncode == 2 and str(blocker) in unwritable.stderr
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_rerun_with_nothing_to_do_keeps_the_metrics(built, toy_shards, teacher_ckpt):
+    """A finished cache re-run computes nothing and leaves the build's metrics (img/s, views) as they were."""
+    metrics = built.parent / "runs" / "cache" / "toy" / "metrics.json"
+    before = metrics.read_text()
+    assert json.loads(before)["views_written"] == 1024
+    proc = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, built))
+    assert "0 views written" in proc.stdout and "keeps the last build's metrics" in proc.stderr
+    assert metrics.read_text() == before

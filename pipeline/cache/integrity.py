@@ -69,21 +69,21 @@ def invariants(rows: dict[str, np.ndarray], num_classes: int) -> list[str]:
     """Problems of one unit's rows (see the module docstring); empty when they hold."""
     out = []
     am, idx = rows.get("argmax"), rows.get("topk_indices")
+    checks = []  # (mask of bad rows, what is wrong), each mask computed once
     for name, ids in (("argmax", am), ("topk_indices", idx)):
-        if ids is not None and ((ids < 0) | (ids >= num_classes)).any():
-            bad = (ids < 0) | (ids >= num_classes)
-            out.append(f"{name}: class id out of range [0, {num_classes}) at row {_first(bad)}")
-    if idx is not None and idx.shape[1] > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
-        out.append(f"topk_indices: repeated class id at row {_first(np.diff(np.sort(idx, axis=1), axis=1) == 0)}")
-    if idx is not None and am is not None and (idx[:, 0] != am).any():
-        out.append(f"argmax != top-1 index at row {_first(idx[:, 0] != am)}")
+        if ids is not None:
+            checks.append(((ids < 0) | (ids >= num_classes), f"{name}: class id out of range [0, {num_classes})"))
+    if idx is not None and idx.shape[1] > 1:
+        checks.append((np.diff(np.sort(idx, axis=1), axis=1) == 0, "topk_indices: repeated class id"))
+    if idx is not None and am is not None:
+        checks.append((idx[:, 0] != am, "argmax != top-1 index"))
     v = rows.get("topk_values")
     if v is not None:
         v = v.astype(np.float64)
-        if not np.isfinite(v).all():
-            out.append(f"topk_values: non-finite at row {_first(~np.isfinite(v))}")
-        elif (np.diff(v, axis=1) > 0).any():
-            out.append(f"topk_values: not descending at row {_first(np.diff(v, axis=1) > 0)}")
+        finite = np.isfinite(v)
+        checks.append((~finite, "topk_values: non-finite") if not finite.all()
+                      else (np.diff(v, axis=1) > 0, "topk_values: not descending"))
+    out += [f"{what} at row {_first(mask)}" for mask, what in checks if mask.any()]
     lse = rows.get("logsumexp")
     if lse is not None:
         lse = lse.astype(np.float64)

@@ -1,6 +1,7 @@
 """Accuracy on real data: Fashion-MNIST through the real stage commands, several seeds, mean ± std.
 
     python -m bench.accuracy [--seeds 0 1 2] [--train-limit 10000] [--epochs 8] [--jobs 2]
+    python -m bench.accuracy --epochs 9 --variants hard hard-r3 --out bench/out/repeats   # repeats 3 vs 1
 
 Per seed r (a whole replicate: run_seed, teacher init, student init all = r; views, order and mixing differ):
 
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import REPO, compose, machine, save_json
+from pipeline.data.shards import load_manifest
 
 OUT = REPO / "bench" / "out" / "accuracy"
 # variant -> train_student overrides (a function of the epoch count E)
@@ -40,6 +42,9 @@ VARIANTS = {
     "hard-online": lambda e: ["distill=hard", "distill.source=online"],
     **{f"hard-S{s}": (lambda e, s=s: ["distill=hard", f"train.seed_schedule=[{','.join(str(i % s) for i in range(e))}]"])
        for s in (1, 2, 4)},
+    # DeiT's repeated augmentation at the same budget: an epoch of ours holds 3N views, so E/3 epochs (and a third
+    # of the warm-up epochs) read the same E seed indices and give the same number of views and updates as "hard".
+    "hard-r3": lambda e: ["distill=hard", "train.repeats=3", f"train.epochs={e // 3}", f"train.warmup_epochs={1 / 3}"],
 }
 
 
@@ -61,7 +66,7 @@ def stage_overrides(args, r: int, variant: str | None = None) -> list[str]:
     if variant is not None:
         w = out / f"seed{r}"
         ov += [*VARIANTS[variant](args.epochs), f"train.out_dir={w}/runs/student/{variant}",
-               f"eval.out={w}/eval/{variant}.json"]
+               f"eval.out={w}/eval/{variant}.json", "eval.plots=null"]  # no shared curves dir: variants run in parallel
     return ov
 
 
@@ -103,6 +108,7 @@ class Study:
         with self._locks[r]:
             ov = stage_overrides(self.args, r)
             cfg = compose(ov)
+            adopt_legacy_metrics(cfg)
             self.run(f"seed{r}-teacher", "train_teacher", ov, cfg.teacher.train.metrics)
             self.run(f"seed{r}-cache", "teacher_cache", ov, cfg.cache.metrics)
 
@@ -127,6 +133,25 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def adopt_legacy_metrics(cfg) -> None:
+    """A study begun before the flat dvc metrics files (metrics/teacher.json, metrics/cache.json) has full records
+    under runs/ instead: derive the flat files from them, so that it resumes instead of re-training its teachers."""
+    w = Path(cfg.workdir)
+    for new, old, flat in (
+            (cfg.teacher.train.metrics, w / "runs" / "teacher" / f"{cfg.data.name}-{cfg.teacher.name}" / "metrics.json",
+             lambda r: {"acc": r["val_acc"], "img_per_s": r["img_per_s"], "seconds": r["seconds"]}),
+            (cfg.cache.metrics, w / "runs" / "cache" / str(cfg.data.name) / "metrics.json",
+             lambda r: {"bytes_per_view": r["total"], "img_per_s": r["img_per_s"], "views": r["views_written"]})):
+        if not Path(new).is_file() and old.is_file():
+            Path(new).parent.mkdir(parents=True, exist_ok=True)
+            Path(new).write_text(json.dumps(flat(json.loads(old.read_text())), indent=2) + "\n")
+
+
+def _get(metrics: dict, key: str, old: str):
+    """A metrics file's ``key``; ``old``: its name in runs written before the flat dvc metrics files."""
+    return metrics[key] if key in metrics else metrics[old]
+
+
 def collect(args) -> dict:
     """Mean ± std over seeds of every finished stage's metrics (paths from the composed configs)."""
     seeds, variants = args.seeds, args.variants
@@ -138,26 +163,31 @@ def collect(args) -> dict:
         return json.loads(path.read_text())
 
     base = {r: compose(stage_overrides(args, r)) for r in seeds}
+    for cfg in base.values():
+        adopt_legacy_metrics(cfg)
     runs_cfg = {(r, v): compose(stage_overrides(args, r, v)) for r in seeds for v in variants}
-    teacher = [read(base[r].teacher.train.metrics) for r in seeds]
-    res = {"teacher": {"val_acc": mean_std([t["val_acc"] for t in teacher]),
+    teacher = [read(base[r].teacher.train.metrics) for r in seeds]  # dvc metrics: acc, img_per_s, seconds
+    res = {"teacher": {"val_acc": mean_std([_get(t, "acc", "val_acc") for t in teacher]),
                        "seconds": mean_std([t["seconds"] for t in teacher])},
            "students": {}}
     for v in variants:
         evals = [read(runs_cfg[r, v].eval.out) for r in seeds]
         runs = [read(Path(runs_cfg[r, v].train.out_dir) / "metrics.json") for r in seeds]
-        res["students"][v] = {
-            k: mean_std([e[k] for e in evals])
-            for k in ("student_acc_avg", "student_acc_cls", "student_acc_dist", "teacher_agreement")
+        res["students"][v] = {  # eval.out: the student's dvc metrics (pipeline.evaluate.METRIC_KEYS)
+            k: mean_std([_get(e, key, k) for e in evals])
+            for k, key in (("student_acc_avg", "acc"), ("student_acc_cls", "acc_cls"),
+                           ("student_acc_dist", "acc_dist"), ("teacher_agreement", "agreement"))
         }
         res["students"][v]["img_per_s"] = mean_std([m["img_per_s"] for m in runs])
+        res["students"][v]["seconds"] = mean_std([m["seconds"] for m in runs])
     cache = [read(base[r].cache.metrics) for r in seeds]
-    res["cache"] = {"bytes_per_view": mean_std([c["total"] for c in cache])}
+    res["cache"] = {"bytes_per_view": mean_std([_get(c, "bytes_per_view", "total") for c in cache])}
     res["seed_cycling"] = [{"S": s, "variant": v, **res["students"][v]["student_acc_avg"]}
                            for s, v in cycle_points(args.epochs) if v in res["students"]]
     cfg = base[seeds[0]]
     res["meta"] = {
-        "val_samples": evals[0]["val_samples"], "seeds": seeds, "train_limit": args.train_limit,
+        "val_samples": load_manifest(Path(cfg.data.shards) / "val").n, "seeds": seeds,
+        "train_limit": args.train_limit,
         "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "teacher": str(cfg.teacher.name),
         "student": f"{cfg.student.name}, patch {cfg.student.patch_size}, "
                    f"{', '.join(f'{k} {v}' for k, v in cfg.student.kwargs.items())}",
@@ -188,6 +218,9 @@ def markdown(res: dict) -> str:
         agree = pm(s["teacher_agreement"]) if s["teacher_agreement"]["values"][0] is not None else "-"
         lines.append(f"| student, {v} | {pm(s['student_acc_avg'])} | {pm(s['student_acc_cls'])} | "
                      f"{pm(s['student_acc_dist'])} | {agree} |")
+    lines += ["", "Student runs' time (wall seconds of train_student, mean ± std; the machine may be shared):", "",
+              "| student | seconds | img/s |", "|---|---|---|"]
+    lines += [f"| {v} | {pm(s['seconds'], False)} | {pm(s['img_per_s'], False)} |" for v, s in res["students"].items()]
     lines += ["", "Seed cycling (hard, from the cache; epoch e uses cached seed e mod S):", "",
               "| S cached seeds | average of heads |", "|---|---|"]
     lines += [f"| {p['S']} | {100 * p['mean']:.2f} ± {100 * p['std']:.2f} |" for p in res["seed_cycling"]]
@@ -247,7 +280,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.variants is None:
         cycling = {v for _, v in cycle_points(args.epochs)}
-        args.variants = [v for v in VARIANTS if not v.startswith("hard-S") or v in cycling]
+        args.variants = [v for v in VARIANTS if (not v.startswith("hard-S") or v in cycling) and v != "hard-r3"]
+    if "hard-r3" in args.variants and args.epochs % 3:
+        ap.error(f"--variants hard-r3 needs --epochs divisible by 3 (got {args.epochs})")
     if args.threads is None:
         args.threads = 1 if args.jobs > 1 else 0
     out = args.out = Path(args.out).resolve()

@@ -21,7 +21,7 @@ def _load(path: Path):
 
 
 def toy_curves(run: Path, out: Path) -> None:
-    teacher = next(iter(sorted(run.glob("runs/teacher/*/metrics.json"))), None)
+    teacher = next(iter(sorted(run.glob("runs/teacher/*/train/run.json"))), None)  # the teacher run's record
     student = next(iter(sorted(run.glob("runs/student/*/history.json"))), None)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     if teacher:

@@ -34,6 +34,8 @@ class DataSchema:
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
     allow_empty_classes: Optional[bool] = None  # folder: keep a class folder without images (default: refused)
+    max_side: Optional[int] = None   # ingest: re-encode images whose longer side exceeds this (None: keep bytes)
+    max_side_quality: Optional[int] = None  # JPEG quality of those re-encodes (default 90)
 
 
 @dataclass
@@ -153,6 +155,14 @@ class ReplaySchema:
 @dataclass
 class EvalSchema:
     out: str = MISSING
+    plots: Optional[str] = None   # the student's per-epoch curves, at a path that does not follow the run
+
+
+@dataclass
+class ExportSchema:
+    checkpoint: str = MISSING        # the student state dict to export
+    out: str = MISSING               # folder: model.safetensors + config.json (timm's Hub format)
+    push_to: Optional[str] = MISSING  # Hugging Face Hub repo id, or None (no upload)
 
 
 @dataclass
@@ -166,6 +176,7 @@ class RunSchema:
     train: TrainSchema = MISSING
     replay: ReplaySchema = MISSING
     eval: EvalSchema = MISSING
+    export: ExportSchema = MISSING
     run_seed: int = MISSING
     workdir: str = MISSING
     overwrite: bool = MISSING
@@ -176,7 +187,7 @@ CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache",
            "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched")}
 AT_LEAST = {  # key -> smallest allowed value
     "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
-    "data.train_limit": 1, "data.val_limit": 1, "augment.mix_block": 2, "student.img_size": 1,
+    "data.train_limit": 1, "data.val_limit": 1, "data.max_side": 16, "data.max_side_quality": 1, "augment.mix_block": 2, "student.img_size": 1,
     "student.patch_size": 1, "cache.num_seeds": 1, "cache.seeds_per_pass": 1, "train.repeats": 1, "cache.topk": 0, "cache.batch_size": 1, "cache.num_workers": 0,
     "cache.nproc": 1, "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
     "train.num_workers": 0, "train.nproc": 1, "train.max_steps_per_epoch": 1, "teacher.train.epochs": 1,
@@ -204,6 +215,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key in FRACTIONS:
         if not 0.0 <= OmegaConf.select(checked, key) <= 1.0:
             raise ConfigError(f"{key}={OmegaConf.select(checked, key)} must be in [0, 1]")
+    if (checked.data.max_side_quality or 0) > 100:
+        raise ConfigError(f"data.max_side_quality={checked.data.max_side_quality} must be in [1, 100]")
     if checked.distill.tau <= 0:
         raise ConfigError(f"distill.tau={checked.distill.tau} must be > 0")
     for key in DEVICES:
@@ -221,4 +234,20 @@ def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
 
 def split_dir(cfg: DictConfig, split: str) -> Path:
     """Shards of one split: ``<data.shards>/<split>``."""
-    return Path(cfg.data.shards) / split
+    from pipeline import storage
+
+    return storage.as_path(cfg.data.shards) / split  # local, or s3://bucket/prefix
+
+
+def checked(value: Any, *, _root_: DictConfig) -> Any:
+    """``${pipeline_checked:<value>}`` (conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
+    in passes `validate`. Resolving conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
+    composition, before DVC writes params.yaml or runs a stage (DVC imports hydra_plugins/, which registers this),
+    and so does `python -m pipeline.params`. Inside `validate` (a schema-typed copy) it returns ``value`` as is."""
+    if OmegaConf.get_type(_root_) is not RunSchema:
+        validate(_root_)
+    return value
+
+
+if not OmegaConf.has_resolver("pipeline_checked"):
+    OmegaConf.register_new_resolver("pipeline_checked", checked)

@@ -1,7 +1,15 @@
 """The only module that knows about ranks: process group set-up under torchrun, device choice, threads.
 
-Under `torchrun --nproc-per-node=P` the env vars RANK/WORLD_SIZE/LOCAL_RANK are set; gloo on CPU, NCCL on
-CUDA. Without them everything runs as rank 0 of 1 and no process group is created.
+Under `torchrun --nnodes=N --nproc-per-node=P` (stages/launch.sh) the env vars RANK/WORLD_SIZE (global, over
+all N x P processes) and LOCAL_RANK/LOCAL_WORLD_SIZE (this node's) are set; gloo on CPU, NCCL on CUDA. Without
+them everything runs as rank 0 of 1 and no process group is created.
+
+One rule keeps a run on many nodes the same as on one: only what belongs to the machine uses the local values
+(the GPU: ``cuda:LOCAL_RANK``; the cores: shared by LOCAL_WORLD_SIZE ranks); everything else uses the global
+rank and world size: the work split (stage one's units, stage two's shards), RNG streams, the global batch, and
+``Context.is_main`` (global rank 0 alone takes the cache store's writer lease and writes metrics, checkpoints
+and summaries). No file is written per node, so every node must see the same paths: a shared filesystem
+(README.md, "From one box to many").
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,9 @@ def setup(device: str = "auto", num_threads: int = 0, num_workers: int = 0) -> C
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local} but this node sees {torch.cuda.device_count()} GPU(s): start at "
+                              f"most one process per GPU on each node (NPROC / --nproc-per-node)")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -5,7 +5,8 @@ agreement with the teacher), gathered with the other stages' metrics into one su
     python -m pipeline.evaluate distill=soft            # the soft student (train.out_dir follows distill.mode)
     python -m pipeline.evaluate --config-path $PWD --config-name params   # what `dvc repro` runs
 
-Writes `eval.out` (metrics JSON read by `dvc metrics show`).
+Writes `eval.out` (default metrics/student.json, git-tracked, read by `dvc metrics show` / `dvc exp show`): the
+student's flat metrics (`METRIC_KEYS`); the teacher's and the cache's are in metrics/teacher.json and cache.json.
 """
 
 import json
@@ -56,14 +57,56 @@ def evaluate_run(cfg: DictConfig) -> dict:
         "student_acc_cls": m["val_acc_cls"], "student_acc_dist": m["val_acc_dist"], "student_acc_avg": m["val_acc"],
         "student_val_loss": m["val_loss"],
         "teacher_agreement": m.get("val_agree_teacher"),
-        "teacher_val_acc": teacher.get("val_acc"),
-        "cache_bytes_per_view": cache.get("total"),
+        "teacher_val_acc": teacher.get("acc"),
+        "cache_bytes_per_view": cache.get("bytes_per_view"),
         "img_per_s_train_teacher": teacher.get("img_per_s"),
         "img_per_s_teacher_cache": cache.get("img_per_s"),
         "img_per_s_train_student": student.get("img_per_s"),
+        "train_student_seconds": student.get("seconds"),
         "chance": 1.0 / num_classes,
     }
     return summary
+
+
+# eval.out: the student's dvc metrics, flat and short (key -> the summary's field). The summary's other fields
+# (the teacher's accuracy, bytes per view, the other stages' img/s) are those stages' own metrics files.
+METRIC_KEYS = {"acc": "student_acc_avg", "acc_cls": "student_acc_cls", "acc_dist": "student_acc_dist",
+               "agreement": "teacher_agreement", "img_per_s": "img_per_s_train_student",
+               "seconds": "train_student_seconds"}
+
+
+NOT_CURVES = ("epoch", "seed", "steps", "updates", "epoch_seconds")  # history fields dvclive does not log either
+
+
+def copy_curves(out_dir: Path, history: list[dict], dest: Path) -> None:
+    """The student's per-epoch curves into ``dest`` in dvclive's layout (``<train|val>/<name>.tsv``: step, value):
+    dvclive's own files, or the same rebuilt from history.json when the run had dvclive off."""
+    from pipeline.atomic import atomic_write_text
+
+    live = out_dir / "dvclive" / "plots" / "metrics"
+    files: dict[str, str] = {}
+    if live.is_dir():
+        files = {str(p.relative_to(live)): p.read_text() for p in live.rglob("*.tsv")}
+    else:
+        series: dict[str, list[str]] = {}
+        for step, row in enumerate(history):
+            for key, value in row.items():
+                if key not in NOT_CURVES and isinstance(value, (int, float)):
+                    name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key.removeprefix('train_')}"
+                    series.setdefault(name, []).append(f"{step}\t{value}")
+        files = {f"{n}.tsv": f"step\t{n.split('/')[1]}\n" + "\n".join(rows) + "\n" for n, rows in series.items()}
+    if dest.is_dir():  # a curve the previous run had and this one does not
+        for stale in [p for p in dest.rglob("*.tsv") if str(p.relative_to(dest)) not in files]:
+            stale.unlink(missing_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():  # each file atomically: never a half-written curve, even with two writers
+        atomic_write_text(dest / rel, text)
+
+
+def metrics(summary: dict) -> dict:
+    """The flat metrics eval.out holds (acc = the average of the two heads, DeiT's rule; img_per_s and seconds:
+    train_student's)."""
+    return {key: summary[field] for key, field in METRIC_KEYS.items()}
 
 
 def format_table(s: dict) -> str:
@@ -95,12 +138,15 @@ def main(cfg: DictConfig) -> None:
 
     with stage("evaluate"):
         summary = evaluate_run(validate(cfg))
-        atomic_write_text(Path(cfg.eval.out), json.dumps(summary, indent=2))
+        atomic_write_text(Path(cfg.eval.out), json.dumps(metrics(summary), indent=2) + "\n")
+        if cfg.eval.get("plots"):
+            out_dir = Path(cfg.train.out_dir)
+            copy_curves(out_dir, _read(out_dir / "history.json") or [], Path(cfg.eval.plots))
         print(format_table(summary))
-        logging.getLogger("pipeline").info(f"summary -> {cfg.eval.out}")
+        logging.getLogger("pipeline").info(f"metrics -> {cfg.eval.out}")
 
 
-KEYS = ('train.out_dir', 'teacher.checkpoint', 'eval.out')
+KEYS = ('train.out_dir', 'teacher.checkpoint', 'eval.out', 'eval.plots')
 
 if __name__ == "__main__":
     cli_main(main, __doc__, KEYS)

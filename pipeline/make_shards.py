@@ -3,6 +3,7 @@
     python -m pipeline.make_shards data=toy workdir=.
     python -m pipeline.make_shards data=fashion_mnist
     python -m pipeline.make_shards data=folder data.root=/path/to/tree data.num_classes=100
+    python -m pipeline.make_shards data=imagenet data.root=/data/imagenet data.max_side=512   # pre-resized JPEGs
 
 Re-running with the same input verifies and keeps the shards ("up to date"); a different shard set is refused
 unless ``overwrite=true``. Every input image is decoded in full once (folder sources; 16-bit and float images are
@@ -13,11 +14,11 @@ a refused overwrite, a full disk) exit with status 2 naming the file, and instal
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import storage
 from pipeline.cli import main as cli_main, stage
 from pipeline.logs import progress
 
@@ -33,7 +34,7 @@ def make_shards(cfg: DictConfig) -> dict:
     try:
         for split in SPLITS:
             samples = from_config(data, split)
-            out = Path(data["shards"]) / split
+            out = storage.as_path(data["shards"]) / split  # a local Path, or s3://bucket/prefix (pipeline.storage)
             bar = progress(len(samples), unit="img", desc=f"{data['name']}/{split}")
             tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
                                     shard_size=data["shard_size"], num_classes=data["num_classes"],
@@ -62,7 +63,8 @@ def _counted(samples, bar):
             bar.update(1)
 
 
-KEYS = ('data.name', 'data.source', 'data.root', 'data.shards', 'data.num_classes', 'data.shard_size', 'data.image_size', 'overwrite')
+KEYS = ('data.name', 'data.source', 'data.root', 'data.shards', 'data.num_classes', 'data.shard_size', 'data.image_size',
+        'data.max_side', 'overwrite')
 
 if __name__ == "__main__":
     cli_main(main, __doc__, KEYS)

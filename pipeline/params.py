@@ -10,6 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import pipeline.config  # noqa: F401  (registers ${pipeline_checked:...}: composing conf/ validates it)
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 

@@ -38,8 +38,10 @@ def main(cfg: DictConfig) -> None:
             metrics = Path(cfg.cache.metrics)
             if summary["units_computed"] == 0 and metrics.is_file():  # nothing to do: keep the build's numbers
                 logging.getLogger("pipeline").info(f"nothing to compute: {metrics} keeps the last build's metrics")
-            else:
-                atomic_write_text(metrics, json.dumps(summary, indent=2))
+            else:  # flat, for dvc metrics: the per-array bytes and the provenance stay in the store (verify_cache)
+                flat = {"bytes_per_view": summary.get("total"), "img_per_s": summary["img_per_s"],
+                        "seconds": summary["seconds"], "views": summary["views_written"]}
+                atomic_write_text(metrics, json.dumps(flat, indent=2) + "\n")
 
 
 KEYS = ('cache.path', 'cache.num_seeds', 'cache.topk', 'cache.batch_size', 'cache.num_workers', 'cache.device', 'cache.verify_fraction', 'teacher.name', 'teacher.checkpoint', 'augment.rand_augment', 'run_seed', 'overwrite')

@@ -205,9 +205,10 @@ def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
 
 def test_a_rerun_with_nothing_to_do_keeps_the_metrics(built, toy_shards, teacher_ckpt):
     """A finished cache re-run computes nothing and leaves the build's metrics (img/s, views) as they were."""
-    metrics = built.parent / "runs" / "cache" / "toy" / "metrics.json"
+    metrics = built.parent / "metrics" / "cache.json"
     before = metrics.read_text()
-    assert json.loads(before)["views_written"] == 1024
+    assert json.loads(before)["views"] == 1024 and set(json.loads(before)) == {"bytes_per_view", "img_per_s",
+                                                                                "seconds", "views"}
     proc = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, built))
     assert "0 views written" in proc.stdout and "keeps the last build's metrics" in proc.stderr
     assert metrics.read_text() == before

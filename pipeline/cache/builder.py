@@ -14,14 +14,14 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, storage
+from pipeline.cache import lease
 from pipeline.cache.provenance import build_provenance
 from pipeline.cache.store import CacheStore
 from pipeline.config import augment_config, split_dir
@@ -116,7 +116,7 @@ def build_cache(cfg: DictConfig) -> dict:
     manifest = load_manifest(split_dir(cfg, "train"))
     aug = augment_config(cfg)
     teacher = create_teacher(cfg.teacher, manifest.num_classes)
-    path = Path(cfg.cache.path)
+    path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
         CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),
                           num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
@@ -125,7 +125,11 @@ def build_cache(cfg: DictConfig) -> dict:
                           overwrite=bool(cfg.overwrite))
     distributed.barrier()
     store = CacheStore.open(path, mode="r+")
-    pending = distributed.broadcast_object(store.pending_units() if ctx.is_main else None)
+    # Rank 0 holds the writer lease; every other rank (on any node) commits only while rank 0 still holds it.
+    pending, holder = distributed.broadcast_object(
+        (store.pending_units(), getattr(lease.held(path), "record", None)) if ctx.is_main else None)
+    if not ctx.is_main and holder:
+        lease.cover(path, holder)
     work = group_units(pending, store.num_seeds, cfg.cache.get("seeds_per_pass"))
     mine_work = work[ctx.rank::ctx.world_size]
     mine = [(s, k) for seeds, k in mine_work for s in seeds]  # the (seed, shard) chunks this rank commits
@@ -162,6 +166,7 @@ def build_cache(cfg: DictConfig) -> dict:
         "views_written": int(totals[0]),
         # Throughput of the whole job: views over the slowest rank's wall time is not known here; use the mean.
         "img_per_s": totals[0] / max(totals[1] / ctx.world_size, 1e-9),
+        "seconds": totals[1] / ctx.world_size,
     }
     if ctx.is_main:
         summary.update(store.bytes_per_view() | {"path": str(path)})

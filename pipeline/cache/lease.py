@@ -8,8 +8,14 @@
   warning naming the old holder. A clean release empties the record.
 - The file lives *beside* the store, never inside: ``overwrite=true`` removes the store directory, and a lock file
   removed with it would let a second writer lock a new file while the first still holds the old one.
-- The ranks of one torchrun job share rank 0's lease (only rank 0 creates the store; the others open it with
-  mode "r+" after a barrier and are covered by it).
+- The ranks of one torchrun job share (global) rank 0's lease (only rank 0 creates the store; the others open it
+  with mode "r+" after a barrier and are covered by it). A covered rank is handed rank 0's record (:func:`cover`)
+  and, before each commit, :func:`check_writer` probes that this record still holds the lock: ranks on another
+  node can outlive a lost rank 0 until their next collective (torchrun stops the ranks of the failed node), and
+  must not commit into a store whose lease was released or taken over. Across nodes the lock must be
+  cluster-wide: the store lives on a shared filesystem whose ``flock`` every node sees (NFS without
+  ``local_lock=flock``/``all``, CephFS, Lustre mounted with ``-o flock``, not ``localflock``); a node-local lock
+  would let two jobs on two nodes both write.
 - Readers (stage two, ``verify_cache``) :func:`probe` the lease with a shared, non-blocking lock that they drop at
   once: a live writer is named and the reader refuses. A writer that meets a lock without a record (a reader's
   probe, or another writer between its lock and its record) retries for a moment.
@@ -29,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import storage
+from pipeline.cache import object_lease
 from pipeline.errors import CacheError
 
 log = logging.getLogger("pipeline")
@@ -36,15 +44,16 @@ log = logging.getLogger("pipeline")
 SUFFIX = ".lease"
 RETRY_SECONDS = 2.0  # how long a writer retries a lock held without a record (a reader's momentary probe)
 _HELD: dict[str, "Lease"] = {}  # this process's leases, by absolute lease file path
+_COVERED: dict[str, dict] = {}  # leases of other processes (rank 0) this process writes under
 
 
 def lease_path(store) -> Path:
-    store = Path(store)
+    store = storage.as_path(store)  # a Path, or an ObjectPath for s3://... (pipeline.cache.object_lease)
     return store.parent / f"{store.name}{SUFFIX}"
 
 
 def _key(path: Path) -> str:
-    return os.path.abspath(path)
+    return str(path) if storage.is_url(path) else os.path.abspath(path)
 
 
 @dataclass
@@ -103,12 +112,15 @@ def held(store) -> Lease | None:
 
 def acquire(store) -> Lease:
     """Take the writer lease of ``store`` for this process (re-entrant); CacheError naming the holder if it is live."""
-    store = Path(store)
+    store = storage.as_path(store)
     path = lease_path(store)
     mine = _HELD.get(_key(path))
     if mine is not None and mine.fd >= 0:
         mine.check()
         return mine
+    if storage.is_url(store):  # no flock on object storage: conditional puts and an expiry instead
+        _HELD[_key(path)] = object_lease.acquire(store, path, describe)
+        return _HELD[_key(path)]
     deadline = time.monotonic() + RETRY_SECONDS
     while True:
         fd = _open(store, path)
@@ -159,8 +171,30 @@ def _open(store: Path, path: Path) -> int:
         raise CacheError(f"{store}: cannot take the writer lease {path}: {e}") from e
 
 
+def cover(store, record: dict) -> None:
+    """This process writes ``store`` under another process's lease (rank 0 of its torchrun job): ``record``."""
+    _COVERED[_key(lease_path(store))] = dict(record)
+
+
+def check_writer(store) -> None:
+    """Before a commit: this process's own lease is intact, or the lease covering it is still held by its holder."""
+    mine = held(store)
+    if mine is not None:
+        mine.check()
+        return
+    record = _COVERED.get(_key(lease_path(store)))
+    if record is None:
+        return
+    now = probe(store)
+    if now is None or any(now.get(f) != record.get(f) for f in ("host", "pid", "started")):
+        now_desc = describe(now) if now is not None else "no live writer"
+        raise CacheError(f"{store}: the writer lease {lease_path(store)} covering this rank ({describe(record)}) is "
+                         f"no longer held by it ({now_desc}): rank 0 of this job is gone; not committing")
+
+
 def release(store) -> None:
-    """Release this process's lease on ``store`` (no-op when it holds none)."""
+    """Release this process's lease on ``store`` (no-op when it holds none), or stop writing under rank 0's."""
+    _COVERED.pop(_key(lease_path(store)), None)
     lease = held(store)
     if lease is not None:
         lease.release()
@@ -172,6 +206,8 @@ def probe(store) -> dict | None:
     path = lease_path(store)
     if held(store) is not None:
         return None
+    if storage.is_url(path):
+        return object_lease.probe(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline import storage
 from pipeline.cache import integrity, lease
 from pipeline.cache.layout import PER_VIEW, ZARR_CONFIG, array_specs, check_layout_args, crc32c, index_dtype
 from pipeline.cache.provenance import (MISSING, _VERSION_LIBS, canonical, check_consistent, first_difference,
@@ -47,7 +48,7 @@ class CacheStore:
     """
 
     def __init__(self, path, mode: str, attrs: dict, arrays: dict):
-        self.path = Path(path)
+        self.path = storage.as_path(path)
         self.mode = mode
         self._attrs = attrs
         self._arrays = arrays
@@ -87,7 +88,7 @@ class CacheStore:
         units and clears the commit marker of damaged ones, which the caller then recomputes
         (:func:`pipeline.cache.integrity.repair`, which logs each unit).
         """
-        path = Path(path)
+        path = storage.as_path(path)  # a local Path, or an s3://... ObjectPath (pipeline.storage)
         counts = check_layout_args(num_seeds, shard_counts, shard_size, num_classes, topk)
         layout = {"num_seeds": int(num_seeds), "shard_size": int(shard_size), "shard_counts": counts,
                   "N": sum(counts), "num_classes": int(num_classes), "topk": int(topk),
@@ -102,18 +103,24 @@ class CacheStore:
         if (path.exists() or path.is_symlink()) and not path.is_dir():
             raise CacheError(f"{path}: exists and is not a directory (not a cache store)")
         lease.acquire(path)  # one writer per store, before any write: create, resume and overwrite alike
-        if path.is_dir() and any(path.iterdir()):
+        if path.is_dir() and any(path.iterdir()) and not storage.partial_zarr(path):
             if overwrite:
                 cls.open(path, "r", check_contract=False)  # raises unless it is a cache store: never rmtree anything else
-                shutil.rmtree(path)
+                storage.rmtree(path)
             else:
                 return cls._resume(path, attrs, ignore_fields)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.creating"
-        try:
-            group = zarr.open_group(store=str(tmp), mode="w-", zarr_format=3, attributes=attrs)
+
+        def build(target):
+            group = zarr.open_group(store=target, mode="w-", zarr_format=3, attributes=attrs)
             for name, spec in array_specs(layout).items():
                 group.create_array(name=name, config=ZARR_CONFIG, **spec)
             group["done"].attrs["store_id"] = uuid.uuid4().hex  # a new store: writers of a replaced one stop
+        if storage.is_url(path):  # no rename on object storage: the group's zarr.json, uploaded last, commits it
+            storage.publish_zarr(build, path)
+            return cls.open(path, "r+", check_contract=False)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.creating"
+        try:
+            build(str(tmp))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CacheError(f"{path}: cannot create cache store: {e}") from e
@@ -144,13 +151,13 @@ class CacheStore:
         replay contract version is refused (its targets belong to other views) unless ``check_contract=False``."""
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        path = Path(path)
+        path = storage.as_path(path)
         if not path.is_dir():
             raise CacheError(f"{path}: no cache store here (missing or not a directory)")
         if not (path / "zarr.json").is_file():
             raise CacheError(f"{path}: not a cache store (no zarr.json)")
         try:
-            group = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+            group = zarr.open_group(store=storage.zarr_store(path, mode), mode=mode, zarr_format=3)
             attrs = dict(group.attrs)
         except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a broken store
             raise CacheError(f"{path}: not a readable Zarr v3 group: {type(e).__name__}: {e}") from e
@@ -293,7 +300,7 @@ class CacheStore:
 
     def _check_writable(self, s: int, k: int) -> None:
         """Before each write of a unit: the store is open for writing, is the same store (store id) as when it was
-        opened, and this process still holds its lease where it took one."""
+        opened, and this process still holds its lease where it took one (or the lease covering it is still held)."""
         if self.mode == "r":
             raise CacheError(f"{self.path}: opened read-only; open with mode='r+' to write units")
         self._check_unit(s, k)
@@ -302,8 +309,7 @@ class CacheStore:
             raise CacheError(f"{self.path}: the store was replaced or removed since this writer opened it (store id "
                              f"{self.store_id} is now {current}): not writing unit (seed {s}, shard {k}); another "
                              f"run rebuilt it (overwrite=true)")
-        if lease.held(self.path) is not None:
-            lease.held(self.path).check()
+        lease.check_writer(self.path)  # its own lease intact, or (other ranks) rank 0's still held by rank 0
 
     def current_store_id(self) -> str | None:
         """The store id on disk now (attribute ``store_id`` of ``done``; None when the store is gone)."""
@@ -392,12 +398,7 @@ class CacheStore:
 
     def nbytes_stored(self, allocated: bool = False) -> int:
         """Bytes of the whole store on disk (file sizes; ``allocated=True``: filesystem blocks)."""
-        total = 0
-        for d, _, files in os.walk(self.path):
-            for f in files:
-                st = os.stat(os.path.join(d, f))
-                total += st.st_blocks * 512 if allocated else st.st_size
-        return total
+        return storage.tree_size(self.path, allocated)
 
     def _chunk_file(self, name: str, s: int, k: int) -> Path:
         arr = self._arrays[name]
@@ -417,7 +418,7 @@ class CacheStore:
             b = 0
             for s, k in units:
                 try:
-                    st = os.stat(self._chunk_file(name, int(s), int(k)))
+                    st = self._chunk_file(name, int(s), int(k)).stat()
                 except FileNotFoundError:
                     continue
                 b += st.st_blocks * 512 if allocated else st.st_size

@@ -92,6 +92,31 @@ def normalised(data: bytes, ext: str, where: str) -> tuple[bytes, str]:
     return encode_png(arr), "png"
 
 
+def capped(data: bytes, ext: str, max_side: int, quality: int, where: str) -> tuple[bytes, str]:
+    """``(bytes, ext)`` with the longer side at most ``max_side`` (``data.max_side``, FFCV's max resolution).
+
+    An image within the cap keeps its bytes. A larger one is resized once at ingest (LANCZOS, aspect kept) and
+    re-encoded: JPEG stays JPEG at ``quality`` (Pillow's 4:2:0), other formats become a lossless PNG. The replay
+    then decodes fewer pixels for every view of every epoch, at the price of a permanent blur: crops smaller
+    than ~2x the view lose detail (measured in README, "Decode levers").
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if max(im.size) <= max_side:
+                return data, ext
+            im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
+            s = max_side / max(im.size)
+            size = (max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s)))
+            small = im.resize(size, Image.LANCZOS)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a truncated or corrupt file
+        raise ShardError(f"{where}: image does not decode: {type(exc).__name__}: {exc}") from exc
+    if ext != "jpg":
+        return encode_png(np.asarray(small)), "png"
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=int(quality), subsampling="4:2:0", optimize=False)
+    return buf.getvalue(), "jpg"
+
+
 def _eight_bit(im: Image.Image) -> np.ndarray:
     if im.mode in SIXTEEN_BIT:
         v = np.asarray(im).astype(np.float64)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.errors import ConfigError, DigestMismatch, ShardError
 from pipeline.replay import seeding
 from pipeline.data.images import decode_error, named_decode_errors
@@ -269,9 +270,11 @@ class ViewLoader:
 
     def _batches(self, units, sizes: list[int], shuffle_seed) -> Iterator[dict]:
         stream = UnitStream(self.source, units, shuffle_seed)
+        context = storage.worker_context(self.manifest.split_dir, getattr(self.source.extras, "path", None),
+                                         num_workers=self.num_workers)  # object storage: no fork (pipeline.storage)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, multiprocessing_context=context)
         rng = np.random.default_rng(list(shuffle_seed)) if shuffle_seed is not None else None
         pool: list[dict] = []
         blocks = iter(loader)

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator
 import webdataset as wds
 from webdataset import tariterators as wds_tar
 
+from pipeline import storage
 from pipeline.data.images import check_decodes
 from pipeline.errors import ShardError, WriteError
 
@@ -116,7 +117,7 @@ def fingerprint_of(shard_hashes: Iterable[str], n: int, num_classes: int) -> str
 
 def load_manifest(split_dir: str | os.PathLike) -> Manifest:
     """Read and check ``<split_dir>/manifest.json``; any problem is a ShardError naming the file."""
-    split_dir = Path(split_dir)
+    split_dir = storage.as_path(split_dir)  # a local Path, or an s3://... ObjectPath
     path = split_dir / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path}: missing manifest (write the shards with: python -m pipeline.make_shards)")
@@ -241,7 +242,8 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
 
     own = fileobj is None
     try:
-        f = open(path, "rb") if own else fileobj
+        ahead = [manifest.split_dir / s.name for s in manifest.shards]  # object storage: whole objects, read
+        f = storage.open_binary(path, ahead) if own else fileobj  # ahead along this process's stride
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
     try:
@@ -279,11 +281,7 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return storage.sha256(path)  # a local file, or an object (pipeline.storage)
 
 
 def verify_shards(manifest: Manifest, deep: bool = True) -> None:
@@ -314,7 +312,7 @@ def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.Pa
     (ShardError naming the directory and both fingerprints) unless ``overwrite``, which replaces it.
     ``n`` defaults to ``len(samples)`` (needed up front for the key width); ``split`` to ``out_dir``'s name.
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     tmp, new = stage_shards(samples, out_dir, shard_size=shard_size, num_classes=num_classes,
                             class_names=class_names, source=source, n=n, split=split)
     try:
@@ -328,7 +326,7 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
                  n: int | None = None, split: str | None = None) -> tuple[Path, Manifest]:
     """Write the shards into a new temporary directory beside ``out_dir``; returns it and its manifest. On any
     error it is removed again (nothing staged); a full disk or an unwritable directory is a WriteError."""
-    out_dir = Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     if n is None:
         if not hasattr(samples, "__len__"):
             samples = list(samples)
@@ -341,7 +339,8 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
     width = max(6, len(str(n - 1)))
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        local = None if storage.is_url(out_dir) else out_dir.parent  # object storage: staged in local /tmp
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=local))
     except OSError as e:
         raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
     try:
@@ -430,12 +429,14 @@ def install_plan(out_dir: Path, new: Manifest, overwrite: bool) -> Manifest | No
 def install_shards(tmp: Path, out_dir: Path, new: Manifest, overwrite: bool, *, plan="check") -> Manifest:
     """Install shards staged in ``tmp`` at ``out_dir`` (see :func:`write_shards`); ``plan``: the result of
     :func:`install_plan` when the caller already checked it (make_shards checks every split before installing)."""
-    out_dir = Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     keep = install_plan(out_dir, new, overwrite) if isinstance(plan, str) else plan
     if keep is not None:
         print(f"{out_dir}: up to date (fingerprint {keep.fingerprint}, {keep.n} samples)")
         return keep
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if storage.is_url(out_dir):  # no rename on object storage: the shards first, the manifest last (its commit)
+        storage.upload_tree(tmp, out_dir, last=MANIFEST)
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rename(out_dir, trash / "old")
         os.rename(tmp, out_dir)

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.data.images import encode_png, normalised  # noqa: F401 - encode_png: part of this module's API
+from pipeline.data.images import capped, encode_png, normalised  # noqa: F401 - encode_png: part of this module's API
 from pipeline.data.shards import IMAGE_EXTS
 from pipeline.errors import ConfigError, MissingInput, ShardError
 
@@ -285,6 +285,19 @@ def prefix(samples: SampleSet, n: int, field_name: str = "limit") -> SampleSet:
     return SampleSet(n, samples.class_names, {**samples.source, "limit": n}, iterate)
 
 
+def max_side(samples: SampleSet, side: int, quality: int) -> SampleSet:
+    """``samples`` with every image's longer side capped at ``side`` (pipeline.data.images.capped). The cap and
+    quality enter ``source`` and so the shard fingerprint."""
+    name = samples.source.get("name", samples.source.get("kind"))
+
+    def iterate() -> Iterator[Sample]:
+        for j, (data, ext, label) in enumerate(samples):
+            yield (*capped(data, ext, side, quality, f"{name} sample {j} (data.max_side={side})"), label)
+
+    return SampleSet(len(samples), samples.class_names,
+                     {**samples.source, "max_side": int(side), "max_side_quality": int(quality)}, iterate)
+
+
 def from_config(data_cfg, split: str) -> SampleSet:
     """The :class:`SampleSet` for ``split`` of a ``conf/data/*.yaml`` config (a mapping)."""
     kind = data_cfg["source"]
@@ -300,6 +313,9 @@ def from_config(data_cfg, split: str) -> SampleSet:
     limit = data_cfg.get(f"{split}_limit")
     if limit is not None:
         s = prefix(s, int(limit), f"data.{split}_limit")
+    if data_cfg.get("max_side"):
+        quality = data_cfg.get("max_side_quality") or 90
+        s = max_side(s, int(data_cfg["max_side"]), int(quality))
     if len(s.class_names) != int(data_cfg["num_classes"]):
         raise ShardError(
             f"data.num_classes={data_cfg['num_classes']} but source {kind} has {len(s.class_names)} classes: "

@@ -3,16 +3,16 @@
 Train mode with ``set_distilled_training(True)`` returns ``(cls_logits, dist_logits)``; eval mode returns their
 average (DeiT's inference rule). :func:`heads` gives both heads separately in eval mode (for per-head accuracy).
 
-The final student (``<out_dir>/student.pt``) is a plain timm state dict; load it with::
-
-    timm.create_model(name, num_classes=C, img_size=S, patch_size=P, checkpoint_path="student.pt")
-
-(plus any ``student.kwargs`` the run used, e.g. ``depth=2``). ``student-ema.pt`` holds the EMA weights when
-``train.ema=true``. :func:`load_student` does the same from a run's config.
+The final student (``<out_dir>/student.pt``) is a plain timm state dict (``student-ema.pt``: the EMA weights when
+``train.ema=true``); :func:`load_student` loads it from a run's config. :func:`save_timm_folder` (``python -m
+pipeline.export``) writes it in timm's own Hub format (``model.safetensors`` + ``config.json`` with the architecture,
+its kwargs and the preprocessing), so that ``timm.create_model("local-dir:<folder>", pretrained=True)`` (or
+``"hf-hub:<id>"`` after a push) rebuilds it with no kwargs retyped.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import timm
@@ -79,3 +79,50 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
         model = inner
 
+
+
+def export_config(student_cfg, num_classes: int, *, crop_pct: float, interpolation: str) -> tuple[dict, dict]:
+    """(model_args, data_config) of an exported student: what ``timm.create_model`` needs beyond the name (size,
+    patch, ``student.kwargs``), and the eval preprocessing the student was validated with (pipeline/replay:
+    resize to size/crop_pct, centre crop, its own mean/std)."""
+    args = model_kwargs(student_cfg, num_classes)
+    size = int(student_cfg.img_size)
+    data = {"input_size": (3, size, size), "mean": tuple(float(v) for v in student_cfg.mean),
+            "std": tuple(float(v) for v in student_cfg.std), "crop_pct": float(crop_pct),
+            "interpolation": str(interpolation), "crop_mode": "center"}
+    return args, data
+
+
+def _for_hf(model: nn.Module, data_config: dict) -> nn.Module:
+    """Set the model's pretrained_cfg to the export's preprocessing: what every timm in our range writes to
+    config.json (newer ones also take ``data_config``). The source tag/licence (e.g. ``fb_in1k``) are dropped:
+    these weights are not timm's."""
+    cfg = dict(model.pretrained_cfg)
+    cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()})
+    cfg.update(num_classes=model.num_classes, tag=None, license=None)
+    model.pretrained_cfg = cfg
+    return model
+
+
+def _hf_kwargs(fn, model_args: dict, data_config: dict, label_names) -> dict:
+    kw = {"model_args": {k: v for k, v in model_args.items() if k != "num_classes"}, "safe_serialization": True,
+          "model_config": {"label_names": list(label_names)} if label_names else None}
+    if "data_config" in inspect.signature(fn).parameters:  # timm >= 1.0.29
+        kw["data_config"] = data_config
+    return kw
+
+
+def save_timm_folder(model: nn.Module, out, model_args: dict, data_config: dict, label_names=None) -> None:
+    """``model.safetensors`` + ``config.json`` into ``out`` with timm's own writer (``save_for_hf``)."""
+    from timm.models import save_for_hf
+
+    model = _for_hf(unwrap(model).eval(), data_config)
+    save_for_hf(model, str(out), **_hf_kwargs(save_for_hf, model_args, data_config, label_names))
+
+
+def push_timm(model: nn.Module, repo_id: str, model_args: dict, data_config: dict, label_names=None) -> str:
+    """Upload the same folder to the Hugging Face Hub with timm's ``push_to_hf_hub`` (needs a login)."""
+    from timm.models import push_to_hf_hub
+
+    model = _for_hf(unwrap(model).eval(), data_config)
+    return str(push_to_hf_hub(model, repo_id, **_hf_kwargs(push_to_hf_hub, model_args, data_config, label_names)))

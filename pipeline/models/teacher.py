@@ -7,6 +7,7 @@ Views are uint8 NCHW at the view size; each model applies its own resize and nor
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,8 +19,7 @@ from torch import nn
 
 from pipeline.errors import TeacherError
 
-
-
+log = logging.getLogger("pipeline")
 
 # ------------------------------------------------------------------------------------------ building
 
@@ -28,18 +28,51 @@ def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Mo
     """timm model `teacher_cfg.name` with `num_classes` outputs, in eval mode.
 
     With `teacher_cfg.checkpoint` set and `load`, the checkpoint's weights are loaded strictly (a plain timm
-    state dict, or {"model": state_dict, ...}); hub weights are then not fetched, since they would be replaced.
+    state dict, or {"model": state_dict, ...}, or .safetensors); hub weights are then not fetched, since they would
+    be replaced. `name` is any timm model name, also `hf-hub:<id>` or `local-dir:<folder>` (with pretrained).
+    With `load` and neither weights source, the random init is seeded (teacher.train.init_seed), so that an
+    untrained teacher is the same model in every process (resume, verify_cache, online = cache).
     """
     name = str(teacher_cfg.name)
     checkpoint = teacher_cfg.get("checkpoint") if load else None
     pretrained = bool(teacher_cfg.get("pretrained", False)) and not checkpoint
+    seed = None if (pretrained or checkpoint or not load) else int(_get(teacher_cfg, "train", "init_seed") or 0)
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=int(num_classes))
-    except RuntimeError as exc:  # unknown model name (timm raises RuntimeError)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=int(num_classes))
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:  # unknown name / source / local-dir folder
         raise TeacherError(f"teacher.name={name!r}: {exc}") from exc
     if checkpoint:
         load_checkpoint(model, checkpoint, name=name, num_classes=int(num_classes))
+    elif pretrained and load:
+        _check_pretrained(model, teacher_cfg, int(num_classes))
     return model.eval()
+
+
+def _get(cfg, *keys):
+    for k in keys:
+        cfg = cfg.get(k) if cfg is not None and hasattr(cfg, "get") else None
+    return cfg
+
+
+def _check_pretrained(model: nn.Module, teacher_cfg, num_classes: int) -> None:
+    """Hub/local weights as a teacher: their classifier must be the data's classes (timm silently replaces a head
+    of another size with a random one: its targets would be noise); a normalisation other than the weights' own
+    is allowed but warned about."""
+    name, cfg = str(teacher_cfg.name), getattr(model, "pretrained_cfg", None) or {}
+    theirs = cfg.get("num_classes")
+    if theirs and int(theirs) != num_classes:
+        raise TeacherError(f"teacher.name={name!r}: its pretrained weights have {theirs} classes, the data "
+                           f"{num_classes} (data.num_classes); timm would give it a new random classifier. Label data "
+                           f"in the weights' own classes (e.g. ImageNet-1k class folders, sorted synsets), or fine-tune "
+                           f"it (python -m pipeline.train_teacher teacher.pretrained=true) and set teacher.checkpoint")
+    for key in ("mean", "std"):
+        want, have = cfg.get(key), teacher_cfg.get(key)
+        if want and have and [round(float(v), 4) for v in want] != [round(float(v), 4) for v in have]:
+            log.warning(f"warning: teacher.{key}={list(have)} differs from the {key} its weights were trained with "
+                        f"({list(want)}); set teacher.{key}={[float(v) for v in want]} unless that is intended")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -48,8 +81,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise TeacherError(f"teacher checkpoint {path} not found (train one with `python -m pipeline.train_teacher`, "
                            f"or set teacher.checkpoint=null teacher.pretrained=true for hub weights)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # .safetensors (e.g. a Hub download, an exported folder's weights) through timm's own reader
+        obj = (timm.models.load_state_dict(str(path)) if path.suffix == ".safetensors"
+               else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # corrupt file, pickled objects that weights_only refuses, ...
         raise TeacherError(f"teacher checkpoint {path}: cannot be read: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, Mapping):
@@ -179,14 +213,30 @@ class TeacherRunner:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.forward = torch.compile(model) if teacher_cfg.get("compile", False) else model
+        self.name, self.fixed = str(teacher_cfg.name), fixed_input_size(model)
 
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             x = model_input(images_u8, self.mean, self.std, device=self.device, size=self.size,
                             channels_last=self.channels_last)
+            if self.fixed and tuple(x.shape[-2:]) != self.fixed:  # e.g. a ViT: timm asserts deep in the model
+                raise TeacherError(f"teacher {self.name} takes {self.fixed[0]}x{self.fixed[1]} inputs only, its views "
+                                   f"are {x.shape[-2]}x{x.shape[-1]}: set teacher.input_size={self.fixed[0]}")
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.forward(x)
             return logits.float()
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) a model accepts exclusively (ViT-style strict patch embedding, or timm's fixed_input_size), else None."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        strict = getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_pad", False)
+        return tuple(int(v) for v in embed.img_size) if strict else None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        return tuple(int(v) for v in cfg["input_size"][-2:])
+    return None
 
 
 def load_runner(teacher_cfg, num_classes: int, device, *, required: bool) -> TeacherRunner | None:

@@ -32,6 +32,7 @@ from pipeline.train.tasks import ClassificationTask, DistillationTask, ValTeache
 log = logging.getLogger("pipeline")
 
 STUDENT, STUDENT_EMA, METRICS, HISTORY = "student.pt", "student-ema.pt", "metrics.json", "history.json"
+TEACHER_RECORD = "run.json"  # in teacher.train.out_dir: the teacher run's full record
 SOURCES = ("cache", "online")
 TIMING_KEYS = ("img_per_s", "epoch_seconds", "seconds")  # metrics that measure time, not the run
 # The teacher trains on views of run_seed + TEACHER_SEED_OFFSET, never on the exact views (run_seed, s, i) that
@@ -68,7 +69,8 @@ def teacher_augment(cfg: DictConfig):
 
 
 def train_teacher(cfg: DictConfig) -> dict:
-    """Train ``teacher.name`` on the shards; writes ``teacher.checkpoint`` and ``teacher.train.metrics``."""
+    """Train ``teacher.name`` on the shards; writes ``teacher.checkpoint``, ``teacher.train.metrics`` (flat: acc,
+    img_per_s, seconds) and the full record ``<teacher.train.out_dir>/run.json``; returns the record."""
     tcfg, tr = cfg.teacher, cfg.teacher.train
     if not tcfg.checkpoint:
         raise TeacherError("teacher.checkpoint is null: set the path the trained teacher is written to")
@@ -109,7 +111,11 @@ def train_teacher(cfg: DictConfig) -> dict:
             "weights_sha256": weights_sha256(ckpt), "device": str(ctx.device), "world_size": ctx.world_size,
             "torch_threads": torch.get_num_threads(), "recipe": OmegaConf.to_container(tr, resolve=True),
             "history": history}
-        atomic_write_text(Path(tr.metrics), json.dumps(metrics, indent=2) + "\n")
+        # The full record (recipe, provenance, sha256, history) beside the run's state; `teacher.train.metrics`
+        # holds only the numbers dvc metrics / dvc exp show compare.
+        atomic_write_text(Path(tr.out_dir) / TEACHER_RECORD, json.dumps(metrics, indent=2) + "\n")
+        flat = {"acc": last["val_acc"], "img_per_s": metrics["img_per_s"], "seconds": metrics["seconds"]}
+        atomic_write_text(Path(tr.metrics), json.dumps(flat, indent=2) + "\n")
     distributed.barrier()
     return metrics
 

@@ -2,10 +2,8 @@
 the toy pipeline on a bucket, kill -9 and resume, the lease through conditional puts, integrity checks."""
 
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ import timm
 import torch
 
 pytest.importorskip("obstore")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")  # the `s3` fixture (tests/conftest.py)
 
 from pipeline import storage  # noqa: E402
 from pipeline.cache import integrity, lease  # noqa: E402
@@ -26,38 +24,7 @@ from pipeline.errors import CacheError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-BUCKET = "pipeline"
 FIELDS = ("argmax", "digest", "topk_indices", "topk_values", "logsumexp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A real S3 server (moto, threaded, in this process) on a free port; the AWS_* variables point at it (for
-    this process and every stage started from it)."""
-    import boto3
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-    yield f"s3://{BUCKET}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _env(**extra):

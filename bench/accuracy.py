@@ -1,7 +1,12 @@
-"""Accuracy on real data: Fashion-MNIST through the real stage commands, several seeds, mean ± std.
+"""Accuracy through the real stage commands, several seeds, mean ± std: Fashion-MNIST, or the toy demo.
 
     python -m bench.accuracy [--seeds 0 1 2] [--train-limit 10000] [--epochs 8] [--jobs 2]
     python -m bench.accuracy --epochs 9 --variants hard hard-r3 --out bench/out/repeats   # repeats 3 vs 1
+    python -m bench.accuracy --data toy      # the toy `dvc repro` recipe: teacher, none, hard, soft; ~20 min
+
+``--data toy`` runs the defaults of conf/ (what `dvc repro` runs) with one stage at a time on all cores, so
+seed 0 reproduces the toy `dvc repro` metrics exactly on the same machine and thread count. Fashion-MNIST runs
+pass ``bench.common.RECIPE_V1``: the recipe the published study measured.
 
 Per seed r (a whole replicate: run_seed, teacher init, student init all = r; views, order and mixing differ):
 
@@ -30,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import REPO, compose, machine, save_json
+from bench.common import RECIPE_V1, REPO, compose, machine, save_json
 from pipeline.data.shards import load_manifest
 
 OUT = REPO / "bench" / "out" / "accuracy"
@@ -56,9 +61,11 @@ def cycle_points(epochs: int) -> list[tuple[int, str]]:
 def stage_overrides(args, r: int, variant: str | None = None) -> list[str]:
     """The Hydra overrides of seed ``r``'s stages (``variant``: a student run); every path follows from them."""
     out = Path(args.out).resolve()
+    data = (["data=toy", f"data.shards={out}/data/shards/toy"] if args.data == "toy" else
+            ["data=fashion_mnist", f"data.train_limit={args.train_limit}", "teacher=resnet_toy", *RECIPE_V1,
+             f"data.shards={out}/data/shards/fashion_mnist"])
     ov = [
-        "data=fashion_mnist", f"data.train_limit={args.train_limit}", f"data.shards={out}/data/shards/fashion_mnist",
-        f"workdir={out}/seed{r}", f"run_seed={r}", f"num_threads={args.threads}",
+        *data, f"workdir={out}/seed{r}", f"run_seed={r}", f"num_threads={args.threads}",
         f"teacher.train.init_seed={r}", f"teacher.train.epochs={args.teacher_epochs}",
         f"cache.num_seeds={args.epochs}", f"train.epochs={args.epochs}", f"train.init_seed={r}",
         "train.dvclive=false", "train.val=false", *args.override,
@@ -186,7 +193,7 @@ def collect(args) -> dict:
                            for s, v in cycle_points(args.epochs) if v in res["students"]]
     cfg = base[seeds[0]]
     res["meta"] = {
-        "val_samples": load_manifest(Path(cfg.data.shards) / "val").n, "seeds": seeds,
+        "data": args.data, "val_samples": load_manifest(Path(cfg.data.shards) / "val").n, "seeds": seeds,
         "train_limit": args.train_limit,
         "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "teacher": str(cfg.teacher.name),
         "student": f"{cfg.student.name}, patch {cfg.student.patch_size}, "
@@ -204,8 +211,10 @@ def pm(d: dict, pct: bool = True) -> str:
 
 def markdown(res: dict) -> str:
     m = res["meta"]
+    data = ("Toy set (conf/data/toy.yaml: 4096 train images, 25% noisy labels)" if m.get("data") == "toy" else
+            f"Fashion-MNIST, first {m['train_limit']} train images")
     lines = [
-        f"Fashion-MNIST, first {m['train_limit']} train images, {m['val_samples']} test images, 32 px; "
+        f"{data}, {m['val_samples']} test images, 32 px; "
         f"{m['epochs']} student epochs, teacher {m['teacher']} ({m['teacher_epochs']} epochs), "
         f"student {m['student']}; seeds {m['seeds']} (mean ± std over seeds, accuracy in %). "
         f"Machine: {m['machine']}.",
@@ -221,9 +230,10 @@ def markdown(res: dict) -> str:
     lines += ["", "Student runs' time (wall seconds of train_student, mean ± std; the machine may be shared):", "",
               "| student | seconds | img/s |", "|---|---|---|"]
     lines += [f"| {v} | {pm(s['seconds'], False)} | {pm(s['img_per_s'], False)} |" for v, s in res["students"].items()]
-    lines += ["", "Seed cycling (hard, from the cache; epoch e uses cached seed e mod S):", "",
-              "| S cached seeds | average of heads |", "|---|---|"]
-    lines += [f"| {p['S']} | {100 * p['mean']:.2f} ± {100 * p['std']:.2f} |" for p in res["seed_cycling"]]
+    if len(res["seed_cycling"]) > 1:
+        lines += ["", "Seed cycling (hard, from the cache; epoch e uses cached seed e mod S):", "",
+                  "| S cached seeds | average of heads |", "|---|---|"]
+        lines += [f"| {p['S']} | {100 * p['mean']:.2f} ± {100 * p['std']:.2f} |" for p in res["seed_cycling"]]
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +242,10 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    pts = res["seed_cycling"]
+    cycling = len(pts) > 1  # the toy study has no cycling points: one panel
+    fig, axes = plt.subplots(1, 2 if cycling else 1, figsize=(11 if cycling else 5.5, 4), squeeze=False)
+    ax1 = axes[0, 0]
     names = ["teacher"] + [v for v in ("none", "hard", "soft", "hard-online") if v in res["students"]]
     stats = [res["teacher"]["val_acc"]] + [res["students"][v]["student_acc_avg"] for v in names[1:]]
     ax1.bar(names, [100 * s["mean"] for s in stats], yerr=[100 * s["std"] for s in stats], capsize=4,
@@ -242,7 +255,16 @@ def plot(res: dict, path: Path) -> None:
     lo = min(min(s["values"]) for s in stats) * 100
     ax1.set_ylim(max(0, lo - 5), 100)
     ax1.set_ylabel("test accuracy (%)")
-    ax1.set_title("Fashion-MNIST: teacher and student (mean ± std, dots = seeds)")
+    ax1.set_title(f"{'Toy set' if res['meta'].get('data') == 'toy' else 'Fashion-MNIST'}: teacher and student "
+                  "(mean ± std, dots = seeds)")
+    if cycling:
+        plot_cycling(axes[0, 1], res)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cycling(ax2, res: dict) -> None:
     pts = res["seed_cycling"]
     ax2.errorbar([p["S"] for p in pts], [100 * p["mean"] for p in pts], yerr=[100 * p["std"] for p in pts],
                  marker="o", capsize=4)
@@ -257,27 +279,35 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_xlabel("cached augmentation seeds S (student epochs E = %d)" % res["meta"]["epochs"])
     ax2.set_ylabel("student test accuracy (%)")
     ax2.set_title("Seed cycling: how many cached views are enough")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=None, help="default bench/out/accuracy (toy: bench/out/accuracy_toy)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data", choices=["fashion_mnist", "toy"], default="fashion_mnist")
     ap.add_argument("--train-limit", type=int, default=10000, help="first N Fashion-MNIST train images")
-    ap.add_argument("--epochs", type=int, default=8, help="student epochs E (= cached seeds)")
-    ap.add_argument("--teacher-epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="student epochs E (= cached seeds); default 8, toy: conf/train/toy.yaml's")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 8, toy: conf/teacher's")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                    help="default: all, less the cycling points with S >= E")
-    ap.add_argument("--jobs", type=int, default=2, help="stages run side by side")
+                    help="default: all, less the cycling points with S >= E; toy: none hard soft")
+    ap.add_argument("--jobs", type=int, default=None, help="stages run side by side (default 2, toy: 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: 1 if jobs > 1)")
     ap.add_argument("--fresh", action="store_true", help="delete <out> first")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     ap.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for every stage (repeatable), e.g. --set train.batch_size=32")
     args = ap.parse_args(argv)
+    toy = args.data == "toy"
+    if args.epochs is None or args.teacher_epochs is None:
+        cfg = compose([]) if toy else None
+        args.epochs = args.epochs or (int(cfg.train.epochs) if toy else 8)
+        args.teacher_epochs = args.teacher_epochs or (int(cfg.teacher.train.epochs) if toy else 8)
+    if args.jobs is None:
+        args.jobs = 1 if toy else 2
+    if args.variants is None and toy:
+        args.variants = ["none", "hard", "soft"]
     if args.variants is None:
         cycling = {v for _, v in cycle_points(args.epochs)}
         args.variants = [v for v in VARIANTS if (not v.startswith("hard-S") or v in cycling) and v != "hard-r3"]
@@ -285,7 +315,7 @@ def main(argv=None) -> dict:
         ap.error(f"--variants hard-r3 needs --epochs divisible by 3 (got {args.epochs})")
     if args.threads is None:
         args.threads = 1 if args.jobs > 1 else 0
-    out = args.out = Path(args.out).resolve()
+    out = args.out = Path(args.out or (f"{OUT}_toy" if toy else OUT)).resolve()
     if args.fresh and out.exists():
         import shutil
         shutil.rmtree(out)

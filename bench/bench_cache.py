@@ -68,8 +68,8 @@ def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers
     ckpt = work / "teacher.pt"
     torch.manual_seed(0)
     torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), ckpt)
-    base = ["teacher=regnety_toy", f"teacher.checkpoint={ckpt}", f"cache.num_seeds={seeds}",
-            f"cache.num_workers={workers}", "cache.batch_size=128", *overrides]
+    base = ["teacher=regnety_toy", "teacher.kwargs=null", f"teacher.checkpoint={ckpt}",  # the stock regnety_002
+            f"cache.num_seeds={seeds}", f"cache.num_workers={workers}", "cache.batch_size=128", *overrides]
     cfg = config(work, base)
     make_shards.make_shards(cfg)
     loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=cfg.run_seed,

@@ -36,6 +36,7 @@ class DataSchema:
     allow_empty_classes: Optional[bool] = None  # folder: keep a class folder without images (default: refused)
     max_side: Optional[int] = None   # ingest: re-encode images whose longer side exceeds this (None: keep bytes)
     max_side_quality: Optional[int] = None  # JPEG quality of those re-encodes (default 90)
+    train_label_noise: Optional[float] = None  # train split: this fraction of labels replaced by another class
 
 
 @dataclass
@@ -99,6 +100,9 @@ class TeacherSchema:
     bf16: bool = MISSING
     compile: bool = MISSING
     train: TeacherTrainSchema = MISSING
+    kwargs: Optional[dict[str, Any]] = None  # extra timm.create_model kwargs (null: none; `={}` on the command line
+    # merges into the configured dict, so `teacher.kwargs=null` is how an override drops them)
+    kwargs_for: Optional[str] = None  # kwargs apply only while teacher.name is this (null: always)
 
 
 @dataclass
@@ -109,7 +113,7 @@ class StudentSchema:
     drop_path: float = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs; {} = none
+    kwargs: Optional[dict[str, Any]] = None  # extra timm.create_model kwargs (null: none; see TeacherSchema.kwargs)
 
 
 @dataclass
@@ -215,6 +219,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key in FRACTIONS:
         if not 0.0 <= OmegaConf.select(checked, key) <= 1.0:
             raise ConfigError(f"{key}={OmegaConf.select(checked, key)} must be in [0, 1]")
+    noise = checked.data.train_label_noise
+    if noise is not None and not 0.0 <= noise < 1.0:
+        raise ConfigError(f"data.train_label_noise={noise} must be in [0, 1)")
     if (checked.data.max_side_quality or 0) > 100:
         raise ConfigError(f"data.max_side_quality={checked.data.max_side_quality} must be in [1, 100]")
     if checked.distill.tau <= 0:

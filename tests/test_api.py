@@ -39,7 +39,8 @@ def cached(toy_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     torch.manual_seed(0)
     torch.save(timm.create_model("resnet10t", num_classes=toy_shards.num_classes).state_dict(), tmp / "teacher.pt")
-    cfg = make_cfg([f"workdir={tmp}", f"data.shards={toy_shards.root}", f"teacher.checkpoint={tmp / 'teacher.pt'}",
+    cfg = make_cfg(["teacher=resnet_toy", f"workdir={tmp}", f"data.shards={toy_shards.root}",
+                    f"teacher.checkpoint={tmp / 'teacher.pt'}",
                     f"cache.path={tmp / 'cache.zarr'}", f"cache.num_seeds={S}", "cache.topk=10",
                     "cache.store_logits=true", "cache.num_workers=0", "cache.batch_size=64", "num_threads=1"])
     build_cache(cfg)

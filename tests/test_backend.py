@@ -52,7 +52,8 @@ def test_a_cache_remembers_its_backend(toy_shards, tmp_path):
     teacher = tmp_path / "teacher.pt"
     torch.manual_seed(0)
     torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), teacher)
-    common = [f"workdir={tmp_path}", f"data.shards={toy_shards.root}", f"teacher.checkpoint={teacher}",
+    common = ["teacher=resnet_toy", f"workdir={tmp_path}", f"data.shards={toy_shards.root}",
+              f"teacher.checkpoint={teacher}",
               f"cache.path={tmp_path / 'c.zarr'}", "cache.num_seeds=1", "cache.num_workers=0", "cache.batch_size=128",
               "num_threads=1"]
     built = _stage("teacher_cache", *common, "replay.backend=batched", cwd=tmp_path)

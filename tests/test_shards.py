@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.data import shards, sources
 from pipeline.data.shards import load_manifest, verify_shards, write_shards
-from pipeline.errors import ShardError
+from pipeline.errors import ConfigError, ShardError
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -222,6 +222,35 @@ def test_train_limit_is_a_prefix(tmp_path):
     r = _cli("data=fashion_mnist", f"workdir={tmp_path}", "data.train_limit=70000")
     assert r.returncode == 2 and "data.train_limit=70000" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_train_label_noise(tmp_path):
+    """data.train_label_noise: that fraction of train labels moved to another class, the same on every run, a
+    prefix keeps its labels, the images and the val split untouched, the rate in the fingerprint."""
+    cfg = {"name": "toy", "source": "toy", "seed": 0, "train_size": 2000, "val_size": 300, "num_classes": 10}
+    clean, noisy = list(sources.from_config(cfg, "train")), sources.from_config({**cfg, "train_label_noise": 0.25},
+                                                                                 "train")
+    got = list(noisy)
+    assert got == list(sources.from_config({**cfg, "train_label_noise": 0.25}, "train"))  # deterministic
+    assert [(d, e) for d, e, _ in got] == [(d, e) for d, e, _ in clean]  # images unchanged
+    changed = [(a[2], b[2]) for a, b in zip(clean, got) if a[2] != b[2]]
+    assert 0.21 < len(changed) / len(got) < 0.29  # every flip lands on another class (none is a no-op)
+    assert len(Counter(new for _, new in changed)) == 10  # symmetric: flips reach every class
+    part = list(sources.from_config({**cfg, "train_size": 500, "train_label_noise": 0.25}, "train"))
+    assert part == got[:500]
+    assert list(sources.from_config({**cfg, "train_label_noise": 0.25}, "val")) == list(
+        sources.from_config(cfg, "val"))  # accuracy is measured against clean labels
+    assert noisy.source["label_noise"] == 0.25
+    m = write_shards(noisy, tmp_path / "noisy", shard_size=500, num_classes=10, class_names=noisy.class_names,
+                     source=noisy.source)
+    c = sources.from_config(cfg, "train")
+    assert m.fingerprint != write_shards(c, tmp_path / "clean", shard_size=500, num_classes=10,
+                                         class_names=c.class_names, source=c.source).fingerprint
+    with pytest.raises(ConfigError, match=r"data.train_label_noise must be in \[0, 1\), got 1.0"):
+        sources.label_noise(c, 1.0, 0)
+    r = _cli(f"workdir={tmp_path / 'w'}", "data.train_label_noise=1.5")
+    assert r.returncode == 2 and "data.train_label_noise=1.5" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "w" / "data").exists()
 
 
 def test_fashion_mnist_bad_idx(tmp_path):

@@ -25,10 +25,9 @@ from pipeline.train.runs import TEACHER_SEED_OFFSET, teacher_augment
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
-# The trained-teacher test uses its own, larger toy set and resnet10t (conf/teacher/resnet_toy.yaml): on the 512
-# samples of the shared fixture neither model beats chance within a test's budget (measured: resnet10t 0.15 after 8
-# epochs, regnety_002 0.09 after 30: it memorises), and regnety_002 needs ~500 updates on the full toy set before
-# it leaves chance (conf/teacher/regnety_toy.yaml). The loading/error tests below use regnety_002.
+# The trained-teacher test uses its own, larger toy set and resnet10t (conf/teacher/resnet_toy.yaml), the fastest
+# toy teacher to leave chance within a test's budget; the toy RegNetY (conf/teacher/regnety_toy.yaml) is trained
+# for real by the toy pipeline (tests/test_dvc.py). The loading/error tests below use that narrow RegNetY.
 TRAIN_N, VAL_N = 2048, 512
 TRAIN_OVERRIDES = ["teacher=resnet_toy", "teacher.train.epochs=6", "teacher.train.batch_size=32",
                    "teacher.train.num_workers=0", "num_threads=1"]
@@ -40,6 +39,9 @@ def teacher_cfg(**over):
     for k, v in over.items():
         cfg[k] = v
     return cfg
+
+
+KWARGS = dict(teacher_cfg().kwargs)  # the toy RegNetY's configuration (widths, depth, output stride)
 
 
 def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -155,7 +157,7 @@ def test_wrong_architecture_names_checkpoint_model_and_key(tmp_path):
 
 def test_class_count_mismatch_names_both_counts(tmp_path):
     path = tmp_path / "five.pt"
-    torch.save({"model": timm.create_model("regnety_002", num_classes=5).state_dict(), "epoch": 3}, path)
+    torch.save({"model": timm.create_model("regnety_002", num_classes=5, **KWARGS).state_dict(), "epoch": 3}, path)
     with pytest.raises(TeacherError) as err:
         create_teacher(teacher_cfg(checkpoint=str(path)), 10)
     msg = str(err.value)
@@ -164,12 +166,58 @@ def test_class_count_mismatch_names_both_counts(tmp_path):
 
 
 def test_wrapped_and_prefixed_state_dicts_load(tmp_path):
-    src = timm.create_model("regnety_002", num_classes=10)
+    src = timm.create_model("regnety_002", num_classes=10, **KWARGS)
     path = tmp_path / "wrapped.pt"
     torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 1}, path)
     model = create_teacher(teacher_cfg(checkpoint=str(path)), 10)
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_kwargs_configure_the_architecture_and_enter_provenance(tmp_path):
+    torch.manual_seed(0)
+    narrow = create_teacher(teacher_cfg(), 10, load=False)
+    torch.manual_seed(0)
+    plain = timm.create_model("regnety_002", num_classes=10, **KWARGS)
+    assert narrow.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in narrow.state_dict().items())
+    stock = create_teacher(teacher_cfg(kwargs={}), 10, load=False)
+    n = sum(p.numel() for p in narrow.parameters())
+    assert n < 300_000 < sum(p.numel() for p in stock.parameters())  # ~0.2M vs regnety_002's ~2.8M
+    with torch.inference_mode():  # output_stride 8: a 32 px view keeps a 4x4 feature map
+        assert narrow.eval().forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
+    assert teacher_provenance(teacher_cfg(), narrow, 10)["kwargs"] == KWARGS
+    assert "kwargs" not in teacher_provenance(teacher_cfg(kwargs={}), stock, 10)  # stores from before kwargs match
+
+    # weights of the stock architecture do not load into the configured one, and the error says which
+    path = tmp_path / "stock.pt"
+    torch.save(stock.state_dict(), path)
+    with pytest.raises(TeacherError, match=str(path)):
+        create_teacher(teacher_cfg(checkpoint=str(path)), 10)
+
+
+def test_kwargs_only_configure_the_model_they_are_for():
+    """teacher.name=<another model> on the toy config gets none of the RegNetY's kwargs (teacher.kwargs_for)."""
+    other = teacher_cfg(name="resnet10t")
+    assert create_teacher(other, 10, load=False).default_cfg["architecture"] == "resnet10t"
+    assert "kwargs" not in teacher_provenance(other, create_teacher(other, 10, load=False), 10)
+
+
+def test_kwargs_null_override_gives_the_stock_model():
+    """On the command line `teacher.kwargs={}` merges into the configured dict (Hydra); `teacher.kwargs=null` is the
+    override that drops them, and it passes the config schema."""
+    from bench.common import compose
+    from pipeline.config import validate
+
+    assert dict(validate(compose(["teacher.kwargs={}"])).teacher.kwargs) == KWARGS
+    cfg = validate(compose(["teacher.kwargs=null"]))
+    stock = create_teacher(cfg.teacher, 10, load=False)
+    assert stock.stem.conv.out_channels == 32 and "kwargs" not in teacher_provenance(cfg.teacher, stock, 10)
+
+
+def test_unknown_kwarg_names_the_teacher_and_the_key():
+    with pytest.raises(TeacherError, match=r"regnety_002.*not_a_regnet_arg"):
+        create_teacher(teacher_cfg(kwargs={"not_a_regnet_arg": 3}), 10, load=False)
 
 
 def test_not_a_checkpoint(tmp_path):

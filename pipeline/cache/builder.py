@@ -11,14 +11,12 @@ The teacher never waits on Zarr: finished chunks go to a writer thread.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from pipeline import distributed, storage
 from pipeline.cache import lease
@@ -28,6 +26,7 @@ from pipeline.config import augment_config, split_dir
 from pipeline.data.loader import ViewLoader
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.errors import UserError
+from pipeline.logs import progress
 from pipeline.models.teacher import TeacherRunner, create_teacher
 
 
@@ -142,8 +141,8 @@ def build_cache(cfg: DictConfig) -> dict:
     assembler = UnitAssembler(store, manifest, mine, manifest.num_classes)
     views = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(mine), unit="unit", desc=f"teacher cache [rank {ctx.rank}]", file=sys.stderr,
-               dynamic_ncols=True, disable=not ctx.is_main and ctx.world_size > 1)
+    bar = progress(len(mine), unit="unit", desc=f"teacher cache [rank {ctx.rank}]",
+                   disable=not ctx.is_main and ctx.world_size > 1)
     try:
         for batch in loader.units(mine_work):
             logits = runner(batch["image"]).float().cpu().numpy()
@@ -151,7 +150,7 @@ def build_cache(cfg: DictConfig) -> dict:
                                  batch["digest"].numpy().astype(np.uint32))
             views += len(logits)
             bar.update(done)
-            bar.set_postfix(img_s=f"{views / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(img_s=f"{views / (time.perf_counter() - t0):.0f}", refresh=False)
     finally:
         bar.close()
     assembler.close()

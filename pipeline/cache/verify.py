@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from pipeline.cache import lease
 from pipeline.cache.integrity import check_store
@@ -28,6 +27,7 @@ from pipeline.cache.store import CacheStore
 from pipeline.config import augment_config, split_dir
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.errors import TeacherError
+from pipeline.logs import progress
 
 
 def verify_cache(cfg: DictConfig, fraction: float, seed: int = 0) -> dict:
@@ -88,7 +88,9 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
     stored = {u: store.read_unit(*u) for u in chosen}
     views = agree = digest_bad = 0
     max_diff = max_lse = 0.0
-    for batch in tqdm(loader.units(chosen), desc="verify cache", unit="batch", file=sys.stderr):
+    bar = progress(sum(manifest.shards[k].count for _, k in chosen), unit="view", desc="verify cache")
+    for batch in loader.units(chosen):
+        bar.update(len(batch["index"]))
         logits = runner(batch["image"]).float().cpu()
         lse = torch.logsumexp(logits.double(), dim=-1)
         for row, (s, i) in enumerate(zip(batch["seed"].tolist(), batch["index"].tolist())):
@@ -102,6 +104,7 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
                 max_diff = max(max_diff, float(diff.max()))
                 max_lse = max(max_lse, abs(float(lse[row]) - float(rows["logsumexp"][pos])))
             views += 1
+    bar.close()
     tol = float(cfg.cache.tolerance)
     return {"units_checked": len(chosen), "views_checked": views, "argmax_agreement": agree / max(views, 1),
             "max_topk_diff": max_diff, "max_logsumexp_diff": max_lse, "digest_mismatches": digest_bad,

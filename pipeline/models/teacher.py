@@ -32,6 +32,7 @@ def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Mo
     be replaced. `name` is any timm model name, also `hf-hub:<id>` or `local-dir:<folder>` (with pretrained).
     With `load` and neither weights source, the random init is seeded (teacher.train.init_seed), so that an
     untrained teacher is the same model in every process (resume, verify_cache, online = cache).
+    `teacher_cfg.kwargs` are extra timm.create_model kwargs (e.g. a RegNet's `w0`, `depth`, `output_stride`).
     """
     name = str(teacher_cfg.name)
     checkpoint = teacher_cfg.get("checkpoint") if load else None
@@ -41,14 +42,22 @@ def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Mo
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = timm.create_model(name, pretrained=pretrained, num_classes=int(num_classes))
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:  # unknown name / source / local-dir folder
+            model = timm.create_model(name, pretrained=pretrained, num_classes=int(num_classes),
+                                      **teacher_kwargs(teacher_cfg))
+    except (RuntimeError, ValueError, FileNotFoundError, TypeError) as exc:  # unknown name, source, folder or kwarg
         raise TeacherError(f"teacher.name={name!r}: {exc}") from exc
     if checkpoint:
         load_checkpoint(model, checkpoint, name=name, num_classes=int(num_classes))
     elif pretrained and load:
         _check_pretrained(model, teacher_cfg, int(num_classes))
     return model.eval()
+
+
+def teacher_kwargs(teacher_cfg) -> dict:
+    """The extra timm.create_model kwargs of this teacher: ``teacher.kwargs``, unless ``teacher.kwargs_for`` names
+    another model (``teacher.name=<any timm model>`` on the toy config must not inherit the toy RegNetY's widths)."""
+    kwargs, target = dict(teacher_cfg.get("kwargs") or {}), teacher_cfg.get("kwargs_for")
+    return kwargs if target is None or str(target) == str(teacher_cfg.name) else {}
 
 
 def _get(cfg, *keys):
@@ -169,9 +178,13 @@ def teacher_provenance(teacher_cfg, model: nn.Module, num_classes: int, image_si
     configured and present, else that of the model's state dict (hub weights)."""
     ckpt = teacher_cfg.get("checkpoint")
     sha = weights_sha256(ckpt) if ckpt and Path(ckpt).is_file() else weights_sha256(model)
-    return {"name": str(teacher_cfg.name), "weights_sha256": sha, "num_classes": int(num_classes),
-            "resolution": teacher_resolution(teacher_cfg, image_size),
-            "mean": [float(v) for v in teacher_cfg.mean], "std": [float(v) for v in teacher_cfg.std]}
+    out = {"name": str(teacher_cfg.name), "weights_sha256": sha, "num_classes": int(num_classes),
+           "resolution": teacher_resolution(teacher_cfg, image_size),
+           "mean": [float(v) for v in teacher_cfg.mean], "std": [float(v) for v in teacher_cfg.std]}
+    kwargs = teacher_kwargs(teacher_cfg)
+    if kwargs:  # only when set: stores built before teacher.kwargs existed keep their provenance (resume)
+        out["kwargs"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items()}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ inference

@@ -163,7 +163,8 @@ def train_one_epoch(net, model, task, batches, optimizer, scheduler, ema, steps:
                                "loss": loss_value, "parts": out["parts"], "rank": ctx.rank})
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{sums['n'] * ctx.world_size / max(time.time() - t0, 1e-9):.0f}")
+                            img_s=f"{sums['n'] * ctx.world_size / max(time.time() - t0, 1e-9):.0f}",
+                            refresh=False)  # refresh=True would print every step, past the bar's mininterval
     finally:
         batches.close()
         bar.close()

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Issue 14's GPU checks as one prepared command, for a session that is lent a GPU box (the `device` tool: a
+# bare machine with Python 3.12, torch and timm but none of our other dependencies, no network, ~15 min in all).
+#
+#   bench/gpu_session.sh wheels     # here, with network: our dependencies as py3.12 wheels in .whl/ (~20 MB),
+#                                   # the versions this venv runs (.whl/ is git-ignored: carry it)
+#   bench/gpu_session.sh run        # there: install .whl/ into /tmp/site, then three phases, each under its own
+#                                   # timeout so one that breaks leaves the others their time; logs in $OUT
+#
+# Phases of `run` (9.5 min at most, within one device call: `run` with timeout_s=600):
+#   1. the CUDA tests (tests/test_batched.py::TestCuda: nvJPEG decode, per-op pixels vs the CPU path, digests,
+#      teacher agreement);
+#   2. every stage once for real on CUDA: make_shards, train_teacher (torch.compile), teacher_cache (bf16,
+#      channels_last), train_student under torchrun with one NCCL rank (torch.compile, batched backend allowed),
+#      evaluate; the toy set, so the stages run end to end in seconds;
+#   3. `python -m bench.gpu` (224 px, bf16, batch 256): $OUT/gpu.json and the table.
+# A dry run of the whole flow on CPU: `SMOKE=1 OUT=/tmp/gs bench/gpu_session.sh run` (tiny sizes, no numbers).
+set -uo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
+WHEELS=(webdataset braceexpand zarr donfig numcodecs google-crc32c hydra-core omegaconf simplejpeg timm)
+
+wheels() {
+  local venv_py="${PY:-.venv/bin/python}" specs=() name version
+  for name in "${WHEELS[@]}"; do
+    version=$("$venv_py" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
+    [[ -n "$version" ]] || { echo "gpu_session: $name is not installed in $venv_py" >&2; exit 2; }
+    specs+=("$name==$version")
+  done
+  mkdir -p .whl
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${specs[@]}" || exit 2
+  # hydra's grammar runtime is published as a source archive only: build its (pure Python) wheel here
+  version=$("$venv_py" -m pip show antlr4-python3-runtime | sed -n 's/^Version: //p')
+  "$venv_py" -m pip wheel -q --no-deps -w .whl "antlr4-python3-runtime==$version" || exit 2
+  ls -la .whl && du -sh .whl
+}
+
+phase() {  # phase <name> <seconds> <command...>: logged to $OUT/<name>.log, status kept, the run goes on
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit} s) ===" | tee -a "$OUT/summary.txt"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s ===" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$OUT/$name.log"
+}
+
+stages() {  # phase 2: each stage once on the device, the toy set
+  local py="$1" dev="$2" w="$3"; shift 3
+  local data=("workdir=$w" "data.train_size=${TRAIN_N:-2048}" "data.val_size=512")
+  set -e
+  "$py" -m pipeline.make_shards "${data[@]}"
+  "$py" -m pipeline.train_teacher "${data[@]}" "teacher.train.epochs=2" "teacher.train.device=$dev" \
+    "teacher.train.compile=$COMPILE" "teacher.train.dvclive=false" "$@"
+  "$py" -m pipeline.teacher_cache "${data[@]}" "cache.num_seeds=2" "cache.device=$dev" "teacher.compile=$COMPILE" "$@"
+  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m pipeline.train_student "${data[@]}" \
+    "cache.num_seeds=2" "train.epochs=2" "train.device=$dev" "train.compile=$COMPILE" "train.dvclive=false" \
+    "replay.backend=batched" "replay.allow_backend_mismatch=true" "$@"
+  "$py" -m pipeline.evaluate "${data[@]}" "cache.num_seeds=2" "train.epochs=2" "$@"
+  cat "$w"/metrics/*.json
+}
+
+run() {
+  OUT="${OUT:?set OUT to the folder for logs}"
+  mkdir -p "$OUT"
+  local py="${PY:-python3}"
+  # the wheels are for the device's Python 3.12 (a dry run elsewhere uses its own environment)
+  if compgen -G ".whl/*.whl" > /dev/null && "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 2
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
+  local dev=cuda bench=() tests=(tests/test_batched.py -k Cuda)
+  COMPILE=true
+  if [[ -n "${SMOKE:-}" ]]; then  # the flow on CPU: CUDA tests skip, stages on CPU without compile, bench smoke
+    dev=cpu COMPILE=false TRAIN_N=256 bench=(--smoke --device cpu --students deit_tiny --workers 1 --batch 16 --steps 2 --warmup 1)
+  fi
+  export COMPILE TRAIN_N="${TRAIN_N:-2048}"
+  { date; nvidia-smi 2>&1 | head -15; "$py" -c "import torch, timm, zarr; print('torch', torch.__version__, 'cuda',
+torch.version.cuda, torch.cuda.is_available(), 'timm', timm.__version__, 'zarr', zarr.__version__)"; nproc; } \
+    | tee "$OUT/summary.txt"
+  phase cuda_tests 100 "$py" -m pytest -q -x -p no:cacheprovider "${tests[@]}"
+  phase stages 170 bash "$SELF" stages "$py" "$dev" "$(mktemp -d)"
+  phase bench_gpu 290 "$py" -m bench.gpu --out "$OUT/gpu.json" "${bench[@]}"
+}
+
+case "${1:-}" in
+  wheels) wheels ;;
+  run) run ;;
+  stages) shift; stages "$@" ;;  # phase 2 alone (run calls it under its timeout)
+  *) sed -n '2,18p' "$SELF"; exit 2 ;;
+esac

@@ -193,7 +193,9 @@ def collect(args) -> dict:
                            for s, v in cycle_points(args.epochs) if v in res["students"]]
     cfg = base[seeds[0]]
     res["meta"] = {
-        "data": args.data, "val_samples": load_manifest(Path(cfg.data.shards) / "val").n, "seeds": seeds,
+        "data": args.data, "train_samples": load_manifest(Path(cfg.data.shards) / "train").n,
+        "train_label_noise": cfg.data.get("train_label_noise"),
+        "val_samples": load_manifest(Path(cfg.data.shards) / "val").n, "seeds": seeds,
         "train_limit": args.train_limit,
         "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "teacher": str(cfg.teacher.name),
         "student": f"{cfg.student.name}, patch {cfg.student.patch_size}, "
@@ -211,8 +213,8 @@ def pm(d: dict, pct: bool = True) -> str:
 
 def markdown(res: dict) -> str:
     m = res["meta"]
-    data = ("Toy set (conf/data/toy.yaml: 4096 train images, 25% noisy labels)" if m.get("data") == "toy" else
-            f"Fashion-MNIST, first {m['train_limit']} train images")
+    data = (f"Toy set ({m['train_samples']} train images, {m['train_label_noise'] or 0:.0%} of their labels noisy)"
+            if m.get("data") == "toy" else f"Fashion-MNIST, first {m['train_limit']} train images")
     lines = [
         f"{data}, {m['val_samples']} test images, 32 px; "
         f"{m['epochs']} student epochs, teacher {m['teacher']} ({m['teacher_epochs']} epochs), "
@@ -300,14 +302,12 @@ def main(argv=None) -> dict:
                     help="extra Hydra override for every stage (repeatable), e.g. --set train.batch_size=32")
     args = ap.parse_args(argv)
     toy = args.data == "toy"
-    if args.epochs is None or args.teacher_epochs is None:
-        cfg = compose([]) if toy else None
-        args.epochs = args.epochs or (int(cfg.train.epochs) if toy else 8)
-        args.teacher_epochs = args.teacher_epochs or (int(cfg.teacher.train.epochs) if toy else 8)
-    if args.jobs is None:
-        args.jobs = 1 if toy else 2
-    if args.variants is None and toy:
-        args.variants = ["none", "hard", "soft"]
+    conf = compose([]) if toy else None  # toy: the defaults of conf/ (what `dvc repro` runs), one stage at a time
+    defaults = ({"epochs": int(conf.train.epochs), "teacher_epochs": int(conf.teacher.train.epochs), "jobs": 1,
+                 "variants": ["none", "hard", "soft"]} if toy else {"epochs": 8, "teacher_epochs": 8, "jobs": 2})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.variants is None:
         cycling = {v for _, v in cycle_points(args.epochs)}
         args.variants = [v for v in VARIANTS if (not v.startswith("hard-S") or v in cycling) and v != "hard-r3"]

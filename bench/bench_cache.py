@@ -68,7 +68,7 @@ def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers
     ckpt = work / "teacher.pt"
     torch.manual_seed(0)
     torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), ckpt)
-    base = ["teacher=regnety_toy", "teacher.kwargs=null", f"teacher.checkpoint={ckpt}",  # the stock regnety_002
+    base = ["teacher=regnety_002", f"teacher.checkpoint={ckpt}",
             f"cache.num_seeds={seeds}", f"cache.num_workers={workers}", "cache.batch_size=128", *overrides]
     cfg = config(work, base)
     make_shards.make_shards(cfg)

@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     for split, n in (("train", n_train), ("val", 64)):
         src = sources.toy(0, n, split)
         write_split(root, split, list(src), 64, len(src.class_names))
-    base = [*common, *RECIPE_V1, "teacher=regnety_toy", "teacher.kwargs=null", "teacher.input_size=64", f"data.shards={root}", f"cache.path={work / 'toy.zarr'}", f"train.batch_size={batch}"]
+    base = [*common, *RECIPE_V1, "teacher=regnety_002", "teacher.input_size=64", f"data.shards={root}", f"cache.path={work / 'toy.zarr'}", f"train.batch_size={batch}"]
     results["settings"]["toy32"] = {
         "student": "deit_tiny_toy (DeiT-Ti width, 4 blocks, patch 8, 32 px)", "teacher": "regnety_002 @ 64 px", "batch": batch,
         "classes": 10, **run_setting("toy32", base, work, args.warmup, MODES)}

@@ -169,7 +169,7 @@ def env(tmp_path_factory):
     torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), teacher)
 
     def cfg(store, *extra):
-        return make_cfg(["teacher=regnety_toy", "teacher.kwargs=null", "augment=deit", f"workdir={tmp}", f"data.shards={tmp / 'data'}",
+        return make_cfg(["teacher=regnety_002", "augment=deit", f"workdir={tmp}", f"data.shards={tmp / 'data'}",
                          f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store}",
                          f"cache.num_seeds={SEEDS}", "cache.batch_size=64", "cache.num_workers=0", "num_threads=1",
                          *extra])

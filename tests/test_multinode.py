@@ -95,7 +95,7 @@ def built(toy_shards, tmp_path_factory):
     torch.save(timm.create_model("regnety_002", num_classes=toy_shards.num_classes).state_dict(), teacher)
 
     def overrides(store: Path, *extra: str) -> list[str]:
-        return ["teacher=regnety_toy", "teacher.kwargs=null", "augment=deit", f"workdir={tmp}", f"data.shards={toy_shards.root}",
+        return ["teacher=regnety_002", "augment=deit", f"workdir={tmp}", f"data.shards={toy_shards.root}",
                 f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store}", "cache.num_seeds=2",
                 "cache.topk=5", "cache.batch_size=64", "cache.num_workers=0", "num_threads=1", *extra]
 

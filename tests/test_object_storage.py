@@ -47,7 +47,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def cache_overrides(shards, teacher_ckpt, store, workdir, *extra):
-    return ["teacher=regnety_toy", "teacher.kwargs=null", "augment=deit", f"workdir={workdir}", f"data.shards={shards}",
+    return ["teacher=regnety_002", "augment=deit", f"workdir={workdir}", f"data.shards={shards}",
             f"teacher.checkpoint={teacher_ckpt}", f"cache.path={store}", "cache.num_seeds=2", "cache.batch_size=64",
             "cache.num_workers=0", "teacher.input_size=32", "num_threads=1", *extra]
 

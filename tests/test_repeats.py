@@ -194,7 +194,7 @@ def test_student_epoch_with_repeats_reads_cached_rows_of_each_seed(data, monkeyp
     store_path = data / "cache.zarr"
 
     def overrides(*extra):
-        return ["teacher=regnety_toy", "teacher.kwargs=null", f"workdir={data}", f"data.shards={data / 'data'}",
+        return ["teacher=regnety_002", f"workdir={data}", f"data.shards={data / 'data'}",
                 f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store_path}",
                 "cache.num_seeds=3", "cache.topk=5", "cache.batch_size=64", "cache.num_workers=0", "num_threads=1",
                 "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0", "train.num_workers=0",

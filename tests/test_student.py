@@ -81,7 +81,7 @@ def env(toy_shards, tmp_path_factory):
 
 def _overrides_for(e, *fixed):
     def overrides(out, *extra):
-        return ["teacher=regnety_toy", "teacher.kwargs=null", f"workdir={e.tmp}", f"data.shards={e.shards}", f"teacher.checkpoint={e.teacher}",
+        return ["teacher=regnety_002", f"workdir={e.tmp}", f"data.shards={e.shards}", f"teacher.checkpoint={e.teacher}",
                 "teacher.input_size=32", f"cache.path={e.cache}", "cache.num_seeds=2", "cache.topk=5",
                 "cache.batch_size=128", "cache.num_workers=0", "train.epochs=1", "train.batch_size=64",
                 "train.lr=0.008", "train.warmup_epochs=0", "train.num_workers=0", "++student.kwargs.depth=2", "student.patch_size=4",

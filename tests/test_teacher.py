@@ -213,6 +213,8 @@ def test_kwargs_null_override_gives_the_stock_model():
     cfg = validate(compose(["teacher.kwargs=null"]))
     stock = create_teacher(cfg.teacher, 10, load=False)
     assert stock.stem.conv.out_channels == 32 and "kwargs" not in teacher_provenance(cfg.teacher, stock, 10)
+    named = validate(compose(["teacher=regnety_002"])).teacher  # the group that tests and benches name
+    assert OmegaConf.to_container(named, resolve=True) == OmegaConf.to_container(cfg.teacher, resolve=True)
 
 
 def test_unknown_kwarg_names_the_teacher_and_the_key():

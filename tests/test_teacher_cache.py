@@ -48,7 +48,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def overrides(toy_shards, teacher_ckpt, store, *extra):
-    return ["teacher=regnety_toy", "teacher.kwargs=null", "augment=deit", f"workdir={store.parent}", f"data.shards={toy_shards.root}",
+    return ["teacher=regnety_002", "augment=deit", f"workdir={store.parent}", f"data.shards={toy_shards.root}",
             f"teacher.checkpoint={teacher_ckpt}",
             f"cache.path={store}", "cache.num_seeds=2", "cache.batch_size=64", "cache.num_workers=0",
             "teacher.input_size=32", *extra]

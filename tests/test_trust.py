@@ -61,7 +61,7 @@ def env(toy_shards, tmp_path_factory):
     e = SimpleNamespace(tmp=tmp, shards=toy_shards.root, teacher=teacher, toy=toy_shards, ref=tmp / "ref.zarr")
 
     def overrides(store, *extra, shards=None):
-        return ["teacher=regnety_toy", "teacher.kwargs=null", "augment=deit", f"workdir={tmp}", f"data.shards={shards or e.shards}",
+        return ["teacher=regnety_002", "augment=deit", f"workdir={tmp}", f"data.shards={shards or e.shards}",
                 f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store}",
                 f"cache.num_seeds={S}", f"cache.batch_size={BATCH}", "cache.num_workers=0", *extra]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.errors import TeacherError
@@ -56,8 +57,10 @@ def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Mo
 def teacher_kwargs(teacher_cfg) -> dict:
     """The extra timm.create_model kwargs of this teacher: ``teacher.kwargs``, unless ``teacher.kwargs_for`` names
     another model (``teacher.name=<any timm model>`` on the toy config must not inherit the toy RegNetY's widths)."""
-    kwargs, target = dict(teacher_cfg.get("kwargs") or {}), teacher_cfg.get("kwargs_for")
-    return kwargs if target is None or str(target) == str(teacher_cfg.name) else {}
+    kwargs, target = teacher_cfg.get("kwargs") or {}, teacher_cfg.get("kwargs_for")
+    if target is not None and str(target) != str(teacher_cfg.name):
+        return {}
+    return OmegaConf.to_container(kwargs) if isinstance(kwargs, DictConfig) else dict(kwargs)  # plain: for JSON
 
 
 def _get(cfg, *keys):
@@ -183,7 +186,7 @@ def teacher_provenance(teacher_cfg, model: nn.Module, num_classes: int, image_si
            "mean": [float(v) for v in teacher_cfg.mean], "std": [float(v) for v in teacher_cfg.std]}
     kwargs = teacher_kwargs(teacher_cfg)
     if kwargs:  # only when set: stores built before teacher.kwargs existed keep their provenance (resume)
-        out["kwargs"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items()}
+        out["kwargs"] = kwargs
     return out
 
 

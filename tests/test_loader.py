@@ -1,5 +1,6 @@
 """The replay contract under every loader layout: same (run_seed, s, i) -> same view and digest."""
 
+import multiprocessing
 from collections import Counter
 
 import numpy as np
@@ -124,6 +125,7 @@ def test_extras_attached_by_index_and_digest_checked(train_dir, reference):
     with pytest.raises(DigestMismatch, match=r"shard-00003\.tar: key 000197: seed 0"):
         for _ in bad.epoch(0):
             pass
+    assert not multiprocessing.active_children()  # the error stopped its workers, none left to the GC
     # Another seed index replays other views: every stored digest mismatches.
     with pytest.raises(DigestMismatch):
         for _ in loader.epoch(1):

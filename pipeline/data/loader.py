@@ -306,13 +306,14 @@ class ViewLoader:
 
 
 def _shutdown(blocks) -> None:
-    """Stop DataLoader workers now (an error mid-epoch would otherwise leave them to the garbage collector,
-    whose shutdown waits out a 5 s timeout per worker)."""
+    """Stop DataLoader workers now, not when the garbage collector gets to an iterator abandoned mid-epoch.
+
+    Never SIGTERM a worker before this: a worker killed while it holds the shared done-event's lock (workers poll
+    it) leaves the main process blocked forever in `Event.set()` (a CI run hung here). The peaceful shutdown sets
+    the event, sends each worker its stop and terminates only stragglers, after their pids left the SIGCHLD
+    watch."""
     shutdown = getattr(blocks, "_shutdown_workers", None)
     if shutdown is not None:
-        for w in getattr(blocks, "_workers", []):
-            if w.is_alive():
-                w.terminate()
         shutdown()
 
 

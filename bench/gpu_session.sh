@@ -15,6 +15,7 @@
 #      evaluate; the toy set, so the stages run end to end in seconds;
 #   3. `python -m bench.gpu` (224 px, bf16, batch 256): $OUT/gpu.json and the table.
 # A dry run of the whole flow on CPU: `SMOKE=1 OUT=/tmp/gs bench/gpu_session.sh run` (tiny sizes, no numbers).
+# (~1 min here; it also passed on CPU under the device's versions: Python 3.12, torch 2.11.0, torchvision 0.26.0.)
 set -uo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$SELF")/.."
@@ -77,7 +78,8 @@ run() {
   local dev=cuda bench=() tests=(tests/test_batched.py -k Cuda)
   COMPILE=true
   if [[ -n "${SMOKE:-}" ]]; then  # the flow on CPU: CUDA tests skip, stages on CPU without compile, bench smoke
-    dev=cpu COMPILE=false TRAIN_N=256 bench=(--smoke --device cpu --students deit_tiny --workers 1 --batch 16 --steps 2 --warmup 1)
+    dev=cpu COMPILE=false TRAIN_N=256 bench=(--smoke --device cpu --students deit_tiny --workers 1 --batch 4 --steps 1 --warmup 1
+      --teacher regnety_002)  # the stock 200MF RegNetY: regnety_160 at 224 px took 100 s of this dry run on CPU
   fi
   export COMPILE TRAIN_N="${TRAIN_N:-2048}"
   { date; nvidia-smi 2>&1 | head -15; "$py" -c "import torch, timm, zarr; print('torch', torch.__version__, 'cuda',

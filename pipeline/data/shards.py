@@ -356,44 +356,31 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
 def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_names, source, split) -> Manifest:
     shards: list[ShardInfo] = []
     exts: set[str] = set()
-    writer = f = None
-    i = -1
-
-    def close(k: int, first: int, count: int) -> None:
-        writer.close()
-        f.close()
-        name = SHARD_PATTERN.format(k)
+    it, done = iter(samples), 0
+    for first in range(0, n, shard_size):
+        name, count = SHARD_PATTERN.format(first // shard_size), min(shard_size, n - first)
+        # `with` closes the tar before its file on an abort too (left to the GC, Python 3.12 prints a traceback)
+        with open(tmp / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=_MTIME) as writer:
+            for i, (data, ext, label) in zip(range(first, first + count), it):
+                key = key_of(i, width)
+                norm = IMAGE_EXTS.get(str(ext).lower().lstrip("."))
+                if norm is None:
+                    raise ShardError(f"key {key}: unsupported image extension {ext!r} (jpg/jpeg/png/webp/bmp)")
+                if isinstance(label, bool) or not isinstance(label, int) and not hasattr(label, "__index__"):
+                    raise ShardError(f"key {key}: label {label!r} is not an integer")
+                label = int(label)
+                if not 0 <= label < num_classes:
+                    raise ShardError(f"key {key}: label {label} out of range [0, {num_classes})")
+                if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+                    raise ShardError(f"key {key}: image is not non-empty bytes ({type(data).__name__})")
+                exts.add(norm)
+                writer.write({"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")})
+                done = i + 1
+        if done != first + count:
+            raise ShardError(f"{tmp}: the source yielded {done} samples, announced {n}")
         shards.append(ShardInfo(name, first, count, sha256_file(tmp / name)))
-
-    for i, (data, ext, label) in enumerate(samples):
-        if i >= n:
-            raise ShardError(f"{tmp}: the source yields more than the announced {n} samples")
-        key = key_of(i, width)
-        norm = IMAGE_EXTS.get(str(ext).lower().lstrip("."))
-        if norm is None:
-            raise ShardError(f"key {key}: unsupported image extension {ext!r} (jpg/jpeg/png/webp/bmp)")
-        if isinstance(label, bool) or not isinstance(label, int) and not hasattr(label, "__index__"):
-            raise ShardError(f"key {key}: label {label!r} is not an integer")
-        label = int(label)
-        if not 0 <= label < num_classes:
-            raise ShardError(f"key {key}: label {label} out of range [0, {num_classes})")
-        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
-            raise ShardError(f"key {key}: image is not non-empty bytes ({type(data).__name__})")
-        k, pos = divmod(i, shard_size)
-        if pos == 0:
-            if writer is not None:
-                close(k - 1, (k - 1) * shard_size, shard_size)
-            f = open(tmp / SHARD_PATTERN.format(k), "wb")
-            writer = wds.TarWriter(f, encoder=False, mtime=_MTIME)
-        exts.add(norm)
-        writer.write({"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")})
-    if i + 1 != n:
-        if writer is not None:
-            writer.close()
-            f.close()
-        raise ShardError(f"{tmp}: the source yielded {i + 1} samples, announced {n}")
-    last_k = (n - 1) // shard_size
-    close(last_k, last_k * shard_size, n - last_k * shard_size)
+    if next(it, None) is not None:
+        raise ShardError(f"{tmp}: the source yields more than the announced {n} samples")
     m = Manifest(
         split_dir=tmp, split=split, n=n, num_classes=num_classes, class_names=list(class_names), key_width=width,
         shard_size=shard_size, image_exts=sorted(exts), source=dict(source), shards=shards,

@@ -332,6 +332,18 @@ def test_label_out_of_range_at_write(tmp_path):
     assert not any(tmp_path.iterdir())  # temp dir removed, nothing installed
 
 
+def test_source_shorter_or_longer_than_announced(tmp_path):
+    """A source that ends early (mid-shard or on a shard boundary) or runs on is refused; nothing installed."""
+    png = sources.encode_png(np.zeros((4, 4, 3), np.uint8))
+    names = [str(i) for i in range(10)]
+    for got, announced, why in [(5, 6, "yielded 5 samples, announced 6"), (4, 6, "yielded 4 samples, announced 6"),
+                                (7, 6, "yields more than the announced 6")]:
+        with pytest.raises(ShardError, match=why):
+            write_shards(iter([(png, "png", 1)] * got), tmp_path / "train", shard_size=4, num_classes=10,
+                         class_names=names, source={}, n=announced)
+        assert not any(tmp_path.iterdir())  # temp dir removed, nothing installed
+
+
 def test_tampered_label(toy_shards, tmp_path):
     m = _copy_split(toy_shards.val, tmp_path / "val")
     path = _rewrite_shard(m, 1, lambda name, d: (name, b"12") if name == "000070.cls" else (name, d))

@@ -64,8 +64,9 @@ def write_split(root: Path, split: str, samples: list[tuple[bytes, str, int]], s
                         class_names=[f"c{i}" for i in range(classes)], source={"name": "bench"}, split=split)
 
 
-def fill_cache(cfg) -> None:
-    """A store with the run's provenance, random logits and the real digests of every (seed, shard) unit."""
+def fill_cache(cfg, workers: int = 0) -> None:
+    """A store with the run's provenance, random logits and the real digests of every (seed, shard) unit (views
+    replayed by ``workers`` DataLoader workers; 0: in this process)."""
     from pipeline.cache.provenance import library_versions
     from pipeline.cache.store import CacheStore
     from pipeline.data.loader import ViewLoader
@@ -82,12 +83,15 @@ def fill_cache(cfg) -> None:
             "versions": library_versions()}
     store = CacheStore.create(cfg.cache.path, provenance=prov, num_seeds=S, shard_counts=[s.count for s in m.shards],
                               shard_size=m.shard_size, num_classes=C, topk=K, overwrite=True)
-    loader = ViewLoader(train, aug, run_seed=int(cfg.run_seed), batch_size=m.shard_size, num_workers=0)
+    loader = ViewLoader(train, aug, run_seed=int(cfg.run_seed), batch_size=m.shard_size, num_workers=workers)
     rng = np.random.default_rng(0)
     for s in range(S):
-        for k in range(m.num_shards):
-            digests = torch.cat([b["digest"] for b in loader.units([(s, k)])]).numpy().astype(np.uint32)
-            store.write_unit(s, k, rng.normal(0, 2, size=(len(digests), C)).astype(np.float32), digests)
+        digests = np.zeros(m.n, np.uint32)  # by sample index: with workers, blocks of different shards interleave
+        for b in loader.units([(s, k) for k in range(m.num_shards)]):
+            digests[b["index"].numpy()] = b["digest"].numpy().astype(np.uint32)
+        for k, shard in enumerate(m.shards):
+            unit = digests[shard.first:shard.first + shard.count]
+            store.write_unit(s, k, rng.normal(0, 2, size=(len(unit), C)).astype(np.float32), unit)
 
 
 def measure(base: list[str], mode: str, out: Path, warmup: int) -> dict:

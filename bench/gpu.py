@@ -21,10 +21,12 @@ initialised: no hub access).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,7 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
                             "teacher.checkpoint=null", f"cache.path={work / 'stage1.zarr'}", "cache.num_seeds=1",
                             f"cache.batch_size={batch}", f"cache.num_workers={workers}", f"cache.device={device}",
                             f"workdir={work}", "overwrite=true", *extra]))
-    loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=0, batch_size=batch)
+    loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=0, batch_size=batch, num_workers=workers)
     batches = [b["image"] for b in loader.units([(0, k) for k in range(loader.manifest.num_shards)])]
     runner = TeacherRunner(create_teacher(cfg.teacher, 1000), cfg.teacher, torch.device(device))
     runner(batches[0])  # warm-up (and compilation, when asked)
@@ -112,7 +114,9 @@ def main(argv=None) -> dict:
     n_train = args.batch * steps + args.batch
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 1000, size=n_train + 32)
-    jpegs = photo_jpegs(n_train + 32)
+    # a pool of distinct photos, cycled: each costs ~13 ms to make in one process (7k would take most of the GPU
+    # session's bench time), and a repeated photo costs the same to decode and gets its own augmentation draws
+    jpegs = list(itertools.islice(itertools.cycle(photo_jpegs(min(n_train + 32, 1024))), n_train + 32))
     root = work / "photo"
     shard = max(args.batch, 32)
     write_split(root, "train", [(b, "jpg", int(y)) for b, y in zip(jpegs[:n_train], labels)], shard, 1000)
@@ -125,36 +129,62 @@ def main(argv=None) -> dict:
               f"data.shards={root}", "data.num_classes=1000", "data.image_size=224", "data.crop_pct=0.875",
               f"train.batch_size={args.batch}", f"train.device={args.device}", f"cache.path={work / 'cache.zarr'}",
               f"workdir={work}", *extra]
-    fill_cache(compose(common))
+    fill_cache(compose(common), workers=args.workers)
     rows = {"cached, per-sample": ["distill=hard", f"train.num_workers={args.workers}"],
             "cached, batched": ["distill=hard", "replay.backend=batched", "replay.allow_backend_mismatch=true",
                                 f"train.num_workers={args.workers}"],  # random logits: speed only
             "online": ["distill=hard", "distill.source=online", f"train.num_workers={args.workers}"]}
+    failed = []
+
+    def row(key: str, store: dict, fn):
+        """One measurement: a failure is printed with its traceback and recorded, and the other rows still run
+        (a GPU session is one short call); the JSON is rewritten after every row, so a timeout keeps the rest."""
+        try:
+            store[key] = fn()
+        except Exception as e:  # noqa: BLE001 - reported below, and the exit status says so
+            traceback.print_exc()
+            store[key] = None
+            failed.append(f"{key}: {type(e).__name__}: {e}")
+        save_json(Path(args.out), {**res, "failed": failed})
+        return store[key]
+
     for student in args.students:
-        r = {"pure": pure_step_rate(student, args.batch, args.steps, args.warmup, device, extra)}
-        for row, ov in rows.items():
+        r = res["students"][student] = {}
+        row("pure", r, lambda: pure_step_rate(student, args.batch, args.steps, args.warmup, device, extra))
+        for name, ov in rows.items():
             base = [*common, f"student={student}", *ov]
-            r[row] = measure(base, "cache-hard" if "source=online" not in " ".join(ov) else "online-hard",
-                             work / "runs" / student / row.replace(", ", "-"), args.warmup)["img_per_s"]
-            print(f"[{student}] {row}: {r[row]:.0f} img/s (pure {r['pure']:.0f})", file=sys.stderr, flush=True)
-        res["students"][student] = r
-    res["stage_one"] = stage_one(root, work, args.teacher, args.batch, args.workers, args.device, extra)
-    save_json(Path(args.out), res)
+            mode = "online-hard" if "distill.source=online" in ov else "cache-hard"
+            out = work / "runs" / student / name.replace(", ", "-")
+            if row(name, r, lambda: measure(base, mode, out, args.warmup)["img_per_s"]) is not None:
+                print(f"[{student}] {name}: {r[name]:.0f} img/s", file=sys.stderr, flush=True)
+    row("stage_one", res, lambda: stage_one(root, work, args.teacher, args.batch, args.workers, args.device, extra))
     print(table(res))
+    if failed:
+        sys.exit("bench.gpu: " + "; ".join(failed))
     return res
 
 
 def table(res: dict) -> str:
+    """Markdown; a row that failed shows "failed" (its traceback went to stderr)."""
+    def f(x, fmt="{:.0f}"):
+        return "failed" if x is None else fmt.format(x)
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
     lines = [f"{res['machine']}, batch {res['batch']}, {res['workers']} workers", "",
              "| student | pure step | cached, per-sample | cached, batched | online | best cached / pure | "
              "best cached / online |", "|---|---|---|---|---|---|---|"]
     for student, r in res["students"].items():
-        best = max(r["cached, per-sample"], r["cached, batched"])
-        lines.append(f"| {student} | {r['pure']:.0f} | {r['cached, per-sample']:.0f} | {r['cached, batched']:.0f} | "
-                     f"{r['online']:.0f} | {best / r['pure']:.2f} | {best / r['online']:.2f}x |")
-    s = res["stage_one"]
-    lines += ["", f"teacher_cache end to end {s['end_to_end_img_s']:.0f} img/s vs pure teacher forward "
-                  f"{s['pure_forward_img_s']:.0f} img/s: {s['ratio']:.2f}"]
+        cached = [r.get(k) for k in ("cached, per-sample", "cached, batched") if r.get(k) is not None]
+        best = max(cached) if cached else None
+        lines.append(f"| {student} | {f(r.get('pure'))} | {f(r.get('cached, per-sample'))} | "
+                     f"{f(r.get('cached, batched'))} | {f(r.get('online'))} | {f(ratio(best, r.get('pure')), '{:.2f}')} | "
+                     f"{f(ratio(best, r.get('online')), '{:.2f}x')} |")
+    s = res.get("stage_one")
+    lines += [""] + (["teacher_cache: failed"] if s is None else [
+        f"teacher_cache end to end {s['end_to_end_img_s']:.0f} img/s vs pure teacher forward "
+        f"{s['pure_forward_img_s']:.0f} img/s: {s['ratio']:.2f}"])
     return "\n".join(lines)
 
 

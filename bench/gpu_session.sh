@@ -7,7 +7,7 @@
 #   bench/gpu_session.sh run        # there: install .whl/ into /tmp/site, then three phases, each under its own
 #                                   # timeout so one that breaks leaves the others their time; logs in $OUT
 #
-# Phases of `run` (9.5 min at most, within one device call: `run` with timeout_s=600):
+# Phases of `run` (555 s at most for the three, within one device call: `run` with timeout_s=600):
 #   1. the CUDA tests (tests/test_batched.py::TestCuda: nvJPEG decode, per-op pixels vs the CPU path, digests,
 #      teacher agreement);
 #   2. every stage once for real on CUDA: make_shards, train_teacher (torch.compile), teacher_cache (bf16,
@@ -49,19 +49,26 @@ phase() {  # phase <name> <seconds> <command...>: logged to $OUT/<name>.log, sta
   tail -n 25 "$OUT/$name.log"
 }
 
-stages() {  # phase 2: each stage once on the device, the toy set
+stages() {  # phase 2: each stage once on the device, the toy set; each stage's seconds in the log (compile shows)
   local py="$1" dev="$2" w="$3"; shift 3
   local data=("workdir=$w" "data.train_size=${TRAIN_N:-2048}" "data.val_size=512")
   set -e
-  "$py" -m pipeline.make_shards "${data[@]}"
-  "$py" -m pipeline.train_teacher "${data[@]}" "teacher.train.epochs=2" "teacher.train.device=$dev" \
+  step make_shards "$py" -m pipeline.make_shards "${data[@]}"
+  step train_teacher "$py" -m pipeline.train_teacher "${data[@]}" "teacher.train.epochs=2" "teacher.train.device=$dev" \
     "teacher.train.compile=$COMPILE" "teacher.train.dvclive=false" "$@"
-  "$py" -m pipeline.teacher_cache "${data[@]}" "cache.num_seeds=2" "cache.device=$dev" "teacher.compile=$COMPILE" "$@"
-  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m pipeline.train_student "${data[@]}" \
-    "cache.num_seeds=2" "train.epochs=2" "train.device=$dev" "train.compile=$COMPILE" "train.dvclive=false" \
-    "replay.backend=batched" "replay.allow_backend_mismatch=true" "$@"
-  "$py" -m pipeline.evaluate "${data[@]}" "cache.num_seeds=2" "train.epochs=2" "$@"
+  step teacher_cache "$py" -m pipeline.teacher_cache "${data[@]}" "cache.num_seeds=2" "cache.device=$dev" \
+    "teacher.compile=$COMPILE" "$@"
+  step train_student "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m pipeline.train_student \
+    "${data[@]}" "cache.num_seeds=2" "train.epochs=2" "train.device=$dev" "train.compile=$COMPILE" \
+    "train.dvclive=false" "replay.backend=batched" "replay.allow_backend_mismatch=true" "$@"
+  step evaluate "$py" -m pipeline.evaluate "${data[@]}" "cache.num_seeds=2" "train.epochs=2" "$@"
   cat "$w"/metrics/*.json
+}
+
+step() {  # step <name> <command...>: run it, then log its seconds (a failure stops phase 2 under set -e)
+  local name="$1" t0=$SECONDS; shift
+  "$@"
+  echo "--- $name: $((SECONDS - t0)) s"
 }
 
 run() {
@@ -85,9 +92,12 @@ run() {
   { date; nvidia-smi 2>&1 | head -15; "$py" -c "import torch, timm, zarr; print('torch', torch.__version__, 'cuda',
 torch.version.cuda, torch.cuda.is_available(), 'timm', timm.__version__, 'zarr', zarr.__version__)"; nproc; } \
     | tee "$OUT/summary.txt"
-  phase cuda_tests 100 "$py" -m pytest -q -x -p no:cacheprovider "${tests[@]}"
-  phase stages 170 bash "$SELF" stages "$py" "$dev" "$(mktemp -d)"
-  phase bench_gpu 290 "$py" -m bench.gpu --out "$OUT/gpu.json" "${bench[@]}"
+  # one deadline for the three phases (BUDGET s): the stages get what the tests left but BENCH_S, the bench all the
+  # rest, so time that torch.compile does not take in phase 2 goes to phase 3 (bench.gpu saves each row as it goes)
+  local end=$((SECONDS + ${BUDGET:-555})) bench_s=${BENCH_S:-200}
+  phase cuda_tests 90 "$py" -m pytest -q -x -p no:cacheprovider "${tests[@]}"
+  phase stages $((end - SECONDS - bench_s)) bash "$SELF" stages "$py" "$dev" "$(mktemp -d)"
+  phase bench_gpu $((end - SECONDS)) "$py" -m bench.gpu --out "$OUT/gpu.json" "${bench[@]}"
 }
 
 case "${1:-}" in

@@ -4,8 +4,8 @@
 #
 #   bench/gpu_session.sh wheels     # here, with network: our dependencies as py3.12 wheels in .whl/ (~20 MB),
 #                                   # the versions this venv runs (.whl/ is git-ignored: carry it)
-#   bench/gpu_session.sh run        # there: install .whl/ into /tmp/site, then three phases, each under its own
-#                                   # timeout so one that breaks leaves the others their time; logs in $OUT
+#   bench/gpu_session.sh run        # there: install .whl/ into /tmp/site, then three phases under one deadline,
+#                                   # each with its own timeout, so one that breaks leaves the rest; logs in $OUT
 #
 # Phases of `run` (555 s at most for the three, within one device call: `run` with timeout_s=600):
 #   1. the CUDA tests (tests/test_batched.py::TestCuda: nvJPEG decode, per-op pixels vs the CPU path, digests,

@@ -9,7 +9,8 @@
 #
 # Phases of `run` (555 s at most for the three, within one device call: `run` with timeout_s=600):
 #   1. the CUDA tests (tests/test_batched.py::TestCuda: nvJPEG decode, per-op pixels vs the CPU path, digests,
-#      teacher agreement);
+#      teacher agreement; tests/test_cuda_streams.py: the batched render, model_input and the teacher's read-back
+#      do not make the host or the device wait);
 #   2. every stage once for real on CUDA: make_shards, train_teacher (torch.compile), teacher_cache (bf16,
 #      channels_last), train_student under torchrun with one NCCL rank (torch.compile, batched backend allowed),
 #      evaluate; the toy set, so the stages run end to end in seconds;
@@ -82,7 +83,7 @@ run() {
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
-  local dev=cuda bench=() tests=(tests/test_batched.py -k Cuda)
+  local dev=cuda bench=() tests=(tests/test_batched.py tests/test_cuda_streams.py -k Cuda)
   COMPILE=true
   if [[ -n "${SMOKE:-}" ]]; then  # the flow on CPU: CUDA tests skip, stages on CPU without compile, bench smoke
     dev=cpu COMPILE=false TRAIN_N=256 bench=(--smoke --device cpu --students deit_tiny --workers 1 --batch 4 --steps 1 --warmup 1

@@ -143,14 +143,26 @@ def build_cache(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     bar = progress(len(mine), unit="unit", desc=f"teacher cache [rank {ctx.rank}]",
                    disable=not ctx.is_main and ctx.world_size > 1)
+
+    def add(batch: dict, logits: ReadBack) -> None:
+        nonlocal views
+        rows = logits.numpy()
+        bar.update(assembler.add(batch["seed"].numpy(), batch["index"].numpy(), rows,
+                                 batch["digest"].numpy().astype(np.uint32)))
+        views += len(rows)
+        bar.set_postfix(img_s=f"{views / (time.perf_counter() - t0):.0f}", refresh=False)
+
+    # A batch's rows are added once the next batch is queued on the device, so the teacher runs while this
+    # process fetches (and, batched, renders) the next views: the same rows in the same order, one batch later.
+    previous = None
     try:
         for batch in loader.units(mine_work):
-            logits = runner(batch["image"]).float().cpu().numpy()
-            done = assembler.add(batch["seed"].numpy(), batch["index"].numpy(), logits,
-                                 batch["digest"].numpy().astype(np.uint32))
-            views += len(logits)
-            bar.update(done)
-            bar.set_postfix(img_s=f"{views / (time.perf_counter() - t0):.0f}", refresh=False)
+            logits = ReadBack(runner(batch["image"]))
+            if previous is not None:
+                add(*previous)
+            previous = (batch, logits)
+        if previous is not None:
+            add(*previous)
     finally:
         bar.close()
     assembler.close()
@@ -170,6 +182,25 @@ def build_cache(cfg: DictConfig) -> dict:
     if ctx.is_main:
         summary.update(store.bytes_per_view() | {"path": str(path)})
     return summary
+
+
+class ReadBack:
+    """Device logits on their way to the host: on CUDA the copy is queued behind the forward that makes them
+    (into pinned memory, non-blocking) and waited for only in numpy(), so queuing it does not stall the host."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.event = None
+        if logits.is_cuda:
+            self.host = logits.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = logits
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
 
 
 def format_summary(s: dict) -> str:

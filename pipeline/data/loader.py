@@ -134,8 +134,11 @@ def render_blocks(blocks: list[dict], device: torch.device, manifest: Manifest) 
 
 def _render_plans(plans: list[dict], device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
+        # The side stream does not wait for the main one: a render reads only host bytes and numbers, so it runs
+        # while the step queued before it (backward, optimiser) still runs. Only the step that reads the pixels
+        # waits for them (main.wait_stream), and record_stream keeps the caching allocator from handing their
+        # memory to the side stream again before the main stream is done with it.
         side, main = _side_stream(device), torch.cuda.current_stream(device)
-        side.wait_stream(main)
         with torch.cuda.stream(side):
             images = render_plan(merge_plans(plans), device)
         main.wait_stream(side)

@@ -6,6 +6,7 @@ Views are uint8 NCHW at the view size; each model applies its own resize and nor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -204,10 +205,18 @@ def model_input(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[fl
         hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
         if tuple(x.shape[-2:]) != hw:
             x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=False)
-    m = torch.tensor(list(mean), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(list(std), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
     x = x.sub_(m).div_(s)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 [1, C, 1, 1] on `device`, made once: building them per batch is a blocking
+    host-to-device copy, which makes the host wait until the device has run everything queued before it."""
+    with torch.inference_mode(False):  # normal tensors, usable in training steps too
+        return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 class TeacherRunner:

@@ -1,0 +1,78 @@
+"""Where the pipeline means the GPU and the host to overlap, neither waits for the other (CUDA only; skipped
+without a GPU, run by bench/gpu_session.sh).
+
+Each test queues about two seconds of spinning on the main stream (torch.cuda._sleep, standing in for a training
+step or a teacher forward), calls the code under test, and asserts that the main stream is still busy when the
+call returns: the call neither made the host wait for the device nor queued its own work behind the step. Then it
+checks the results once everything has run, so the overlap did not cost correctness.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bench.bench_replay import photo_jpegs
+from pipeline.cache.builder import ReadBack
+from pipeline.data import loader
+from pipeline.models.teacher import model_input
+from pipeline.replay import batched
+from pipeline.replay.params import AugmentConfig
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]  # torchvision 0.29
+
+BUSY_S = 2.0
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def cycles_per_second() -> float:
+    torch.cuda._sleep(10**6)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10**8)
+    torch.cuda.synchronize()
+    return 10**8 / (time.perf_counter() - t0)
+
+
+def _queue_busy_step(cycles_per_second: float) -> None:
+    torch.cuda._sleep(int(BUSY_S * cycles_per_second))
+
+
+def _main_still_busy() -> bool:
+    return not torch.cuda.current_stream().query()
+
+
+class TestCudaStreams:
+    def test_batched_render_runs_beside_the_queued_step(self, cycles_per_second):
+        items = [(i, data, (7 * i) % 1000) for i, data in enumerate(photo_jpegs((500, 375), 32))]
+        plan = batched.plan_block(items, run_seed=0, seed_index=0, cfg=AugmentConfig(image_size=224), num_classes=1000)
+        dev = torch.device("cuda")
+        want = loader._render_plans([plan], dev)  # warm-up: nvJPEG's handles and buffers, the allocator's pools
+        torch.cuda.synchronize()
+        _queue_busy_step(cycles_per_second)
+        t0 = time.perf_counter()
+        got = loader._render_plans([plan], dev)
+        seconds = time.perf_counter() - t0
+        assert _main_still_busy(), f"the render returned after the queued step ended ({seconds:.2f} s): it waited"
+        assert torch.equal(got, want)  # read on the main stream: after the render, whatever the streams did
+
+    def test_model_input_does_not_wait_for_the_device(self, cycles_per_second):
+        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
+        model_input(images, MEAN, STD, device="cuda", channels_last=True)  # warm-up: the constants, made once
+        torch.cuda.synchronize()
+        _queue_busy_step(cycles_per_second)
+        got = model_input(images, MEAN, STD, device="cuda", channels_last=True)
+        assert _main_still_busy(), "model_input made the host wait for the device"
+        want = model_input(images.cpu(), MEAN, STD, device="cpu")
+        torch.testing.assert_close(got.cpu(), want)
+
+    def test_teacher_logits_are_read_back_without_waiting(self, cycles_per_second):
+        _queue_busy_step(cycles_per_second)
+        logits = torch.arange(12, dtype=torch.float32, device="cuda").view(3, 4) * 2  # runs after the busy step
+        pending = ReadBack(logits)
+        assert _main_still_busy(), "queuing the read-back made the host wait for the device"
+        assert pending.numpy().tolist() == [[2.0 * (4 * r + c) for c in range(4)] for r in range(3)]

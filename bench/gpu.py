@@ -11,7 +11,8 @@ Rows (all on ``--device``, bf16 autocast on CUDA, channels_last teacher; img/s f
 - cached, batched: the same with `replay.backend=batched` (workers read bytes and sample params; the training
   process decodes the batch, nvJPEG on CUDA, and renders it with batched tensor ops);
 - online: the same loop with the teacher (regnety_160) in it, per-sample views;
-- stage one: `teacher_cache` end to end against the pure teacher forward on the very same batches.
+- stage one: `teacher_cache` end to end, with each backend, against the pure teacher forward on the very same
+  batches.
 Goals (issue 14): cached end to end >= 0.8x pure DeiT-Ti; cached / online >= 3.4x (DeiT-Ti), >= 2.5x (DeiT-S);
 teacher_cache >= 0.9x pure teacher forward. Writes bench/out/gpu.json and prints a markdown table. The caches
 hold seeded random logits with the real digests (speed does not depend on the values; teachers are randomly
@@ -66,8 +67,10 @@ def pure_step_rate(student: str, batch: int, steps: int, warmup: int, device: to
     return batch / float(np.median(times[warmup:]))
 
 
-def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, device: str, extra=()) -> dict:
-    """teacher_cache end to end against the pure teacher forward on the very batches it sees."""
+def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, device: str, extra=(), *,
+              backend: str = "per_sample", pure: float | None = None) -> dict:
+    """teacher_cache end to end (views rendered by `backend`) against the pure teacher forward on the very batches
+    it sees (measured here unless `pure` is given: the views, hence the forward, are the same for both backends)."""
     from pipeline.cache.builder import build_cache
     from pipeline.config import augment_config, split_dir, validate
     from pipeline.data.loader import ViewLoader
@@ -75,20 +78,23 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
 
     cfg = validate(compose([f"data.shards={root}", "data.num_classes=1000", "data.image_size=224",
                             "data.crop_pct=0.875", "augment=deit", "teacher=regnety_160", f"teacher.name={teacher}",
-                            "teacher.checkpoint=null", f"cache.path={work / 'stage1.zarr'}", "cache.num_seeds=1",
+                            "teacher.checkpoint=null", f"cache.path={work / f'stage1-{backend}.zarr'}",
+                            f"replay.backend={backend}", "cache.num_seeds=1",
                             f"cache.batch_size={batch}", f"cache.num_workers={workers}", f"cache.device={device}",
                             f"workdir={work}", "overwrite=true", *extra]))
-    loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=0, batch_size=batch, num_workers=workers)
-    batches = [b["image"] for b in loader.units([(0, k) for k in range(loader.manifest.num_shards)])]
-    runner = TeacherRunner(create_teacher(cfg.teacher, 1000), cfg.teacher, torch.device(device))
-    runner(batches[0])  # warm-up (and compilation, when asked)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for images in batches:
-        runner(images)
-    sync()
-    pure = sum(len(b) for b in batches) / (time.perf_counter() - t0)
+    if pure is None:
+        loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=0, batch_size=batch,
+                            num_workers=workers)
+        batches = [b["image"] for b in loader.units([(0, k) for k in range(loader.manifest.num_shards)])]
+        runner = TeacherRunner(create_teacher(cfg.teacher, 1000), cfg.teacher, torch.device(device))
+        runner(batches[0])  # warm-up (and compilation, when asked)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for images in batches:
+            runner(images)
+        sync()
+        pure = sum(len(b) for b in batches) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     summary = build_cache(cfg)
     e2e = summary["views_written"] / (time.perf_counter() - t0)
@@ -158,6 +164,9 @@ def main(argv=None) -> dict:
             if row(name, r, lambda: measure(base, mode, out, args.warmup)["img_per_s"]) is not None:
                 print(f"[{student}] {name}: {r[name]:.0f} img/s", file=sys.stderr, flush=True)
     row("stage_one", res, lambda: stage_one(root, work, args.teacher, args.batch, args.workers, args.device, extra))
+    row("stage_one_batched", res, lambda: stage_one(root, work, args.teacher, args.batch, args.workers, args.device,
+                                                    extra, backend="batched",
+                                                    pure=(res["stage_one"] or {}).get("pure_forward_img_s")))
     print(table(res))
     if failed:
         sys.exit("bench.gpu: " + "; ".join(failed))
@@ -181,10 +190,12 @@ def table(res: dict) -> str:
         lines.append(f"| {student} | {f(r.get('pure'))} | {f(r.get('cached, per-sample'))} | "
                      f"{f(r.get('cached, batched'))} | {f(r.get('online'))} | {f(ratio(best, r.get('pure')), '{:.2f}')} | "
                      f"{f(ratio(best, r.get('online')), '{:.2f}x')} |")
-    s = res.get("stage_one")
-    lines += [""] + (["teacher_cache: failed"] if s is None else [
-        f"teacher_cache end to end {s['end_to_end_img_s']:.0f} img/s vs pure teacher forward "
-        f"{s['pure_forward_img_s']:.0f} img/s: {s['ratio']:.2f}"])
+    lines.append("")
+    for key, backend in (("stage_one", "per-sample"), ("stage_one_batched", "batched")):
+        s = res.get(key)
+        lines.append(f"teacher_cache ({backend}): failed" if s is None else
+                     f"teacher_cache ({backend}) end to end {s['end_to_end_img_s']:.0f} img/s vs pure teacher forward "
+                     f"{s['pure_forward_img_s']:.0f} img/s: {s['ratio']:.2f}")
     return "\n".join(lines)
 
 

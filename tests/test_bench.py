@@ -133,9 +133,11 @@ def test_gpu_bench_runs_every_path_on_cpu(tmp_path):
     rows = res["students"]["deit_tiny"]
     assert set(rows) == {"pure", "cached, per-sample", "cached, batched", "online"}
     assert all(v > 0 for v in rows.values())
-    assert res["stage_one"]["views"] > 0 and res["stage_one"]["ratio"] > 0
+    for key in ("stage_one", "stage_one_batched"):  # teacher_cache with each backend, one pure forward for both
+        assert res[key]["views"] > 0 and res[key]["ratio"] > 0
+    assert res["stage_one_batched"]["pure_forward_img_s"] == res["stage_one"]["pure_forward_img_s"]
     assert res["failed"] == []
-    assert "best cached / online" in r.stdout
+    assert "best cached / online" in r.stdout and "teacher_cache (batched) end to end" in r.stdout
 
 
 def test_gpu_bench_keeps_the_rows_that_ran_when_one_fails(tmp_path):
@@ -148,10 +150,10 @@ def test_gpu_bench_keeps_the_rows_that_ran_when_one_fails(tmp_path):
     assert "Traceback (most recent call last)" in r.stderr and "Unknown model (no_such_net)" in r.stderr
     res = json.loads(out.read_text())
     rows = res["students"]["deit_tiny"]
-    assert rows["online"] is None and res["stage_one"] is None
+    assert rows["online"] is None and res["stage_one"] is None and res["stage_one_batched"] is None
     assert all(rows[k] > 0 for k in ("pure", "cached, per-sample", "cached, batched"))
-    assert [f.split(":")[0] for f in res["failed"]] == ["online", "stage_one"]
-    assert "| failed |" in r.stdout and "teacher_cache: failed" in r.stdout
+    assert [f.split(":")[0] for f in res["failed"]] == ["online", "stage_one", "stage_one_batched"]
+    assert "| failed |" in r.stdout and "teacher_cache (per-sample): failed" in r.stdout
 
 
 def _gpu_smoke(out, *args):

@@ -10,7 +10,7 @@
 # Phases of `run` (555 s at most for the three, within one device call: `run` with timeout_s=600):
 #   1. the CUDA tests (tests/test_batched.py::TestCuda: nvJPEG decode, per-op pixels vs the CPU path, digests,
 #      teacher agreement; tests/test_cuda_streams.py: the batched render, model_input and the teacher's read-back
-#      do not make the host or the device wait);
+#      do not make the host or the device wait, and nvJPEG never overwrites memory queued kernels still read);
 #   2. every stage once for real on CUDA: make_shards, train_teacher (torch.compile), teacher_cache (bf16,
 #      channels_last), train_student under torchrun with one NCCL rank (torch.compile, batched backend allowed),
 #      evaluate; the toy set, so the stages run end to end in seconds;

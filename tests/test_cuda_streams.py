@@ -4,7 +4,8 @@ without a GPU, run by bench/gpu_session.sh).
 Each test queues about two seconds of spinning on the main stream (torch.cuda._sleep, standing in for a training
 step or a teacher forward), calls the code under test, and asserts that the main stream is still busy when the
 call returns: the call neither made the host wait for the device nor queued its own work behind the step. Then it
-checks the results once everything has run, so the overlap did not cost correctness.
+checks the results once everything has run, so the overlap did not cost correctness. The last test checks the
+converse: the GPU decode never writes memory that kernels queued on the caller's stream have still to read.
 """
 
 from __future__ import annotations
@@ -76,3 +77,25 @@ class TestCudaStreams:
         pending = ReadBack(logits)
         assert _main_still_busy(), "queuing the read-back made the host wait for the device"
         assert pending.numpy().tolist() == [[2.0 * (4 * r + c) for c in range(4)] for r in range(3)]
+
+    def test_gpu_decode_never_writes_memory_a_queued_kernel_still_reads(self, cycles_per_second):
+        # pytorch/vision#9606: nvJPEG's outputs were blocks just freed on the caller's stream, overwritten before
+        # the kernels queued there had read them. Victims the decoded images' size, freed with their reads queued
+        # behind a busy step, are what the allocator would hand the decoder; their sums must come out exact.
+        jpegs = photo_jpegs((500, 375), 8)
+        codecs = ["jpeg"] * len(jpegs)
+        dev = torch.device("cuda")
+        want = [image.clone() for image in batched.decode_batch(jpegs, codecs, dev)]  # warm-up and reference
+        torch.cuda.synchronize()
+        wrong = []
+        for trial in range(10):
+            victims = [torch.full(tuple(want[0].shape), k + 1, dtype=torch.uint8, device=dev) for k in range(8)]
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(0.3 * cycles_per_second))
+            sums = [v.sum(dtype=torch.int64) for v in victims]  # queued behind the sleep
+            del victims
+            got = batched.decode_batch(jpegs, codecs, dev)
+            torch.cuda.synchronize()
+            wrong += [(trial, k) for k, s in enumerate(sums) if int(s) != (k + 1) * want[0].numel()]
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), f"trial {trial}: decoded pixels changed"
+        assert not wrong, f"the decode overwrote memory that queued kernels still read (trial, victim): {wrong}"

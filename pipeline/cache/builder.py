@@ -160,7 +160,8 @@ def build_cache(cfg: DictConfig) -> dict:
             logits = ReadBack(runner(batch["image"]))
             if previous is not None:
                 add(*previous)
-            previous = (batch, logits)
+            # keep only what add() reads, so the batch's images (on the device, batched) are freed now
+            previous = ({k: batch[k] for k in ("seed", "index", "digest")}, logits)
         if previous is not None:
             add(*previous)
     finally:

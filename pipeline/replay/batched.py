@@ -30,6 +30,7 @@ the per-sample path (`render_reference`) and compares the two backends (`agreeme
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -174,6 +175,29 @@ def render_plan(plans, device="cpu", *, resize: str = "auto", group: str = "auto
 # ------------------------------------------------------------------------------------------------- decode
 
 
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    if device.type != "cuda":
+        return decode_jpeg(encoded, device=device, mode=ImageReadMode.RGB)
+    # torchvision's nvJPEG decoder allocates its outputs on the caller's current stream but writes them from a
+    # private stream that does not wait for the caller's (pytorch/vision#9606; 199/200 corrupted there on an
+    # H100): the caching allocator hands it blocks just freed on the caller's stream that kernels queued there
+    # have still to read -- here, the previous render's intermediates -- and nvJPEG overwrites them. So decode
+    # with a stream current that runs no kernels of its own (its blocks are only ever these outputs), and
+    # record_stream keeps each output from being handed out again before the caller's stream is done with it.
+    caller, decoding = torch.cuda.current_stream(device), _decode_stream(device)
+    with torch.cuda.stream(decoding):
+        images = decode_jpeg(encoded, device=device, mode=ImageReadMode.RGB)
+    caller.wait_stream(decoding)  # torchvision waits for the decode today; this keeps the order if it stops
+    for image in images:
+        image.record_stream(caller)
+    return images
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_stream(device: torch.device):
+    return torch.cuda.Stream(device)
+
+
 def decode_batch(data: list[bytes], codecs: list[str], device: torch.device) -> list[torch.Tensor]:
     """Full-size uint8 CHW RGB images on `device`: all JPEGs in one decode_jpeg call (nvJPEG batch on CUDA)."""
     out: list[torch.Tensor | None] = [None] * len(data)
@@ -181,7 +205,7 @@ def decode_batch(data: list[bytes], codecs: list[str], device: torch.device) -> 
         warnings.simplefilter("ignore", DeprecationWarning)
         jpeg = [i for i, c in enumerate(codecs) if c == "jpeg"]
         if jpeg:
-            decoded = decode_jpeg([_bytes_tensor(data[i]) for i in jpeg], device=device, mode=ImageReadMode.RGB)
+            decoded = _decode_jpegs([_bytes_tensor(data[i]) for i in jpeg], device)
             for i, img in zip(jpeg, decoded):
                 out[i] = img
         for i, c in enumerate(codecs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,18 +49,30 @@ def _main_still_busy() -> bool:
 
 
 class TestCudaStreams:
-    def test_batched_render_runs_beside_the_queued_step(self, cycles_per_second):
+    def test_batched_render_waits_neither_for_the_step_nor_for_its_own_stream(self, cycles_per_second):
+        # render_blocks is what the loader calls for each pool: the render, its per-op numbers and the batch
+        # order all go to the device as queued copies. A blocking copy would make the host wait for the side
+        # stream's queued work (here a second of sleep) or, on the main stream, for the step.
         items = [(i, data, (7 * i) % 1000) for i, data in enumerate(photo_jpegs((500, 375), 32))]
         plan = batched.plan_block(items, run_seed=0, seed_index=0, cfg=AugmentConfig(image_size=224), num_classes=1000)
+        perm = np.random.default_rng(0).permutation(len(items))
         dev = torch.device("cuda")
-        want = loader._render_plans([plan], dev)  # warm-up: nvJPEG's handles and buffers, the allocator's pools
+        want = [loader.collate_plan(plan, 0, perm)]
+        loader.render_blocks(want, dev, manifest=None)  # warm-up: nvJPEG's handles, the allocator's pools
         torch.cuda.synchronize()
+        side = loader._side_stream(dev)
         _queue_busy_step(cycles_per_second)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(int(0.5 * BUSY_S * cycles_per_second))
+        got = [loader.collate_plan(plan, 0, perm)]
         t0 = time.perf_counter()
-        got = loader._render_plans([plan], dev)
+        loader.render_blocks(got, dev, manifest=None)
         seconds = time.perf_counter() - t0
-        assert _main_still_busy(), f"the render returned after the queued step ended ({seconds:.2f} s): it waited"
-        assert torch.equal(got, want)  # read on the main stream: after the render, whatever the streams did
+        assert not side.query(), f"the render waited for its own stream ({seconds:.2f} s): a blocking copy"
+        assert _main_still_busy(), f"the render waited for the queued step ({seconds:.2f} s)"
+        torch.cuda.synchronize()
+        assert torch.equal(got[0]["image"], want[0]["image"])
+        assert torch.equal(want[0]["image"], batched.render_plan(plan, dev)[torch.from_numpy(perm).to(dev)])
 
     def test_model_input_does_not_wait_for_the_device(self, cycles_per_second):
         images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")

@@ -25,6 +25,7 @@ from pipeline.data.images import decode_error, named_decode_errors
 from pipeline.data.shards import Manifest, iter_shard, load_manifest
 from pipeline.replay.batched import merge_plans, plan_block, render_plan
 from pipeline.replay.params import AugmentConfig
+from pipeline.replay.transfer import to_device
 from pipeline.replay.views import block_views, group_views
 
 BACKENDS = ("per_sample", "batched")
@@ -114,8 +115,11 @@ def render_blocks(blocks: list[dict], device: torch.device, manifest: Manifest) 
     if not todo:
         return
     plans = [b.pop("plan") for b in todo]
+    # every block's batch order as one gather over the pool's render (offset by the blocks before it)
+    starts = np.cumsum([0] + [len(b["index"]) for b in todo])
+    order = torch.cat([b.pop("order") + int(start) for b, start in zip(todo, starts)])
     try:
-        images = _render_plans(plans, device)
+        images = _render_plans(plans, device, order)
     except ShardError:
         raise
     except Exception as exc:  # noqa: BLE001 - an image that does not decode: name its shard and key
@@ -125,14 +129,12 @@ def render_blocks(blocks: list[dict], device: torch.device, manifest: Manifest) 
             if named is not None:
                 raise named from exc
         raise
-    start = 0
-    for block in todo:
-        n = len(block["index"])
-        block["image"] = images[start:start + n][block.pop("order").to(device)]
-        start += n
+    for block, start, end in zip(todo, starts, starts[1:]):
+        block["image"] = images[start:end]
 
 
-def _render_plans(plans: list[dict], device: torch.device) -> torch.Tensor:
+def _render_plans(plans: list[dict], device: torch.device, order: torch.Tensor) -> torch.Tensor:
+    """The merged plans rendered on `device`, then gathered into `order`; every copy is queued, none waited for."""
     if device.type == "cuda":
         # The side stream does not wait for the main one: a render reads only host bytes and numbers, so it runs
         # while the step queued before it (backward, optimiser) still runs. Only the step that reads the pixels
@@ -140,11 +142,11 @@ def _render_plans(plans: list[dict], device: torch.device) -> torch.Tensor:
         # memory to the side stream again before the main stream is done with it.
         side, main = _side_stream(device), torch.cuda.current_stream(device)
         with torch.cuda.stream(side):
-            images = render_plan(merge_plans(plans), device)
+            images = render_plan(merge_plans(plans), device)[to_device(order, device)]
         main.wait_stream(side)
         images.record_stream(main)
         return images
-    return render_plan(merge_plans(plans), device)
+    return render_plan(merge_plans(plans), device)[order]
 
 
 _SIDE_STREAMS: dict = {}

@@ -43,6 +43,7 @@ from pipeline.replay.digest import view_digest
 from pipeline.replay.mixing import block_mixes, soft_target
 from pipeline.replay.params import AugmentConfig, eval_params, sample_params
 from pipeline.replay.pixels import erase_fill, open_image
+from pipeline.replay.transfer import to_device
 
 try:  # deprecated in torchvision 0.29 (TorchCodec); pixels.decode has the same guard
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -210,9 +211,9 @@ def decode_batch(data: list[bytes], codecs: list[str], device: torch.device) -> 
                 out[i] = img
         for i, c in enumerate(codecs):
             if c == "png":
-                out[i] = decode_image(_bytes_tensor(data[i]), mode=ImageReadMode.RGB).to(device)
+                out[i] = to_device(decode_image(_bytes_tensor(data[i]), mode=ImageReadMode.RGB), device)
             elif c == "pil":
-                out[i] = pixels.decode(open_image(data[i]))[0].to(device)
+                out[i] = to_device(pixels.decode(open_image(data[i]))[0], device)
     return out
 
 

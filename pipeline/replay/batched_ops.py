@@ -16,6 +16,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.transforms.functional import _get_inverse_affine_matrix
 
 from pipeline.replay.pixels import FILL
+from pipeline.replay.transfer import to_device
 
 
 # ------------------------------------------------------------------------------------------------- flip, colour
@@ -35,7 +36,7 @@ def _apply_rows(x: torch.Tensor, rows: list[int], args: list, fn, batch: bool) -
 
 
 def _positions(rows: list[int], device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return to_device(rows, device, torch.long)
 
 
 def flip(x: torch.Tensor, flags: list[bool], batch: bool = True) -> torch.Tensor:
@@ -60,13 +61,13 @@ def color_jitter(x: torch.Tensor, jitters: list, batch: bool = True) -> torch.Te
 def _per_sample(values, dtype, device) -> torch.Tensor:
     """Per-sample scalars as an [n, 1, 1, 1] tensor (float32 values are rounded from Python floats exactly as
     torch rounds a Python scalar operand)."""
-    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
+    return to_device(values, device, dtype).view(-1, 1, 1, 1)
 
 
 def _scalar(value: float, device) -> torch.Tensor:
     """A float32 divisor as a device tensor: a true division everywhere (CUDA divides by a Python scalar as a
     multiplication by its reciprocal, which can differ from the CPU's division in the last bit)."""
-    return torch.tensor(value, dtype=torch.float32, device=device)
+    return to_device(value, device, torch.float32)
 
 
 def _fma32(acc: torch.Tensor, other: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ def translate(img: torch.Tensor, offsets: list[int], dim: int) -> torch.Tensor:
     """pixels._translate batched: out[..., k] = img[..., k - d] along `dim`, FILL where that is outside.
     One slice copy per sample: whole-pixel shifts need no arithmetic, and slices beat a per-pixel gather."""
     size = img.shape[dim]
-    fill = torch.tensor(FILL, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
+    fill = to_device(FILL, img.device, img.dtype).view(1, -1, 1, 1)
     out = fill.expand_as(img).clone()
     for k, d in enumerate(int(o) for o in offsets):
         if abs(d) < size:
@@ -186,12 +187,12 @@ def shear(img: torch.Tensor, factors: list[float], axis: int) -> torch.Tensor:
 def affine_bilinear(img: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
     """torchvision's _affine_grid + _apply_grid_transform (bilinear, FILL) with one matrix per sample."""
     n, c, h, w = img.shape
-    theta = torch.tensor(matrices, dtype=torch.float32, device=img.device).view(n, 2, 3)
+    theta = to_device(matrices, img.device, torch.float32).view(n, 2, 3)
     grid = _affine_grid(theta, w, h)
     x = torch.cat((img.float(), torch.ones(n, 1, h, w, device=img.device)), dim=1)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     x, mask = torch.tensor_split(x, indices=(-1,), dim=-3)
-    fill = torch.tensor(FILL, dtype=torch.float32, device=img.device).view(1, -1, 1, 1)
+    fill = to_device(FILL, img.device, torch.float32).view(1, -1, 1, 1)
     return x.sub_(fill).mul_(mask.expand_as(x)).add_(fill).round_().to(torch.uint8)
 
 
@@ -206,7 +207,7 @@ def _affine_grid(theta: torch.Tensor, w: int, h: int) -> torch.Tensor:
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=theta.device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=theta.device).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=theta.dtype, device=theta.device))
+    rescaled = theta.transpose(1, 2).div_(to_device([0.5 * w, 0.5 * h], theta.device, theta.dtype))
     return base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
 
 
@@ -272,7 +273,7 @@ def _paste_noise(img: torch.Tensor, boxes_noise: list) -> torch.Tensor:
     for k, ((t, l, h, w, _), noise) in enumerate(boxes_noise):
         canvas[k, :, t:t + h, l:l + w] = noise
         inside[k, :, t:t + h, l:l + w] = True
-    return torch.where(inside.to(img.device), canvas.to(img.device), img)
+    return torch.where(to_device(inside, img.device), to_device(canvas, img.device), img)
 
 
 def mix(x: torch.Tensor, partner: list[int], mixes: list, batch: bool = True) -> torch.Tensor:
@@ -307,7 +308,7 @@ def _cutmix(a: torch.Tensor, b: torch.Tensor, mixes: list) -> torch.Tensor:
 
 def _box_masks(boxes: list, size: int, device) -> torch.Tensor:
     """[n, 1, S, S] True inside each [top, left, h, w] box."""
-    b = torch.tensor(boxes, device=device).view(-1, 4, 1)
+    b = to_device(boxes, device).view(-1, 4, 1)
     ar = torch.arange(size, device=device).view(1, size)
     rows = (ar >= b[:, 0]) & (ar < b[:, 0] + b[:, 2])
     cols = (ar >= b[:, 1]) & (ar < b[:, 1] + b[:, 3])

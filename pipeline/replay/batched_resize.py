@@ -15,6 +15,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from pipeline.replay import pixels
+from pipeline.replay.transfer import to_device
 
 # Working-set cap for one chunk of the exact resize (float64 crops on the device).
 RESIZE_CHUNK_BYTES = 256 * 2**20
@@ -60,7 +61,7 @@ def resize_exact(images, crops, size: int, interpolation: str) -> torch.Tensor:
         rows = _fixed_point_round(canvas.view(n, 3 * hp, wp).bmm(wx.transpose(1, 2)), px)  # [n, 3*hp, S]
         rows = rows.view(n, 3, hp, size).permute(0, 2, 1, 3).reshape(n, hp, 3 * size)
         cols = _fixed_point_round(wy.bmm(rows), py)                                         # [n, S, 3*S]
-        out[torch.tensor(chunk, device=device)] = cols.view(n, size, 3, size).permute(0, 2, 1, 3).to(torch.uint8)
+        out[to_device(chunk, device)] = cols.view(n, size, 3, size).permute(0, 2, 1, 3).to(torch.uint8)
     return out
 
 
@@ -99,15 +100,15 @@ def _dense_weights(in_sizes: list[int], padded: int, out_size: int, interpolatio
     per-sample precision. Built on the device from the compact (first tap, K weights) form."""
     compact = [_int16_weights(n, out_size, interpolation) for n in in_sizes]
     k = max(w.shape[1] for _, w, _ in compact)
-    first = torch.tensor(np.stack([x for x, _, _ in compact]), device=device)
-    weights = torch.tensor(np.stack([np.pad(w, ((0, 0), (0, k - w.shape[1]))) for _, w, _ in compact]),
-                           dtype=torch.float64, device=device)
+    first = to_device(np.stack([x for x, _, _ in compact]), device)
+    weights = to_device(np.stack([np.pad(w, ((0, 0), (0, k - w.shape[1]))) for _, w, _ in compact]), device,
+                        torch.float64)
     taps = (first[:, :, None] + torch.arange(k, device=device)).clamp_(max=padded - 1)
     # Taps past an input's end carry weight 0; scatter_add (not scatter) keeps a clamped duplicate from
     # overwriting a real weight.
     dense = torch.zeros(len(in_sizes), out_size, padded, dtype=torch.float64, device=device)
     dense.scatter_add_(2, taps, weights)
-    precision = torch.tensor([p for _, _, p in compact], dtype=torch.float64, device=device)
+    precision = to_device([p for _, _, p in compact], device, torch.float64)
     return dense, precision
 
 

@@ -112,3 +112,21 @@ class TestCudaStreams:
             wrong += [(trial, k) for k, s in enumerate(sums) if int(s) != (k + 1) * want[0].numel()]
             assert all(torch.equal(g, w) for g, w in zip(got, want)), f"trial {trial}: decoded pixels changed"
         assert not wrong, f"the decode overwrote memory that queued kernels still read (trial, victim): {wrong}"
+
+    def test_a_shuffled_batch_reaches_the_device_without_a_wait(self, cycles_per_second):
+        # The DataLoader pins each block, but cutting a batch from the pool makes new tensors: unless they are
+        # pinned too, copying the batch's views to the GPU waits for every kernel queued before it (the step).
+        g = torch.Generator().manual_seed(0)
+        pool = [{"index": torch.arange(16) + 16 * b, "image": torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8,
+                                                                           generator=g)} for b in range(2)]
+        want = loader._take([dict(b) for b in pool], 24, np.random.default_rng(0))
+        got = loader._take([dict(b) for b in pool], 24, np.random.default_rng(0), pin=True)
+        assert all(v.is_pinned() and torch.equal(v, want[k]) for k, v in got.items())
+        in_order = loader._take([dict(b) for b in pool], 24, None, pin=True)  # stage one's cut: arrival order
+        assert all(v.is_pinned() for v in in_order.values()) and torch.equal(in_order["index"], torch.arange(24))
+        model_input(got["image"], MEAN, STD, device="cuda")  # warm-up: the constants, made once
+        torch.cuda.synchronize()
+        _queue_busy_step(cycles_per_second)
+        x = model_input(got["image"], MEAN, STD, device="cuda")
+        assert _main_still_busy(), "copying a loader batch to the GPU made the host wait for the queued step"
+        torch.testing.assert_close(x.cpu(), model_input(want["image"], MEAN, STD, device="cpu"))

@@ -304,7 +304,7 @@ class ViewLoader:
             if pooled < size:
                 raise RuntimeError(f"loader ran dry: planned {sum(sizes)} samples, got fewer")
             render_blocks(pool, self.device, self.manifest)
-            yield _take(pool, size, rng, distinct)
+            yield _take(pool, size, rng, distinct, pin=self.pin_memory and torch.cuda.is_available())
             pooled -= size
         if next(blocks, None) is not None or pooled:
             raise RuntimeError("loader produced more samples than planned")
@@ -322,18 +322,21 @@ def _shutdown(blocks) -> None:
         shutdown()
 
 
-def _take(pool: list[dict], size: int, rng: np.random.Generator | None, distinct: bool = False) -> dict:
+def _take(pool: list[dict], size: int, rng: np.random.Generator | None, distinct: bool = False,
+          pin: bool = False) -> dict:
     """Cut `size` samples from the pool (random rows when shuffling, else in arrival order).
 
     distinct (repeats): among the random rows, the first copy of each sample goes first, so a batch holds two
-    copies of a sample only when the pool has fewer than `size` distinct samples (the end of an epoch)."""
+    copies of a sample only when the pool has fewer than `size` distinct samples (the end of an epoch).
+    pin: the batch's CPU tensors in pinned memory (the DataLoader pinned the blocks, but a cut is a new tensor):
+    a copy to the GPU from pageable memory would make the host wait for every kernel queued before it."""
     merged = pool[0] if len(pool) == 1 else {k: torch.cat([b[k] for b in pool]) for k in pool[0]}
     n = len(merged["index"])
     if rng is None:  # arrival order: slices (views), no gather copies
         pool.clear()
         if n > size:
             pool.append({k: v[size:] for k, v in merged.items()})
-        return {k: v[:size] for k, v in merged.items()}
+        return {k: _rows(v, slice(0, size), pin) for k, v in merged.items()}
     order = rng.permutation(n)
     if distinct:
         first = np.zeros(n, dtype=bool)
@@ -344,4 +347,15 @@ def _take(pool: list[dict], size: int, rng: np.random.Generator | None, distinct
     pool.clear()
     if len(keep):
         pool.append({k: v[keep] for k, v in merged.items()})
-    return {k: v[take] for k, v in merged.items()}
+    return {k: _rows(v, take, pin) for k, v in merged.items()}
+
+
+def _rows(v: torch.Tensor, rows, pin: bool) -> torch.Tensor:
+    """v[rows] (a slice, or an index tensor); with pin, a CPU result in pinned memory, gathered straight into it."""
+    if not pin or v.is_cuda:
+        return v[rows]
+    if isinstance(rows, slice):
+        out = v[rows]
+        return out if out.is_pinned() else out.pin_memory()
+    out = torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype, pin_memory=True)
+    return torch.index_select(v, 0, rows, out=out)

@@ -78,14 +78,15 @@ class DistillationLoss(nn.Module):
             loss = 0.5 * base + 0.5 * distill
         elif self.mode == "hard":
             self._require(teacher, ("argmax",), " (teacher hard label, from the cache or online)")
-            distill = F.cross_entropy(dist_out, teacher.argmax.to(dist_out.device).long())
+            distill = F.cross_entropy(dist_out, teacher.argmax.to(dist_out.device, non_blocking=True).long())
             loss = (1 - self.alpha) * base + self.alpha * distill
         else:
             self._require(teacher, ("topk_values", "topk_indices", "logsumexp"),
                           " from the cache (cache.topk=0 stores hard labels only)")
             dev = dist_out.device
-            t = TeacherTargets(None, teacher.topk_values.to(dev), teacher.topk_indices.to(dev),
-                               teacher.logsumexp.to(dev))
+            t = TeacherTargets(None, teacher.topk_values.to(dev, non_blocking=True),
+                               teacher.topk_indices.to(dev, non_blocking=True),
+                               teacher.logsumexp.to(dev, non_blocking=True))
             log_p = soft_teacher_log_probs(t, self.num_classes, self.tau)
             log_q = F.log_softmax(dist_out.float() / self.tau, dim=-1)
             # KL(p_teacher^tau || q_student^tau), summed over classes, averaged over the batch ('batchmean'),

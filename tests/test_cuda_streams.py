@@ -22,6 +22,7 @@ from pipeline.data import loader
 from pipeline.models.teacher import model_input
 from pipeline.replay import batched
 from pipeline.replay.params import AugmentConfig
+from pipeline.replay.transfer import cuda_stream
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]  # torchvision 0.29
@@ -60,7 +61,7 @@ class TestCudaStreams:
         want = [loader.collate_plan(plan, 0, perm)]
         loader.render_blocks(want, dev, manifest=None)  # warm-up: nvJPEG's handles, the allocator's pools
         torch.cuda.synchronize()
-        side = loader._side_stream(dev)
+        side = cuda_stream(dev, "render")
         _queue_busy_step(cycles_per_second)
         with torch.cuda.stream(side):
             torch.cuda._sleep(int(0.5 * BUSY_S * cycles_per_second))

@@ -25,7 +25,7 @@ from pipeline.data.images import decode_error, named_decode_errors
 from pipeline.data.shards import Manifest, iter_shard, load_manifest
 from pipeline.replay.batched import merge_plans, plan_block, render_plan
 from pipeline.replay.params import AugmentConfig
-from pipeline.replay.transfer import to_device
+from pipeline.replay.transfer import cuda_stream, to_device
 from pipeline.replay.views import block_views, group_views
 
 BACKENDS = ("per_sample", "batched")
@@ -140,22 +140,13 @@ def _render_plans(plans: list[dict], device: torch.device, order: torch.Tensor) 
         # while the step queued before it (backward, optimiser) still runs. Only the step that reads the pixels
         # waits for them (main.wait_stream), and record_stream keeps the caching allocator from handing their
         # memory to the side stream again before the main stream is done with it.
-        side, main = _side_stream(device), torch.cuda.current_stream(device)
+        side, main = cuda_stream(device, "render"), torch.cuda.current_stream(device)
         with torch.cuda.stream(side):
             images = render_plan(merge_plans(plans), device)[to_device(order, device)]
         main.wait_stream(side)
         images.record_stream(main)
         return images
     return render_plan(merge_plans(plans), device)[order]
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
 
 
 def collate(views: list[dict], seed_index: int) -> dict:
@@ -290,6 +281,7 @@ class ViewLoader:
 
     def _cut(self, blocks, sizes, pool, rng):
         pooled = 0
+        pin = self.pin_memory and torch.cuda.is_available()
         distinct = self.repeats > 1  # repeats: keep a sample's copies in different batches where the pool allows
         # Repeats: the pool holds pool_blocks blocks' worth of distinct samples (r copies each) before every cut.
         # (r = 1 keeps its historical rule, which tops the pool up by pool_blocks - 1 blocks per cut.)
@@ -304,7 +296,7 @@ class ViewLoader:
             if pooled < size:
                 raise RuntimeError(f"loader ran dry: planned {sum(sizes)} samples, got fewer")
             render_blocks(pool, self.device, self.manifest)
-            yield _take(pool, size, rng, distinct, pin=self.pin_memory and torch.cuda.is_available())
+            yield _take(pool, size, rng, distinct, pin)
             pooled -= size
         if next(blocks, None) is not None or pooled:
             raise RuntimeError("loader produced more samples than planned")

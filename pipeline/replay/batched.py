@@ -30,7 +30,6 @@ the per-sample path (`render_reference`) and compares the two backends (`agreeme
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numpy as np
@@ -43,7 +42,7 @@ from pipeline.replay.digest import view_digest
 from pipeline.replay.mixing import block_mixes, soft_target
 from pipeline.replay.params import AugmentConfig, eval_params, sample_params
 from pipeline.replay.pixels import erase_fill, open_image
-from pipeline.replay.transfer import to_device
+from pipeline.replay.transfer import cuda_stream, to_device
 
 try:  # deprecated in torchvision 0.29 (TorchCodec); pixels.decode has the same guard
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -185,18 +184,13 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
     # have still to read -- here, the previous render's intermediates -- and nvJPEG overwrites them. So decode
     # with a stream current that runs no kernels of its own (its blocks are only ever these outputs), and
     # record_stream keeps each output from being handed out again before the caller's stream is done with it.
-    caller, decoding = torch.cuda.current_stream(device), _decode_stream(device)
+    caller, decoding = torch.cuda.current_stream(device), cuda_stream(device, "decode")
     with torch.cuda.stream(decoding):
         images = decode_jpeg(encoded, device=device, mode=ImageReadMode.RGB)
     caller.wait_stream(decoding)  # torchvision waits for the decode today; this keeps the order if it stops
     for image in images:
         image.record_stream(caller)
     return images
-
-
-@functools.lru_cache(maxsize=None)
-def _decode_stream(device: torch.device):
-    return torch.cuda.Stream(device)
 
 
 def decode_batch(data: list[bytes], codecs: list[str], device: torch.device) -> list[torch.Tensor]:

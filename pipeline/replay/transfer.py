@@ -9,15 +9,21 @@ like a kernel, and torch's pinned-memory cache keeps the host buffer until the c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
 def to_device(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.tensor(data, dtype=dtype)`` (a tensor as it is) on `device`; on CUDA queued, never waited for."""
+    """``torch.as_tensor(data, dtype=dtype)`` on `device`; on CUDA queued, never waited for."""
     device = torch.device(device)
-    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    if dtype is not None:
-        t = t.to(dtype)
+    t = torch.as_tensor(data, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    """One CUDA stream per device and purpose ("render", "decode"), made on first use."""
+    return torch.cuda.Stream(device)

@@ -1,0 +1,128 @@
+"""What the code does, read from the code itself, for the recipe card (pipeline.train.recipe_card).
+
+Each probe runs or parses the real function it describes, never a restatement of it: the optimiser is the one
+timm builds from the call in pipeline/train/loop.py (on a meta-device student: no memory, no weights), mixing is
+`block_mixes` on a block, RandAugment's resampling is a rotation rendered by `pixels.apply` compared with both
+filters, the eval rule is the DeiT student's own forward.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+import torch
+import torchvision.transforms.v2.functional as F
+from omegaconf import OmegaConf
+
+
+def call_arguments(module, callee: str) -> tuple[list, dict] | None:
+    """(positional, keyword) arguments of the first call to ``callee`` in ``module``'s source: literals as values,
+    anything else as its source text; None when there is no such call."""
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == callee:
+            return ([_literal(a) for a in node.args],
+                    {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None})
+    return None
+
+
+def _literal(node: ast.AST):
+    return node.value if isinstance(node, ast.Constant) else ast.unparse(node)
+
+
+def optimizer(cfg) -> dict:
+    """The student's optimiser as the loop builds it: {name, type, eps, betas, no_decay (token parameters without
+    weight decay)}."""
+    from timm.optim import create_optimizer_v2
+
+    from pipeline.models.student import create_student
+    from pipeline.train import loop
+
+    found = call_arguments(loop, "create_optimizer_v2")
+    if found is None or len(found[0]) < 2:
+        return {"name": "not found in pipeline/train/loop.py"}
+    name = found[0][1]
+    extra = {k: v for k, v in found[1].items() if k not in ("lr", "weight_decay", "fused") and not isinstance(v, str)}
+    with torch.device("meta"):
+        model = create_student(cfg.student, int(cfg.data.num_classes))
+    opt = create_optimizer_v2(model, name, lr=1.0, weight_decay=float(cfg.train.weight_decay), **extra)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]
+                      if "." not in names[id(p)])
+    return {"name": name, "type": type(opt).__name__, "eps": opt.defaults.get("eps"),
+            "betas": tuple(opt.defaults.get("betas", ())), "no_decay": no_decay}
+
+
+def scheduler() -> dict:
+    """The loop's LR scheduler: {class, per_update} (timm's t_in_epochs=False steps it every update)."""
+    from pipeline.train import loop
+
+    for cls in ("CosineLRScheduler", "StepLRScheduler", "PlateauLRScheduler"):
+        found = call_arguments(loop, cls)
+        if found is not None:
+            return {"class": cls, "per_update": found[1].get("t_in_epochs", True) is False}
+    return {"class": "not found in pipeline/train/loop.py", "per_update": None}
+
+
+def mixing(aug) -> dict:
+    """How `block_mixes` pairs one block: {block, flipped (partner = the block reversed), lambdas (distinct)}."""
+    from pipeline.replay.mixing import block_mixes
+
+    n = int(aug.mix_block)
+    partner, mixes = block_mixes([(i,) for i in range(n)], run_seed=0, seed_index=0, cfg=aug)
+    return {"block": n, "flipped": partner == list(range(n))[::-1],
+            "lambdas": len({m["lam"] for m in mixes if m is not None})}
+
+
+def rand_augment_filter(aug) -> str:
+    """The filter `pixels.apply` rotates with under RandAugment: bilinear, bicubic, or 'other'."""
+    from pipeline.replay import pixels
+
+    size = 48
+    image = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=image)
+    params = {"src": [size, size], "crop": [0, 0, size, size], "flip": False, "ra": [["Rotate", 17.0]],
+              "erase": None}
+    cfg = type(aug)(image_size=size, rand_augment=None, interpolation=aug.interpolation)
+    out = pixels.apply(image, params, cfg)
+    same_size = F.resized_crop(image, 0, 0, size, size, [size, size], interpolation=pixels._interp(aug.interpolation),
+                               antialias=True)
+    for name in ("bilinear", "bicubic"):
+        ref = F.rotate(same_size, 17.0, interpolation=pixels._interp(name), fill=pixels.FILL)
+        if torch.equal(out, ref):
+            return name
+    return "other"
+
+
+def erase_noise() -> str:
+    """The noise `pixels.erase_fill` puts in an erased box."""
+    from pipeline.replay.pixels import erase_fill
+
+    noise = erase_fill(0, (3, 64, 64))
+    if noise.dtype == torch.uint8:
+        return f"per-pixel uniform uint8 noise ({int(noise.min())}..{int(noise.max())})"
+    return f"per-pixel {noise.dtype} noise"
+
+
+def eval_rule(cfg) -> str:
+    """What the DeiT student returns in eval mode: 'average of both heads', 'class head', or 'other'."""
+    from pipeline.models.student import create_student, heads
+
+    tiny = OmegaConf.create({"name": str(cfg.student.name), "img_size": 32, "patch_size": 8, "drop_path": 0.0,
+                             "kwargs": {"depth": 1}})
+    torch.manual_seed(0)
+    model = create_student(tiny, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        cls, dist = heads(model, x)
+    if torch.allclose(out, (cls + dist) / 2, atol=1e-6):
+        return "average of both heads"
+    return "class head" if torch.allclose(out, cls, atol=1e-6) else "other"
+
+
+def pool_blocks() -> int:
+    """Blocks of consecutive samples the loader's shuffle pool holds (pipeline.data.loader.ViewLoader)."""
+    from pipeline.data.loader import ViewLoader
+
+    return int(inspect.signature(ViewLoader).parameters["pool_blocks"].default)

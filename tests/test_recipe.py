@@ -1,5 +1,8 @@
 """DeiT's recipe card and the economics table, on the README's documented ImageNet run.
 
+After the README's run or the recipe changes, `python tests/test_recipe.py --regenerate` rewrites the tables of
+docs/recipe.md and docs/economics.md (between their markers) with the output of the pages' own commands.
+
 The run is read from README.md at test time (its `R="..."` line and the overrides its stage commands add), the
 commands of docs/recipe.md and docs/economics.md run as written, and their output must be the tables the pages
 show. Every row the card marks "same" must equal DeiT's value, every "differs" row must carry a reason; a drift
@@ -23,18 +26,21 @@ from pipeline.train import economics
 from pipeline.train import recipe_card as card
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "### ImageNet (or any folder)"
+SECTION = "ImageNet (or any folder)"
 
 
 def _section_block(text: str, heading: str) -> str:
-    """The first ```bash block after ``heading``."""
-    rest = text[text.index(heading):]
-    return re.search(r"```bash\n(.*?)```", rest, re.S).group(1)
+    """The first ```bash block after the first heading line that contains ``heading``."""
+    start = re.search(rf"^#+ .*{re.escape(heading)}", text, re.M)
+    assert start, f"no heading with {heading!r}"
+    return re.search(r"```bash\n(.*?)```", text[start.start():], re.S).group(1)
 
 
 def _stage_overrides(block: str, stage: str) -> tuple[str | None, list[str]]:
-    """(NPROC, overrides after $R) of the README line that runs ``stage``."""
-    line = next(ln for ln in block.splitlines() if f"stages/launch.sh {stage} $R" in ln)
+    """(NPROC, overrides after $R) of the README line that runs ``stage`` (None, [] without one)."""
+    line = next((ln for ln in block.splitlines() if f"{stage} $R" in ln), None)
+    if line is None:
+        return None, []
     nproc = re.search(r"NPROC=(\d+)", line)
     after = line.split("$R", 1)[1].split("#", 1)[0]
     return (nproc.group(1) if nproc else None), after.split()
@@ -42,6 +48,10 @@ def _stage_overrides(block: str, stage: str) -> tuple[str | None, list[str]]:
 
 @pytest.fixture(scope="module")
 def documented():
+    return documented_run()
+
+
+def documented_run() -> dict:
     """R, the overrides the stage commands add, and NPROC of stage two, from README.md."""
     block = _section_block((REPO / "README.md").read_text(), SECTION)
     r = re.search(r'^R="(.*?)"', block, re.S | re.M).group(1)
@@ -53,7 +63,7 @@ def documented():
 
 
 def _docs_commands(page: str) -> list[str]:
-    return [ln.strip() for ln in _section_block((REPO / page).read_text(), "#").splitlines()
+    return [ln.strip() for ln in _section_block((REPO / page).read_text(), "").splitlines()
             if "python -m pipeline.recipe" in ln]
 
 
@@ -163,3 +173,22 @@ def test_economics_arithmetic():
     a = economics.ANCHORS
     serial = 1 / (1 / a["student_pure"] + 1 / a["teacher"])
     assert abs(serial - a["student_online"]) / a["student_online"] < 0.02
+
+
+GENERATED = re.compile(r"(<!-- generated .*? -->\n).*?(<!-- end generated -->)", re.S)
+
+
+def regenerate() -> None:
+    run = documented_run()
+    for page in ("docs/recipe.md", "docs/economics.md"):
+        text = (REPO / page).read_text()
+        (cmd,) = _docs_commands(page)
+        out = _run(cmd, run["R"], REPO)
+        if out.returncode != 0:
+            raise SystemExit(f"{page}: `{cmd}` failed:\n{out.stderr}")
+        (REPO / page).write_text(GENERATED.sub(lambda m: m.group(1) + out.stdout + "\n" + m.group(2), text))
+        print(f"{page}: table regenerated")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:
+    regenerate()

@@ -82,7 +82,15 @@ class Run:
 
 def world_size(cfg, env=os.environ) -> int:
     """Ranks of the run: NPROC (as stages/launch.sh reads it; else train.nproc, what dvc.yaml passes) x NNODES."""
-    return int(env.get("NPROC") or cfg.train.nproc) * int(env.get("NNODES") or 1)
+    from pipeline.errors import ConfigError
+
+    counts = []
+    for name, value in (("NPROC", env.get("NPROC") or cfg.train.nproc), ("NNODES", env.get("NNODES") or 1)):
+        try:
+            counts.append(int(value))
+        except ValueError:
+            raise ConfigError(f"{name}={value}: not a whole number of processes") from None
+    return counts[0] * counts[1]
 
 
 def _same(a, b) -> bool:

@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.compose import compose
 from pipeline.config import validate
+from pipeline.errors import ConfigError
 from pipeline.train import economics
 from pipeline.train import recipe_card as card
 
@@ -161,6 +162,14 @@ def test_bad_override_is_one_line_exit_2(documented):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "train.lrr" in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+def test_world_size_reads_nproc_and_nnodes_and_refuses_words():
+    cfg = compose()
+    assert card.world_size(cfg, {}) == int(cfg.train.nproc)
+    assert card.world_size(cfg, {"NPROC": "8", "NNODES": "2"}) == 16
+    with pytest.raises(ConfigError, match="NPROC=eight"):
+        card.world_size(cfg, {"NPROC": "eight"})
 
 
 def test_economics_arithmetic():

@@ -75,21 +75,18 @@ def mixing(aug) -> dict:
 
 
 def rand_augment_filter(aug) -> str:
-    """The filter `pixels.apply` rotates with under RandAugment: bilinear, bicubic, or 'other'."""
+    """The filter `pixels.apply` rotates with under RandAugment: bilinear, bicubic, or 'other'. The view is the
+    whole source at its own size, so the crop's resize leaves it as it is (either filter)."""
     from pipeline.replay import pixels
 
     size = 48
-    image = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=image)
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     params = {"src": [size, size], "crop": [0, 0, size, size], "flip": False, "ra": [["Rotate", 17.0]],
               "erase": None}
-    cfg = type(aug)(image_size=size, rand_augment=None, interpolation=aug.interpolation)
-    out = pixels.apply(image, params, cfg)
-    same_size = F.resized_crop(image, 0, 0, size, size, [size, size], interpolation=pixels._interp(aug.interpolation),
-                               antialias=True)
-    for name in ("bilinear", "bicubic"):
-        ref = F.rotate(same_size, 17.0, interpolation=pixels._interp(name), fill=pixels.FILL)
-        if torch.equal(out, ref):
+    out = pixels.apply(image, params, type(aug)(image_size=size, rand_augment=None, interpolation=aug.interpolation))
+    modes = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}
+    for name, mode in modes.items():
+        if torch.equal(out, F.rotate(image, 17.0, interpolation=mode, fill=getattr(pixels, "FILL", None))):
             return name
     return "other"
 

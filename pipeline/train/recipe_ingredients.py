@@ -56,8 +56,10 @@ def _student(run: Run):
 
 
 def _lr(run: Run):
-    base, g = float(run.tr.lr), run.global_batch
-    return f"train.lr={base:g} x {g}/512 = {base * g / 512:g}", (base, base * g / 512)
+    expr, value = probe.student_lr(run.tr, run.global_batch)
+    shown = f"{expr} = {value:g}" if value is not None else expr
+    return (f"train.lr={float(run.tr.lr):g}, global_batch={run.global_batch}: {shown} (pipeline/train/runs.py)",
+            (float(run.tr.lr), value))
 
 
 def _optimizer(run: Run):

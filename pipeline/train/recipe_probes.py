@@ -3,7 +3,7 @@
 Each probe runs or parses the real function it describes, never a restatement of it: the optimiser is the one
 timm builds from the call in pipeline/train/loop.py (on a meta-device student: no memory, no weights), mixing is
 `block_mixes` on a block, RandAugment's resampling is a rotation rendered by `pixels.apply` compared with both
-filters, the eval rule is the DeiT student's own forward.
+filters, the eval rule is the DeiT student's own forward, the learning rate is runs.py's own expression.
 """
 
 from __future__ import annotations
@@ -16,14 +16,38 @@ import torchvision.transforms.v2.functional as F
 from omegaconf import OmegaConf
 
 
-def call_arguments(module, callee: str) -> tuple[list, dict] | None:
-    """(positional, keyword) arguments of the first call to ``callee`` in ``module``'s source: literals as values,
-    anything else as its source text; None when there is no such call."""
+def calls(module, callee: str) -> list[tuple[list, dict]]:
+    """(positional, keyword) arguments of every call to ``callee`` in ``module``'s source, in source order:
+    literals as values, anything else as its source text."""
+    found = []
     for node in ast.walk(ast.parse(inspect.getsource(module))):
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == callee:
-            return ([_literal(a) for a in node.args],
-                    {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None})
-    return None
+            found.append((node.lineno, [_literal(a) for a in node.args],
+                          {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None}))
+    return [(args, kw) for _, args, kw in sorted(found, key=lambda f: f[0])]
+
+
+def call_arguments(module, callee: str) -> tuple[list, dict] | None:
+    """The first call's arguments (see `calls`), or None when there is none."""
+    found = calls(module, callee)
+    return found[0] if found else None
+
+
+def student_lr(train_cfg, global_batch: int) -> tuple[str, float | None]:
+    """(expression, value) of the student's learning rate as pipeline/train/runs.py computes it from train.lr and
+    the global batch: the expression is evaluated on them; (expression or 'not found', None) if it reads more."""
+    from pipeline.train import runs
+
+    student = [args for args, _ in calls(runs, "loop_config") if len(args) > 2 and args[1] == "train"]
+    if not student:
+        return "not found in pipeline/train/runs.py", None
+    expr = student[0][2]
+    try:
+        value = eval(expr, {"__builtins__": {}, "float": float, "int": int},  # our own source; other names raise
+                     {"tr": train_cfg, "global_batch": int(global_batch)})
+    except Exception:  # noqa: BLE001 - an expression over other names: shown, not evaluated
+        return expr, None
+    return expr, float(value)
 
 
 def _literal(node: ast.AST):

@@ -68,8 +68,12 @@ class Run:
         return augment_config(self.cfg)
 
     @cached_property
+    def student(self):
+        return probe.meta_student(self.cfg)
+
+    @cached_property
     def optimizer(self) -> dict:
-        return probe.optimizer(self.cfg)
+        return probe.optimizer(self.cfg, self.student)
 
     @cached_property
     def scheduler(self) -> dict:

@@ -186,6 +186,8 @@ INGREDIENTS: list[Ingredient] = [
     I("warmup lr", "1e-6", 1e-6, "main.py:79", _key("train.warmup_lr")),
     I("min lr", "1e-5", 1e-5, "main.py:81", _key("train.min_lr")),
     I("drop path", "0.1", 0.1, "main.py:46; paper Table 9 (stoch. depth)", _key("student.drop_path")),
+    I("dropout", "0.0", 0.0, "main.py:44; paper Table 9",
+      lambda r: (f"{probe.dropout(r.student)} (largest nn.Dropout p in the student)", probe.dropout(r.student))),
     I("label smoothing", "0.1", 0.1, "main.py:101; paper Table 9", _key("augment.label_smoothing")),
     I("mixup alpha", "0.8", 0.8, "main.py:128; paper Table 9", _key("augment.mixup_alpha")),
     I("cutmix alpha", "1.0", 1.0, "main.py:130; paper Table 9", _key("augment.cutmix_alpha")),

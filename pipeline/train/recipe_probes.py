@@ -54,12 +54,24 @@ def _literal(node: ast.AST):
     return node.value if isinstance(node, ast.Constant) else ast.unparse(node)
 
 
-def optimizer(cfg) -> dict:
-    """The student's optimiser as the loop builds it: {name, type, eps, betas, no_decay (token parameters without
-    weight decay)}."""
+def meta_student(cfg):
+    """The run's student as `create_student` builds it, on the meta device (shapes only: no memory, no init)."""
+    from pipeline.models.student import create_student
+
+    with torch.device("meta"):
+        return create_student(cfg.student, int(cfg.data.num_classes))
+
+
+def dropout(model) -> float:
+    """The largest dropout probability in ``model`` (0.0 without dropout layers)."""
+    return max((float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
+
+
+def optimizer(cfg, model) -> dict:
+    """The student's optimiser as the loop builds it for ``model``: {name, type, eps, betas, no_decay (token
+    parameters without weight decay)}."""
     from timm.optim import create_optimizer_v2
 
-    from pipeline.models.student import create_student
     from pipeline.train import loop
 
     found = call_arguments(loop, "create_optimizer_v2")
@@ -67,8 +79,6 @@ def optimizer(cfg) -> dict:
         return {"name": "not found in pipeline/train/loop.py"}
     name = found[0][1]
     extra = {k: v for k, v in found[1].items() if k not in ("lr", "weight_decay", "fused") and not isinstance(v, str)}
-    with torch.device("meta"):
-        model = create_student(cfg.student, int(cfg.data.num_classes))
     opt = create_optimizer_v2(model, name, lr=1.0, weight_decay=float(cfg.train.weight_decay), **extra)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]

@@ -597,7 +597,9 @@ def test_stage_one_commits_nothing_computed_from_a_tampered_shard(env, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"teacher_cache: error: {shard}: sha256 " in proc.stderr
     assert not np.asarray(zarr.open_array(str(store / "done"), mode="r")[:, 3]).any()
-    assert check_store(CacheStore.open(store))["ok"]  # what was committed (other shards) is intact
+    report = check_store(CacheStore.open(store))
+    assert report["damaged"] == [] and report["array_problems"] == []  # what was committed (other shards) is intact
+    assert not report["ok"] and {"seed": 0, "shard": 3} in report["incomplete"]  # shard 3: not ok, incomplete
 
 
 def test_a_decode_error_names_shard_and_key(toy_shards, tmp_path):
@@ -746,7 +748,8 @@ def test_a_full_disk_while_writing_units_is_named_and_the_rerun_resumes(env, tmp
         build_cache(env.cfg(store, "num_threads=1"))
     monkeypatch.setattr(local, "_put", real)
     report = check_store(CacheStore.open(store))
-    assert report["ok"] and report["units_done"] == 5  # nothing corrupt: the failed unit is simply pending
+    assert report["damaged"] == [] and report["units_done"] == 5  # nothing corrupt: the failed unit is pending
+    assert not report["ok"] and len(report["incomplete"]) == 11
     assert build_cache(env.cfg(store, "num_threads=1"))["units_computed"] == 16 - 5
     assert_same_store(store, env.ref)
 

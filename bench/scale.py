@@ -1,0 +1,353 @@
+"""The cache at ImageNet-1k scale: a synthetic teacher through the real store and commit path.
+
+    python -m bench.scale [--n 1281167] [--seeds 1] [--writers 1 2] [--modes soft hard] [--s3-n 20000]
+                          [--scan-seeds 30] [--verify-fraction 0.05] [--out bench/out/scale.json]
+
+Shape: N samples in shards of 1000, 1000 classes, K=10 (soft) or K=0 (hard-only), S seed indices. Every unit is
+written by ``CacheStore.write_unit`` (top-K selection, codecs, checksum record, commit marker, store-id and lease
+checks) from W writer processes covered by the creating process's writer lease, exactly as stage one's ranks;
+the teacher is a bank of synthetic logits (bench.bench_storage.synthetic_logits), so only the cache is measured.
+Per store (local disk, and a local S3 server: moto, 127.0.0.1, at ``--s3-n`` samples):
+
+- write: views/s per writer and in total, and the share of it spent computing the targets (top-K sort,
+  logsumexp: pipeline.cache.targets) rather than in the store;
+- read: targets/s per reader rank in the student's access pattern (rank r of R reads shards r::R of a seed
+  through pipeline.cache.reader.CacheTargets: commit marker, crc32c codec, tagged checksum record of the mode's
+  fields; every digest compared with the written one, as the loader does);
+- open: what stage two's start-up reads (lease probe, group and array metadata, provenance check);
+- resume scan: ``pending_units`` (one read of ``done``); the integrity pass resume runs over done units
+  (pipeline.cache.integrity) per unit; verify: that check on a random ``--verify-fraction`` of the units;
+- files (objects) and bytes per seed, and per (seed, shard) unit.
+
+``--scan-seeds``: a hard-only store of that many seeds at N whose markers are all set, for the resume scan at
+scale (its time is linear in the units). Numbers for S=300 are extrapolated from the measured per-seed and
+per-unit values (linear in S: files, bytes, scan); the JSON says which numbers are measured and which derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.bench_storage import DEIT_EPOCHS, IMAGENET_N, SHARD, synthetic_logits
+from bench.common import REPO, machine, save_json
+
+CLASSES = 1000
+TOPK = {"soft": 10, "hard": 0}
+BANK = 4  # distinct synthetic units of logits per writer (generating them is not the cache's cost)
+GOALS = {"write_views_s_per_writer": 40_000, "read_targets_s_per_rank": 100_000, "open_s": 2.0,
+         "resume_scan_s_384k": 10.0, "files_per_unit": 1.0}
+
+
+def shard_counts(n: int) -> list[int]:
+    return [SHARD] * (n // SHARD) + ([n % SHARD] if n % SHARD else [])
+
+
+def digests(s: int, k: int, count: int) -> np.ndarray:
+    """The synthetic views' digests of unit (s, k): what the replay would compute, known to the reader."""
+    return np.random.default_rng([s, k, 7]).integers(0, 2**32, count, dtype=np.uint32)
+
+
+def provenance(mode: str, n: int) -> dict:
+    from pipeline.replay import CONTRACT_VERSION
+
+    return {"teacher": {"name": "synthetic", "weights_sha256": "0", "num_classes": CLASSES},
+            "data_fingerprint": f"synthetic-{n}", "augment_hash": "bench", "run_seed": 0, "num_classes": CLASSES,
+            "topk": TOPK[mode], "contract_version": CONTRACT_VERSION}
+
+
+def create(path, mode: str, n: int, seeds: int):
+    """CacheStore.create (takes the writer lease, as stage one's rank 0); returns (store, lease record)."""
+    from pipeline.cache import lease
+    from pipeline.cache.store import CacheStore
+
+    store = CacheStore.create(path, provenance=provenance(mode, n), num_seeds=seeds, shard_counts=shard_counts(n),
+                              shard_size=SHARD, num_classes=CLASSES, topk=TOPK[mode])
+    return store, lease.held(path).record
+
+
+def write_units(path, record: dict, units: list, ready, results) -> None:
+    """One writer process (a stage-one rank): opens the store "r+" under the creator's lease and commits its
+    units; reports {"units", "views", "seconds", "targets_seconds"}."""
+    from pipeline.cache import lease
+    from pipeline.cache.store import CacheStore
+    from pipeline.cache.targets import stored_arrays
+
+    import torch
+    torch.set_num_threads(1)
+    lease.cover(path, record)
+    store = CacheStore.open(path, "r+")
+    bank = synthetic_logits(np.random.default_rng(os.getpid()), BANK * SHARD, CLASSES).reshape(BANK, SHARD, -1)
+    t_targets = time.perf_counter()
+    stored_arrays(bank[0], store.topk, store.index_dtype)  # the targets' share, timed on one unit
+    t_targets = time.perf_counter() - t_targets
+    ready.wait()
+    t0, views = time.perf_counter(), 0
+    for j, (s, k) in enumerate(units):
+        count = store.shard_counts[k]
+        store.write_unit(s, k, bank[j % BANK, :count], digests(s, k, count))
+        views += count
+    results.put({"units": len(units), "views": views, "seconds": time.perf_counter() - t0,
+                 "targets_seconds_per_unit": t_targets})
+
+
+def read_units(path, fields: tuple, units: list, ready, results) -> None:
+    """One reader process (a student rank): CacheTargets over its units, every digest compared."""
+    from pipeline.cache.reader import CacheTargets
+
+    hook = CacheTargets(path, fields)
+    hook.store()  # open before the clock: the open is measured on its own
+    ready.wait()
+    t0, views = time.perf_counter(), 0
+    for s, k in units:
+        rows = hook(s, k)
+        if not np.array_equal(rows["digest"], digests(s, k, len(rows["digest"]))):
+            raise RuntimeError(f"{path}: unit (seed {s}, shard {k}): digests differ from the written ones")
+        views += len(rows["digest"])
+    results.put({"units": len(units), "views": views, "seconds": time.perf_counter() - t0})
+
+
+def run_procs(target, path, args_per_proc: list) -> dict:
+    """Start one spawned process per argument tuple, release them together, and time them: per-process results
+    and the total wall time from the release to the last one's end."""
+    ctx = mp.get_context("spawn")  # obstore's runtime does not survive a fork
+    ready, results = ctx.Barrier(len(args_per_proc) + 1), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(str(path), *a, ready, results)) for a in args_per_proc]
+    for p in procs:
+        p.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    per = [results.get() for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"{target.__name__} process exited with {p.exitcode}")
+    views = sum(r["views"] for r in per)
+    return {"processes": len(procs), "per_process": per, "wall_seconds": wall, "views_s_total": views / wall,
+            "views_s_per_process": [r["views"] / r["seconds"] for r in per]}
+
+
+def write(path, mode: str, n: int, seeds: int, writers: int) -> dict:
+    """Create the store and commit every unit with ``writers`` processes (units dealt round-robin)."""
+    from pipeline.cache import lease
+
+    store, record = create(path, mode, n, seeds)
+    units = store.pending_units()
+    res = run_procs(write_units, path, [(record, units[r::writers]) for r in range(writers)])
+    lease.release(path)
+    res["targets_share"] = float(np.mean([r["targets_seconds_per_unit"] * r["units"] / r["seconds"]
+                                          for r in res["per_process"]]))
+    return res
+
+
+def read(path, mode: str, readers: int, seed: int = 0) -> dict:
+    """Every unit of one seed index, dealt to ``readers`` ranks as the student's loader deals shards."""
+    from pipeline.cache.reader import MODE_FIELDS
+    from pipeline.cache.store import CacheStore
+
+    shards = CacheStore.open(path).num_shards
+    units = [(seed, k) for k in range(shards)]
+    return run_procs(read_units, path, [(MODE_FIELDS[mode], units[r::readers]) for r in range(readers)])
+
+
+def open_time(path, n: int, mode: str, reps: int = 3) -> dict:
+    """Stage two's start-up reads (pipeline.cache.reader.open_cache without a manifest): the lease probe, the
+    store's metadata and the provenance check; best and median of ``reps`` fresh opens."""
+    from pipeline.cache import lease
+    from pipeline.cache.store import CacheStore
+
+    want = provenance(mode, n)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        lease.refuse_if_written(path, "bench")
+        CacheStore.open(path).check_compatible(want)
+        times.append(time.perf_counter() - t0)
+    return {"best_s": min(times), "median_s": float(np.median(times))}
+
+
+def scan_time(path) -> dict:
+    """Resume's first step: the pending units among all (one read of ``done``, on a freshly opened store)."""
+    from pipeline.cache.store import CacheStore
+
+    t0 = time.perf_counter()
+    store = CacheStore.open(path, "r")
+    pending = store.pending_units()
+    dt = time.perf_counter() - t0
+    units = store.num_seeds * store.num_shards
+    return {"units": units, "pending": len(pending), "seconds": dt, "us_per_unit": dt / units * 1e6}
+
+
+def check_time(path, fraction: float, seed: int = 0) -> dict:
+    """The integrity check (no teacher: chunks, tagged checksums, invariants) of a random ``fraction`` of the done
+    units: verify_cache's check, and what resume runs over every done unit."""
+    from pipeline.cache import integrity
+    from pipeline.cache.store import CacheStore
+
+    store = CacheStore.open(path, "r")
+    done = list(zip(*np.nonzero(store.done_mask())))
+    pick = np.random.default_rng(seed).permutation(len(done))[:max(1, round(fraction * len(done)))]
+    t0 = time.perf_counter()
+    bad = [u for u in (done[i] for i in pick) if integrity.unit_problems(store, int(u[0]), int(u[1]))]
+    dt = time.perf_counter() - t0
+    if bad:
+        raise RuntimeError(f"{path}: {len(bad)} damaged unit(s) in a fresh build, e.g. {bad[0]}")
+    return {"units": len(pick), "seconds": dt, "ms_per_unit": dt / len(pick) * 1e3}
+
+
+def files(path, seeds: int, shards: int) -> dict:
+    """Files (objects) and bytes of the store, per seed index and per unit; metadata (zarr.json) counted apart."""
+    from pipeline import storage
+
+    p = storage.as_path(path)
+    if storage.is_url(p):
+        entries = [(k, size) for k, size in p.walk_objects()]
+    else:
+        entries = [(os.path.join(d, f), os.stat(os.path.join(d, f)).st_size) for d, _, fs in os.walk(p) for f in fs]
+    meta = [e for e in entries if e[0].endswith("zarr.json")]
+    data = [e for e in entries if not e[0].endswith("zarr.json")]
+    nbytes = sum(size for _, size in data)
+    out = {"files": len(entries), "metadata_files": len(meta), "chunk_files": len(data), "bytes": nbytes,
+           "files_per_seed": len(data) / seeds, "files_per_unit": len(data) / (seeds * shards),
+           "bytes_per_seed": nbytes / seeds}
+    if not storage.is_url(p):
+        out["allocated_bytes_per_seed"] = storage.tree_size(p, allocated=True) / seeds
+    return out
+
+
+def mark_all_done(path, n: int, seeds: int) -> None:
+    """A hard-only store of ``seeds`` x shards units whose markers are all set (the chunks stay unwritten): what
+    resume scans after a finished build. Markers are set in one batched write; only the scan is timed."""
+    from pipeline.cache import lease
+
+    store, _ = create(path, "hard", n, seeds)
+    store._arrays["done"][...] = True  # bench only: the markers of a finished build, without computing it
+    lease.release(path)
+
+
+def measure(root, mode: str, n: int, seeds: int, writers: list[int], readers: list[int], fraction: float) -> dict:
+    """One layout on one backend: a build per writer count (the last one kept for the rest), then read, open,
+    resume scan, verify and files."""
+    from pipeline import storage
+
+    res = {"mode": mode, "N": n, "seeds": seeds, "shards": len(shard_counts(n)), "write": {}, "read": {}}
+    path = None
+    for w in writers:
+        if path is not None:
+            storage.rmtree(storage.as_path(path))
+        path = f"{root}/{mode}-w{w}.zarr"
+        res["write"][w] = write(path, mode, n, seeds, w)
+    for r in readers:
+        res["read"][r] = read(path, mode, r)
+    res["open"] = open_time(path, n, mode)
+    res["scan"] = scan_time(path)
+    res["check"] = check_time(path, fraction)
+    res["files"] = files(path, seeds, res["shards"])
+    return res
+
+
+def imagenet(res: dict, seeds: int = DEIT_EPOCHS) -> dict:
+    """S=300 at ImageNet-1k's N, derived (not measured) from a store's per-seed and per-unit numbers."""
+    f, units = res["files"], seeds * len(shard_counts(IMAGENET_N))
+    scale = IMAGENET_N / res["N"]  # 1 when measured at full N
+    return {"derived": True, "seeds": seeds, "units": units,
+            "chunk_files": f["files_per_seed"] * scale * seeds, "GB": f["bytes_per_seed"] * scale * seeds / 1e9,
+            "resume_scan_s": res["scan"]["us_per_unit"] * units / 1e6,
+            "integrity_pass_s": res["check"]["ms_per_unit"] * units / 1e3}
+
+
+def run(args) -> dict:
+    """Every measurement of the command line; disk under ``args.tmp``, S3 on a moto server of its own."""
+    out = {"machine": machine(), "load_avg_start": os.getloadavg()[0], "goals": GOALS, "disk": {}, "s3": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_scale_", dir=args.tmp) as tmp:
+        for mode in args.modes:
+            out["disk"][mode] = measure(tmp, mode, args.n, args.seeds, args.writers, args.readers, args.verify_fraction)
+            out["disk"][mode]["imagenet_S300"] = imagenet(out["disk"][mode])
+        if args.scan_seeds:
+            mark_all_done(f"{tmp}/scan.zarr", args.n, args.scan_seeds)
+            out["disk_scan"] = scan_time(f"{tmp}/scan.zarr")
+            out["disk_scan"]["imagenet_S300_s"] = out["disk_scan"]["us_per_unit"] * 1e-6 * DEIT_EPOCHS * \
+                len(shard_counts(IMAGENET_N))
+    if args.s3_n:
+        from bench.bench_storage_s3 import _server
+
+        server = _server()  # moto on 127.0.0.1, its own process; AWS_* point at it (bucket "bench")
+        try:
+            for mode in args.modes:
+                out["s3"][mode] = measure("s3://bench/scale", mode, args.s3_n, args.seeds, args.writers,
+                                          args.readers, args.verify_fraction)
+        finally:
+            server.kill()
+            server.wait()
+    out["load_avg_end"] = os.getloadavg()[0]
+    return out
+
+
+def rows(res: dict) -> list[str]:
+    out = []
+    for backend in ("disk", "s3"):
+        for mode, r in res[backend].items():
+            f = r["files"]
+            for w, wr in r["write"].items():
+                out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | write, {w} writer(s) | "
+                           f"{np.mean(wr['views_s_per_process']):,.0f} views/s per writer, "
+                           f"{wr['views_s_total']:,.0f} total ({wr['targets_share']:.0%} of it computing targets) |")
+            for n, rd in r["read"].items():
+                out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | read, {n} rank(s) | "
+                           f"{np.mean(rd['views_s_per_process']):,.0f} targets/s per rank, "
+                           f"{rd['views_s_total']:,.0f} total |")
+            out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | open / resume scan / check | "
+                       f"{r['open']['best_s']:.3f} s / {r['scan']['seconds']:.3f} s ({r['scan']['units']:,} units, "
+                       f"{r['scan']['us_per_unit']:.0f} us each) / {r['check']['ms_per_unit']:.1f} ms per unit |")
+            out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | files, bytes | "
+                       f"{f['files_per_unit']:.2f} files per unit, {f['files_per_seed']:,.0f} per seed, "
+                       f"{f['bytes_per_seed'] / 1e6:.1f} MB per seed |")
+            if "imagenet_S300" in r:
+                d = r["imagenet_S300"]
+                out.append(f"| {backend} | {mode} | ImageNet-1k x S=300 (derived) | files, GB, resume | "
+                           f"{d['chunk_files']:,.0f} files, {d['GB']:.1f} GB, scan {d['resume_scan_s']:.0f} s, "
+                           f"integrity pass {d['integrity_pass_s'] / 3600:.1f} h |")
+    if "disk_scan" in res:
+        d = res["disk_scan"]
+        out.append(f"| disk | hard | markers only, {d['units']:,} units | resume scan | {d['seconds']:.2f} s "
+                   f"({d['us_per_unit']:.0f} us per unit; {d['imagenet_S300_s']:.0f} s for 384,600, derived) |")
+    return out
+
+
+def table(res: dict) -> str:
+    head = [f"Machine: {res['machine']}; load average {res['load_avg_start']:.1f} at the start, "
+            f"{res['load_avg_end']:.1f} at the end.", "", "| store | mode | size | what | measured |",
+            "|---|---|---|---|---|"]
+    return "\n".join(head + rows(res))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=IMAGENET_N, help="samples (ImageNet-1k: 1,281,167)")
+    ap.add_argument("--seeds", type=int, default=1, help="seed indices S of each measured store")
+    ap.add_argument("--modes", nargs="+", default=["hard", "soft"], choices=sorted(TOPK))
+    ap.add_argument("--writers", type=int, nargs="+", default=[1, 2], help="writer process counts, one build each")
+    ap.add_argument("--readers", type=int, nargs="+", default=[1, 2], help="reader rank counts")
+    ap.add_argument("--s3-n", type=int, default=20_000, help="samples of the S3 stores (0: no S3)")
+    ap.add_argument("--scan-seeds", type=int, default=30, help="seeds of the markers-only scan store (0: none)")
+    ap.add_argument("--verify-fraction", type=float, default=0.05)
+    ap.add_argument("--tmp", default=None, help="where the disk stores go (default: the system's temp dir)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale.json")
+    args = ap.parse_args(argv)
+    res = run(args)
+    save_json(args.out, res)
+    md = table(res)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -256,9 +256,8 @@ def measure(root, mode: str, n: int, seeds: int, writers: list[int], readers: li
 def imagenet(res: dict, seeds: int = DEIT_EPOCHS) -> dict:
     """S=300 at ImageNet-1k's N, derived (not measured) from a store's per-seed and per-unit numbers."""
     f, units = res["files"], seeds * len(shard_counts(IMAGENET_N))
-    scale = IMAGENET_N / res["N"]  # 1 when measured at full N
-    return {"derived": True, "seeds": seeds, "units": units,
-            "chunk_files": f["files_per_seed"] * scale * seeds, "GB": f["bytes_per_seed"] * scale * seeds / 1e9,
+    return {"derived": True, "seeds": seeds, "units": units, "chunk_files": f["files_per_unit"] * units,
+            "GB": f["bytes_per_seed"] / res["N"] * IMAGENET_N * seeds / 1e9,
             "resume_scan_s": res["scan"]["us_per_unit"] * units / 1e6,
             "integrity_pass_s": res["check"]["ms_per_unit"] * units / 1e3}
 

@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 N, SEEDS, SHARDS = 2500, 2, 3  # shards of 1000, 1000 and 500 samples
-FILES_PER_UNIT = {"hard": 4, "soft": 7}  # argmax, digest (+ topk_values, topk_indices, logsumexp), done, checksums
+ARRAYS = {"hard": 2, "soft": 5}  # argmax, digest (+ topk_values, topk_indices, logsumexp); then done, checksums
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,14 @@ def test_counts_and_files(result, backend, mode):
     assert res["scan"] == {**res["scan"], "units": units, "pending": 0}
     assert res["check"]["units"] == 1 and res["open"]["best_s"] > 0
     f = res["files"]
-    assert f["chunk_files"] == FILES_PER_UNIT[mode] * units and f["files_per_unit"] == FILES_PER_UNIT[mode]
-    assert f["metadata_files"] == 1 + FILES_PER_UNIT[mode] and f["files"] == f["chunk_files"] + f["metadata_files"]
+    # per shard: one file per per-view array (it packs both seed indices), one of markers, one of records
+    assert f["chunk_files"] == (ARRAYS[mode] + 2) * SHARDS and f["files_per_unit"] == (ARRAYS[mode] + 2) / SEEDS
+    assert f["metadata_files"] == 1 + ARRAYS[mode] + 2 and f["files"] == f["chunk_files"] + f["metadata_files"]
     assert f["bytes_per_seed"] > 0 and (backend == "s3") == ("allocated_bytes_per_seed" not in f)
     if backend == "disk":
         d = res["imagenet_S300"]
-        assert d["derived"] and d["units"] == 300 * 1282
-        assert d["chunk_files"] == FILES_PER_UNIT[mode] * 300 * 1282
+        assert d["derived"] and d["units"] == 300 * 1282 and d["layout_files_match"]
+        assert d["chunk_files"] == 1282 * (ARRAYS[mode] * 38 + 2) and d["files_per_unit"] < 1  # 38 files of 8 seeds
 
 
 def test_scan_store_and_report(result):

@@ -199,7 +199,7 @@ def test_integrity_checks_and_repair_on_a_bucket(s3):
         store.write_unit(0, k, rng.normal(0, 3, (n, 10)).astype(np.float32),
                          rng.integers(0, 2**32, n, dtype=np.uint32))
     assert integrity.check_store(store)["ok"]
-    chunk = store._chunk_file("topk_values", 0, 1)
+    chunk = store.unit_file("topk_values", 0, 1)  # S=1: the file holds this one chunk
     assert isinstance(chunk, storage.ObjectPath) and chunk.is_file()
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -30,6 +30,7 @@ import zarr
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from cache_files import copy_unit as copy_unit_chunks, flip_chunk_byte, put_chunk, unset
 from pipeline.cache import lease
 from pipeline.cache.integrity import check_store, repair
 from pipeline.cache.layout import crc32c, unit_tag
@@ -247,7 +248,7 @@ def test_a_writer_never_commits_into_a_store_replaced_under_it(tmp_path):
                                          rf".*not writing unit \(seed 0, shard 1\)"):
         stale.write_unit(0, 1, *unit(1))
     assert fresh.pending_units() == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert not fresh._chunk_file("topk_values", 0, 1).exists() and not fresh._chunk_file("done", 0, 1).exists()
+    assert not fresh.unit_file("topk_values", 0, 1).exists() and not fresh.unit_file("done", 0, 1).exists()
     fresh.write_unit(0, 1, *unit(1))
     lease.lease_path(path).unlink()  # the lease file removed under a writer: it stops before committing
     with pytest.raises(CacheError, match=rf"{path}: this writer's lease .* was removed or replaced"):
@@ -268,9 +269,11 @@ def test_targets_are_checksummed_and_every_read_is_verified(tmp_path):
     assert store.checksum_fields == ("topk_values", "topk_indices", "logsumexp", "argmax", "digest")
     assert [crc32c(got[f]) for f in store.checksum_fields] + [unit_tag(store.key, 0, 0)] == stored.tolist()
     meta = json.loads((path / "topk_values" / "zarr.json").read_text())
-    assert [c["name"] for c in meta["codecs"]][-1] == "crc32c"  # flipped bytes fail the chunk codec too
+    (packed,) = meta["codecs"]  # the file packs seed indices' chunks: each chunk and the file's index carry a crc32c
+    assert packed["name"] == "sharding_indexed" and packed["configuration"]["codecs"][-1]["name"] == "crc32c"
+    assert packed["configuration"]["index_codecs"][-1]["name"] == "crc32c"  # flipped bytes fail the codec too
 
-    flip_byte(store._chunk_file("topk_values", 0, 0))
+    flip_chunk_byte(store, "topk_values", 0, 0)
     with pytest.raises(CacheError, match=rf"{path}: unit \(seed 0, shard 0\): field 'topk_values' fails its "
                                          rf"crc32c"):
         store.read_unit(0, 0)
@@ -281,29 +284,29 @@ def test_targets_are_checksummed_and_every_read_is_verified(tmp_path):
     with pytest.raises(CacheError, match=msg):  # stage two's hook: the same check on every unit it reads
         CacheTargets(path, ("topk_values", "topk_indices", "logsumexp"))(0, 1)
     assert set(CacheTargets(path, ("argmax",))(0, 1)) == {"argmax", "digest"}  # untouched fields still read
-    store._chunk_file("argmax", 0, 1).unlink()  # a deleted chunk reads as fill values: its checksum fails
+    put_chunk(store, "argmax", 0, 1, None)  # a removed chunk reads as fill values: its checksum fails
     with pytest.raises(CacheError, match=r"field 'argmax' does not match its checksum"):
         store.read_unit(0, 1, ["argmax"])
     store.release_lease()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_store_of_an_older_format_is_refused_by_name_and_overwrite_rebuilds_it(tmp_path, version):
-    """Version 1 (no checksums) and 2 (records not tagged with their unit and store): every reader and stage one
-    refuse them, naming the version and the fix; overwrite=true replaces them."""
+    """Version 1 (no checksums), 2 (records not tagged with their unit and store) and 3 (one file per array per
+    unit): every reader and stage one refuse them, naming the version and the fix; overwrite=true replaces them."""
     from pipeline.cache.reader import CacheTargets
 
     path = tmp_path / "old.zarr"
     small_store(path).write_unit(0, 0, *unit(0))
     group = zarr.open_group(str(path), mode="r+")
     group.attrs["format_version"] = version
-    msg = rf"{path}: cache format version {version}, this code reads and writes only version 3 .*overwrite=true"
+    msg = rf"{path}: cache format version {version}, this code reads and writes only version 4 .*overwrite=true"
     for attempt in (lambda: CacheStore.open(path), lambda: CacheStore.open(path, "r+"),
                     lambda: CacheTargets(path, ("argmax",))(0, 0), lambda: small_store(path)):
         with pytest.raises(CacheError, match=msg):
             attempt()
     new = small_store(path, overwrite=True)
-    assert new.format_version == 3 and new.pending_units() == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert new.format_version == 4 and new.pending_units() == [(0, 0), (0, 1), (1, 0), (1, 1)]
     new.release_lease()
 
 
@@ -319,7 +322,7 @@ def test_integrity_check_finds_each_kind_of_damage_without_the_teacher(tmp_path)
         (0, 0): (lambda: rewrite(store, 0, 0, "logsumexp", lambda a: a - 2.0, True), "softmax mass"),
         (0, 1): (lambda: rewrite(store, 0, 1, "argmax", lambda a: (a + 1) % 10, True), "argmax != top-1 index"),
         (1, 0): (lambda: rewrite(store, 1, 0, "topk_values", lambda a: a[:, ::-1].copy(), True), "not descending"),
-        (1, 1): (lambda: store._chunk_file("checksums", 1, 1).unlink(), "field 'checksums': chunk file missing"),
+        (1, 1): (lambda: unset(store, "checksums", 1, 1), "field 'checksums': chunk missing"),
     }
     for fn, _ in damage.values():
         fn()
@@ -342,13 +345,13 @@ def test_verify_cache_lists_damaged_units_and_the_teacher_recheck_compares_logsu
     path = tmp_path / "c.zarr"
     shutil.copytree(env.ref, path)
     store = CacheStore.open(path)
-    store._chunk_file("topk_indices", 1, 6).unlink()
-    flip_byte(store._chunk_file("logsumexp", 0, 4))
+    put_chunk(store, "topk_indices", 1, 6, None)
+    flip_chunk_byte(store, "logsumexp", 0, 4)
     proc = run("verify_cache", *env.overrides(path))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"{path}: damaged unit (seed 0, shard 4): field 'logsumexp': chunk fails its crc32c" in proc.stderr
-    assert f"{path}: damaged unit (seed 1, shard 6): field 'topk_indices': chunk file missing" in proc.stderr
+    assert f"{path}: damaged unit (seed 1, shard 6): field 'topk_indices': chunk missing" in proc.stderr
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert [(d["seed"], d["shard"]) for d in result["damaged"]] == [(0, 4), (1, 6)]
     assert result["units_checked"] == 16 and not result["ok"]
@@ -366,16 +369,16 @@ def test_rerun_repairs_damaged_and_missing_units_to_an_uninterrupted_build(env, 
     path = tmp_path / "c.zarr"
     shutil.copytree(env.ref, path)
     store = CacheStore.open(path)
-    store._chunk_file("topk_values", 0, 1).unlink()                                      # a deleted chunk file
-    flip_byte(store._chunk_file("argmax", 1, 2))                                         # flipped bytes
+    put_chunk(store, "topk_values", 0, 1, None)                                          # a removed chunk
+    flip_chunk_byte(store, "argmax", 1, 2)                                               # flipped bytes
     rewrite(store, 0, 3, "logsumexp", lambda a: a - 1.0, fix_checksum=False)           # lowered logsumexp
     rewrite(store, 1, 5, "argmax", lambda a: np.where(np.arange(len(a)) == 7, (a + 1) % 10, a), True)  # argmax
-    store._chunk_file("done", 1, 7).unlink()                                             # a missing unit
+    unset(store, "done", 1, 7)                                                           # a missing unit
     dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lease.lease_path(path).write_text(json.dumps({"pid": int(dead.stdout), "host": "gone", "started": "then"}))
     proc = run("teacher_cache", *env.overrides(path), threads=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for (s, k), why in [((0, 1), "field 'topk_values': chunk file missing"),
+    for (s, k), why in [((0, 1), "field 'topk_values': chunk missing"),
                         ((1, 2), "field 'argmax': chunk fails its crc32c"),
                         ((0, 3), "field 'logsumexp': checksum mismatch"), ((1, 5), "argmax != top-1 index at row 7")]:
         assert f"{path}: unit (seed {s}, shard {k}) is damaged ({why}" in proc.stderr, proc.stderr[-3000:]
@@ -401,25 +404,27 @@ def foreign(env):
 
 
 def copy_unit(src: Path, src_unit: tuple[int, int], dst: Path, dst_unit: tuple[int, int]) -> None:
-    """Copy one unit's chunk files of every array (targets, digest, checksum record, commit marker) by hand."""
-    a, b = CacheStore.open(src), CacheStore.open(dst)
-    for name in a.fields + ("checksums", "done"):
-        shutil.copyfile(a._chunk_file(name, *src_unit), b._chunk_file(name, *dst_unit))
+    """Copy one unit's chunks of every array (targets, digest, checksum record, commit marker) by hand."""
+    copy_unit_chunks(CacheStore.open(src), src_unit, CacheStore.open(dst), dst_unit)
 
 
 def test_verify_cache_says_ok_only_of_a_complete_store_and_names_what_is_missing(env, tmp_path):
     one = tmp_path / "one.zarr"  # one commit marker deleted
     shutil.copytree(env.ref, one)
-    CacheStore.open(one)._chunk_file("done", 0, 5).unlink()
+    unset(CacheStore.open(one), "done", 0, 5)
     report = check_store(CacheStore.open(one))
     assert not report["ok"]  # 15 of 16 units: not ok, though none is damaged
     assert (report["units_done"], report["damaged"], report["complete"], report["ok"]) == (15, [], False, False)
     assert report["incomplete"] == [{"seed": 0, "shard": 5}] and report["seeds_missing"] == []
 
-    seed = tmp_path / "seed.zarr"  # a whole seed index deleted: every chunk file of seed 1
+    seed = tmp_path / "seed.zarr"  # a whole seed index deleted: every chunk of seed 1
     shutil.copytree(env.ref, seed)
-    for chunk in seed.glob("*/c/1"):
-        shutil.rmtree(chunk)
+    st = CacheStore.open(seed)
+    for k in range(st.num_shards):
+        for name in st.fields:
+            put_chunk(st, name, 1, k, None)
+        for name in ("done", "checksums"):
+            unset(st, name, 1, k)
     proc = run("verify_cache", *env.overrides(seed))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert (f"{seed}: incomplete: seed 1: no unit committed: (seed 1, shard 0), (seed 1, shard 1), "

@@ -2,8 +2,9 @@
 
 A work unit is (seed group, shard): one pass over the shard decodes each image once and renders its views under
 every pending seed index of the group (`cache.seeds_per_pass` seeds per group; null = all S), and each
-(seed, shard) chunk is committed on its own as soon as its rows are complete. Work units go round-robin to
-ranks; a rank owns its units' chunks outright, so concurrent writers never share a chunk. A chunk's `done`
+(seed, shard) chunk is committed on its own as soon as its rows are complete. Shards go round-robin to ranks
+(pipeline.cache.layout.column_owner): a rank owns every file of its shards outright, so concurrent writers never
+share a file. A chunk's `done`
 marker is written last, so a killed run resumes by recomputing the (seed, shard) chunks whose marker is false.
 The teacher never waits on Zarr: finished chunks go to a writer thread.
 """
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import distributed, storage
 from pipeline.cache import lease
+from pipeline.cache.layout import column_owner
 from pipeline.cache.provenance import build_provenance
 from pipeline.cache.store import CacheStore
 from pipeline.config import augment_config, split_dir
@@ -130,7 +132,7 @@ def build_cache(cfg: DictConfig) -> dict:
     if not ctx.is_main and holder:
         lease.cover(path, holder)
     work = group_units(pending, store.num_seeds, cfg.cache.get("seeds_per_pass"))
-    mine_work = work[ctx.rank::ctx.world_size]
+    mine_work = [w for w in work if column_owner(w[1], ctx.world_size) == ctx.rank]  # whole shards: their files
     mine = [(s, k) for seeds, k in mine_work for s in seeds]  # the (seed, shard) chunks this rank commits
     total_units = store.num_seeds * store.num_shards
 

@@ -59,6 +59,8 @@ def _record(store, s: int, k: int) -> tuple[dict[str, int], str | None]:
         row = store._arrays["checksums"][s, k]
     except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
         return {}, f"chunk {why(e)}"
+    if not np.any(row):  # the fill value: no record was ever written into this unit's chunk
+        return {}, "chunk missing"
     record = {f: int(v) for f, v in zip(store.checksum_fields + (UNIT_TAG,), row)}
     return record, tag_problem(store, s, k, record.pop(UNIT_TAG))
 
@@ -138,10 +140,16 @@ def array_problems(store) -> list[str]:
         arr = store._arrays[name]
         for what, have, want in (("shape", tuple(arr.shape), tuple(spec["shape"])),
                                  ("dtype", np.dtype(arr.dtype), np.dtype(spec["dtype"])),
-                                 ("chunks", tuple(arr.chunks), tuple(spec["chunks"]))):
+                                 ("chunks", tuple(arr.chunks), tuple(spec["chunks"])),
+                                 ("files", tuple(arr.shards or ()), tuple(spec.get("shards") or ()))):
             if have != want:
                 out.append(f"array '{name}': {what} {have}, the layout needs {want}")
     return out
+
+
+def _absent(a: np.ndarray, fill) -> bool:
+    """Rows that are all the array's fill value: the chunk was never written into its file (or was removed)."""
+    return bool(a.size) and bool(np.all(np.isnan(a)) if np.isnan(fill) else np.all(a == fill))
 
 
 def unit_problems(store, s: int, k: int) -> list[str]:
@@ -149,14 +157,19 @@ def unit_problems(store, s: int, k: int) -> list[str]:
     rows, problems, data = store.unit_rows(k), [], {}
     count = rows.stop - rows.start
     for f in store.fields + ("checksums",):
-        if not store._chunk_file(f, s, k).is_file():
+        if not store.unit_file(f, s, k).is_file():
             problems.append(f"field '{f}': chunk file missing")
         elif f != "checksums":
             try:
-                data[f] = store._arrays[f][s, rows]
+                a = store._arrays[f][s, rows]
             except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
                 problems.append(f"field '{f}': chunk {why(e)}")
-    stored, problem = _record(store, s, k) if store._chunk_file("checksums", s, k).is_file() else ({}, None)
+                continue
+            if f != "digest" and _absent(a, float(store._arrays[f].fill_value)):  # 0 is a digest like any other
+                problems.append(f"field '{f}': chunk missing")
+            else:
+                data[f] = a
+    stored, problem = _record(store, s, k) if store.unit_file("checksums", s, k).is_file() else ({}, None)
     if problem:
         problems.append(f"field 'checksums': {problem}")
         stored = {}

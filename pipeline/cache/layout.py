@@ -1,4 +1,4 @@
-"""The cache layout: arrays, dtypes, chunks and codecs of a teacher-target store (docs/design.md, section 6).
+"""The cache layout: arrays, dtypes, chunks, files and codecs of a teacher-target store (docs/design.md, section 6).
 
 Layout (S seeds, N samples, K top-k, C classes, n samples per shard)::
 
@@ -7,30 +7,42 @@ Layout (S seeds, N samples, K top-k, C classes, n samples per shard)::
     logsumexp     float32  [S, N]     log softmax normaliser over all C classes (fp64 reduction) (K > 0 only)
     argmax        int16    [S, N]     teacher hard label, from the fp32 logits (int32 when C > 32767)
     digest        uint32   [S, N]     view digest (docs/design.md, section 4)
-    done          bool     [S, num_shards], chunks (1, 1): commit marker of unit (s, k), written last
-    checksums     uint32   [S, num_shards, F + 1], chunks (1, 1, F + 1): crc32c of unit (s, k)'s rows of each of
+    done          bool     [S, num_shards], chunks (S, 1): commit marker of unit (s, k), written last
+    checksums     uint32   [S, num_shards, F + 1], chunks (S, 1, F + 1): crc32c of unit (s, k)'s rows of each of
                            the F per-view arrays (order: attribute ``checksum_fields`` of the array), then the
                            unit's tag (column ``unit``): crc32c of (store key, s, k), binding the record to its
                            place and its store; written before done
     logits        float16  [S, N, C]  optional full logits (small class counts)
 
-Format version 3 (pipeline.cache.store.FORMAT_VERSION): ``checksums``, Zarr's crc32c codec on every chunk but the
-digest's (random bits, checked view by view against the replay), a store id (attribute ``store_id`` of ``done``, a
-uuid drawn at creation) and each record's unit tag. The store key is the sha256 of the store's layout and
-provenance (:func:`pipeline.cache.provenance.store_key`): a unit copied over another, or in from a store built by
-another teacher, carries a tag that is not its own. Older versions (1: no checksums, 2: untagged records) are
-refused by name; ``overwrite=true`` rebuilds them.
+Chunks and files (format version 4): every per-view array is chunked ``(1, n, ...)``, so chunk ``(s, k)`` of
+every array belongs to exactly one work unit (seed s, shard k); Zarr v3's sharding codec packs the chunks of
+``seeds_per_file`` (8, at most S) consecutive seed indices of one shard into one file (object). ``done`` and
+``checksums`` are chunked by shard, ``(S, 1)``: one small chunk (file) holds the markers, one the records, of all S
+seed indices of a shard (a sharded marker array would cost a codec call per unit: minutes to scan 384,600). So
+every file belongs to one shard k (one column of units), and one writer owns each column (stage one deals
+shards, not units, to its ranks: :func:`column_owner`): writers of different columns never touch the same file.
+Writing a unit's chunk (or marker, or record) rewrites its whole file (read, replace, write: atomic on a local
+disk and on S3), so a killed writer leaves each file as before or after its last write, never torn; a file that
+is damaged anyway costs every unit it holds (they are recomputed). Files per unit: (per-view arrays) /
+seeds_per_file + 2 / S (soft K > 0 at S = 300: 0.63; hard-only: 0.26), instead of one file per array per unit
+(7 and 4) in version 3; ``pending_units`` reads one ``done`` file per shard.
 
-Every per-view array is chunked ``(1, n, ...)``: chunk ``(s, k)`` of every array belongs to exactly one work
-unit (seed s, shard k), so ranks writing different units never touch the same file. ``K = 0`` ("hard-only")
-stores only argmax + digest (+ done). Fill values are sentinels (NaN for floats, -1 for class ids, 0 for
-digests) and ``write_empty_chunks`` is on, so an unfinished unit reads as obviously invalid and a finished
-one always has its chunk files; ``done`` is the truth, and :meth:`CacheStore.read_unit` refuses units whose
+Format version 4 (pipeline.cache.store.FORMAT_VERSION): the files above; ``checksums``, Zarr's crc32c codec on
+every chunk but the digest's (random bits, checked view by view against the replay; the sharding codec's index
+carries its own crc32c), a store id (attribute ``store_id`` of ``done``, a uuid drawn at creation) and each
+record's unit tag. The store key is the sha256 of the store's layout and provenance
+(:func:`pipeline.cache.provenance.store_key`): a unit copied over another, or in from a store built by another
+teacher, carries a tag that is not its own. Older versions (1: no checksums, 2: untagged records, 3: one file per
+array per unit) are refused by name; ``overwrite=true`` rebuilds them.
+
+``K = 0`` ("hard-only") stores only argmax + digest (+ done). Fill values are sentinels (NaN for floats, -1 for
+class ids, 0 for digests) and ``write_empty_chunks`` is on, so an unfinished unit reads as obviously invalid and
+a finished one always has its chunk; ``done`` is the truth, and :meth:`CacheStore.read_unit` refuses units whose
 marker is false.
 
 Compression (measured, Blosc-zstd clevel 9 per array; bytes on disk per view, shard_size 1000, 8k views of
 synthetic logits: 10 classes = N(0,1) plus a N(6,1.5) peak, 1000 classes = N(0,2) plus a N(8,2) peak;
-chunk files only, zarr.json excluded)::
+chunks only, zarr.json excluded)::
 
                           10 classes    1000 classes   codec
     topk_values (K=10)       17.3          11.8        blosc zstd9 byte-shuffle (bitshuffle: 17.7 / 12.6)
@@ -43,13 +55,9 @@ chunk files only, zarr.json excluded)::
     total hard-only           4.5           5.3        goal <= 8
 
 Plain ZstdCodec (levels 3-19, no shuffle) was worse on every array; clevel 5 costs ~5% more bytes than 9
-(clevel 9 encodes a 1000-view unit in ~6 ms: negligible beside the teacher). The table counts file sizes
-(what object storage holds). A local filesystem allocates whole blocks (4 KiB on ext4) per chunk file: at
-shard_size 1000 that is 45 B/view soft and 12.3 B/view hard-only *allocated* (each of argmax, digest, done,
-logsumexp rounds up to 4 KiB per unit), amortised by larger shards; see ``bytes_per_view(allocated=True)``.
-Zarr v3's sharding codec would pack many chunks per file (fewer objects at ImageNet scale: 1,250 shards x S
-files per array), but it rewrites the whole shard file on every chunk write, so a Zarr shard must then hold
-whole work units of a single writer; not used here.
+(clevel 9 encodes a 1000-view unit in ~6 ms: negligible beside the teacher). The sharding index adds 16 bytes
+per chunk (0.016 B/view). A local filesystem allocates whole blocks (4 KiB on ext4) per file: packing
+seeds_per_file units per file amortises that rounding (see ``bytes_per_view(allocated=True)``).
 """
 
 
@@ -63,6 +71,7 @@ PER_VIEW = ("topk_values", "topk_indices", "logsumexp", "argmax", "digest")  # s
 ALL_ARRAYS = PER_VIEW + ("logits", "done", "checksums")
 UNIT_TAG = "unit"  # the last column of a checksums record
 ZARR_CONFIG = {"write_empty_chunks": True}
+SEEDS_PER_FILE = 8  # seed indices of one shard per file of a per-view array
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -102,31 +111,50 @@ def crc32c(rows: np.ndarray) -> int:
     return int(google_crc32c.value(a.tobytes()))
 
 
+def seeds_per_file(num_seeds: int) -> int:
+    return min(SEEDS_PER_FILE, int(num_seeds))
+
+
+def column_owner(k: int, world_size: int) -> int:
+    """The rank that writes every unit of shard ``k`` (every file of a shard belongs to one writer)."""
+    return int(k) % int(world_size)
+
+
+def file_coords(name: str, layout: dict, s: int, k: int) -> tuple[int, ...]:
+    """Coordinates, in the grid of files (Zarr shards), of the file of array ``name`` holding unit (s, k)."""
+    column = name in ("done", "checksums")
+    coords = (0 if column else int(s) // seeds_per_file(layout["num_seeds"]), int(k))
+    return coords + (0,) * (3 - len(coords) if name in ("topk_values", "topk_indices", "logits", "checksums") else 0)
+
+
 def array_specs(layout: dict) -> dict:
-    """name -> create_array kwargs (without the store/name), per the measured codec table above."""
+    """name -> create_array kwargs (without the store/name), per the measured codec table above; ``shards``: the
+    file shape (Zarr's sharding codec) over chunks ``chunks``."""
     S, N, K, C, n = (layout[k] for k in ("num_seeds", "N", "topk", "num_classes", "shard_size"))
+    G = seeds_per_file(S)
     ids = np.dtype(layout["index_dtype"])
     id_shuffle = "shuffle" if C <= 256 else "bitshuffle"
     specs = {}
     if K > 0:
-        specs["topk_values"] = dict(shape=(S, N, K), dtype="float16", chunks=(1, n, K), fill_value=np.nan,
-                                    compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "rank"))
-        specs["topk_indices"] = dict(shape=(S, N, K), dtype=ids, chunks=(1, n, K), fill_value=-1,
-                                     compressors=_blosc(id_shuffle), dimension_names=("seed", "sample", "rank"))
-        specs["logsumexp"] = dict(shape=(S, N), dtype="float32", chunks=(1, n), fill_value=np.nan,
+        specs["topk_values"] = dict(shape=(S, N, K), dtype="float16", chunks=(1, n, K), shards=(G, n, K),
+                                    fill_value=np.nan, compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "rank"))
+        specs["topk_indices"] = dict(shape=(S, N, K), dtype=ids, chunks=(1, n, K), shards=(G, n, K),
+                                     fill_value=-1, compressors=_blosc(id_shuffle), dimension_names=("seed", "sample", "rank"))
+        specs["logsumexp"] = dict(shape=(S, N), dtype="float32", chunks=(1, n), shards=(G, n), fill_value=np.nan,
                                   compressors=_blosc("bitshuffle"), dimension_names=("seed", "sample"))
-    specs["argmax"] = dict(shape=(S, N), dtype=ids, chunks=(1, n), fill_value=-1,
+    specs["argmax"] = dict(shape=(S, N), dtype=ids, chunks=(1, n), shards=(G, n), fill_value=-1,
                            compressors=_blosc(id_shuffle), dimension_names=("seed", "sample"))
-    specs["digest"] = dict(shape=(S, N), dtype="uint32", chunks=(1, n), fill_value=0, compressors=None,
+    specs["digest"] = dict(shape=(S, N), dtype="uint32", chunks=(1, n), shards=(G, n), fill_value=0,
+                           compressors=None,
                            dimension_names=("seed", "sample"))
     if layout["store_logits"]:
-        specs["logits"] = dict(shape=(S, N, C), dtype="float16", chunks=(1, n, C), fill_value=np.nan,
-                               compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "class"))
-    specs["done"] = dict(shape=(S, len(layout["shard_counts"])), dtype="bool", chunks=(1, 1), fill_value=False,
+        specs["logits"] = dict(shape=(S, N, C), dtype="float16", chunks=(1, n, C), shards=(G, n, C),
+                               fill_value=np.nan, compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "class"))
+    specs["done"] = dict(shape=(S, len(layout["shard_counts"])), dtype="bool", chunks=(S, 1), fill_value=False,
                          compressors=[_crc()], dimension_names=("seed", "shard"))
     cols = record_fields(layout)
     specs["checksums"] = dict(shape=(S, len(layout["shard_counts"]), len(cols)), dtype="uint32",
-                              chunks=(1, 1, len(cols)), fill_value=0, compressors=[_crc()],
+                              chunks=(S, 1, len(cols)), fill_value=0, compressors=[_crc()],
                               dimension_names=("seed", "shard", "field"),
                               attributes={"checksum": "crc32c", "checksum_fields": list(cols)})
     return specs

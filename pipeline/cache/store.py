@@ -4,9 +4,10 @@ The arrays, chunks and codecs are pipeline.cache.layout; provenance records and 
 pipeline.cache.provenance; the targets kept per view pipeline.cache.targets; the writer lease
 pipeline.cache.lease; the integrity checks (checksums, invariants) and the repair pipeline.cache.integrity.
 
-Format version 3 (the only one read or written): per-unit checksum records tagged with their unit and store
-(pipeline.cache.layout), the crc32c chunk codec and a store id. Older stores (1: no checksums, 2: untagged records)
-are refused by name, with the fix: rebuild with ``overwrite=true``.
+Format version 4 (the only one read or written): the chunks of several seed indices of one shard packed per file
+(Zarr's sharding codec), per-unit checksum records tagged with their unit and store (pipeline.cache.layout), the
+crc32c chunk codec and a store id. Older stores (1: no checksums, 2: untagged records, 3: one file per array per
+unit) are refused by name, with the fix: rebuild with ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import zarr
 from pipeline import storage
 from pipeline.cache import integrity, lease
 from pipeline.cache.layout import (PER_VIEW, UNIT_TAG, ZARR_CONFIG, array_specs, check_layout_args, crc32c,
-                                   index_dtype, unit_tag)
+                                   file_coords, index_dtype, unit_tag)
 from pipeline.cache.provenance import (MISSING, _VERSION_LIBS, canonical, check_consistent, first_difference,
                                        library_versions, lookup, store_key, without)
 from pipeline.cache.targets import stored_arrays
@@ -33,7 +34,7 @@ from pipeline.errors import CacheError, ProvenanceMismatch, _fmt
 from pipeline.replay import CONTRACT_VERSION
 
 FORMAT = "deit-teacher-cache"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _FP16_MAX = float(np.finfo(np.float16).max)
 log = logging.getLogger("pipeline")
 
@@ -157,7 +158,8 @@ class CacheStore:
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise CacheError(f"{path}: cache format version {version}, this code reads and writes only version "
-                             f"{FORMAT_VERSION} (checksum records tagged with their unit and store): rebuild it "
+                             f"{FORMAT_VERSION} (units packed per file by shard, checksum records tagged with their unit "
+                             f"and store): rebuild it "
                              f"with overwrite=true (python -m pipeline.teacher_cache overwrite=true)")
         # Stores from before the contract was versioned carry no field: they were built under version 1.
         contract = attrs["provenance"].get("contract_version", 1)
@@ -240,7 +242,8 @@ class CacheStore:
         return stored_arrays(logits, self.topk, self.index_dtype, store_logits=self.store_logits)
 
     def write_unit(self, s: int, k: int, logits: np.ndarray, digest: np.ndarray) -> None:
-        """Write unit (seed s, shard k): exactly chunk (s, k) of every array, then set ``done[s, k]`` last.
+        """Write unit (seed s, shard k): exactly chunk (s, k) of every array (each write rewrites the file that
+        packs it: pipeline.cache.layout; this process must own shard k's column), then set ``done[s, k]`` last.
 
         ``logits``: float32 [count_k, C] in the shard's sample order; ``digest``: uint32 [count_k].
         The marker is cleared first, so a rewrite that dies midway leaves the unit pending, never half-valid.
@@ -383,15 +386,18 @@ class CacheStore:
         """Bytes of the whole store on disk (file sizes; ``allocated=True``: filesystem blocks)."""
         return storage.tree_size(self.path, allocated)
 
-    def _chunk_file(self, name: str, s: int, k: int) -> Path:
+    def unit_file(self, name: str, s: int, k: int) -> Path:
+        """The file (object) of array ``name`` that holds unit (s, k)'s chunk, with other seed indices' of shard k
+        (pipeline.cache.layout: one file per seeds_per_file seed indices of a shard; ``done`` and ``checksums``:
+        one per shard)."""
         arr = self._arrays[name]
-        coords = (s, k) + (0,) * (arr.ndim - 2)
-        return self.path / name / arr.metadata.encode_chunk_key(coords)
+        return self.path / name / arr.metadata.encode_chunk_key(file_coords(name, self.layout, s, k))
 
     def bytes_per_view(self, allocated: bool = False) -> dict[str, float]:
-        """{"total", <array>...}: bytes of the chunk files of done units / views in done units (NaN if none).
+        """{"total", <array>...}: bytes of the files holding done units / views in done units (NaN if none); exact
+        for a complete store (a file of a partly done shard counts whole).
 
-        ``done`` is included (its per-unit marker files); zarr.json metadata is not.
+        ``done`` and ``checksums`` are included; zarr.json metadata is not.
         """
         mask = self.done_mask()
         units = list(zip(*np.nonzero(mask)))
@@ -399,9 +405,9 @@ class CacheStore:
         out = {}
         for name in self.fields + ("done", "checksums"):
             b = 0
-            for s, k in units:
+            for f in {self.unit_file(name, int(s), int(k)) for s, k in units}:
                 try:
-                    st = self._chunk_file(name, int(s), int(k)).stat()
+                    st = f.stat()
                 except FileNotFoundError:
                     continue
                 b += st.st_blocks * 512 if allocated else st.st_size

@@ -3,20 +3,19 @@ agreement with the teacher), gathered with the other stages' metrics into one su
 
     python -m pipeline.evaluate                         # the run configured in conf/
     python -m pipeline.evaluate distill=soft            # the soft student (train.out_dir follows distill.mode)
-    python -m pipeline.evaluate --config-path $PWD --config-name params   # what `dvc repro` runs
+    python -m pipeline.evaluate --params params.yaml    # what `dvc repro` runs
 
-Writes `eval.out` (default metrics/student.json, git-tracked, read by `dvc metrics show` / `dvc exp show`): the
-student's flat metrics (`METRIC_KEYS`); the teacher's and the cache's are in metrics/teacher.json and cache.json.
+Writes `eval.out` (beside the run; under DVC metrics/student.json, read by `dvc metrics show` / `dvc exp show`): the
+student's flat metrics (`METRIC_KEYS`); the teacher's and the cache's are at teacher.train.metrics and cache.metrics.
 """
 
 import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 
 def _read(path) -> dict:
@@ -28,7 +27,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline import distributed
     from pipeline.config import augment_config, split_dir
     from pipeline.data.loader import ViewLoader
-    from pipeline.errors import MissingInput
+    from pipeline.finished import missing_student
     from pipeline.models.student import load_student
     from pipeline.models.teacher import load_runner
     from pipeline.train.losses import create_loss
@@ -42,7 +41,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.train.out_dir)
     student_path = out_dir / "student.pt"
     if not student_path.is_file():
-        raise MissingInput(f"{student_path}: no trained student (run python -m pipeline.train_student)")
+        raise missing_student(cfg, student_path)
     model = load_student(cfg.student, num_classes, student_path).to(ctx.device)
     runner = load_runner(cfg.teacher, num_classes, ctx.device, required=False)
     task = DistillationTask(create_loss(cfg.distill, num_classes), cfg.student.mean, cfg.student.std, ctx.device,
@@ -131,22 +130,19 @@ def format_table(s: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from pipeline.atomic import atomic_write_text
-    from pipeline.config import validate
 
-    with stage("evaluate"):
-        summary = evaluate_run(validate(cfg))
-        atomic_write_text(Path(cfg.eval.out), json.dumps(metrics(summary), indent=2) + "\n")
-        if cfg.eval.get("plots"):
-            out_dir = Path(cfg.train.out_dir)
-            copy_curves(out_dir, _read(out_dir / "history.json") or [], Path(cfg.eval.plots))
-        print(format_table(summary))
-        logging.getLogger("pipeline").info(f"metrics -> {cfg.eval.out}")
+    summary = evaluate_run(cfg)
+    atomic_write_text(Path(cfg.eval.out), json.dumps(metrics(summary), indent=2) + "\n")
+    if cfg.eval.get("plots"):
+        out_dir = Path(cfg.train.out_dir)
+        copy_curves(out_dir, _read(out_dir / "history.json") or [], Path(cfg.eval.plots))
+    print(format_table(summary))
+    logging.getLogger("pipeline").info(f"metrics -> {cfg.eval.out}")
 
 
 KEYS = ('train.out_dir', 'teacher.checkpoint', 'eval.out', 'eval.plots')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("evaluate", main, __doc__, KEYS)

@@ -11,7 +11,6 @@ Nothing here runs in a stage: hydra_plugins/pipeline_conf imports this module on
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -58,8 +57,8 @@ def refuse_unrestorable(cfg: DictConfig, root: Path) -> None:
     for key, path in _cached_outs(cfg, root):
         if (root / path).exists() and path not in owned:
             raise ConfigError(
-                f"{key}={path} exists and dvc.lock does not list it (made by hand?): a workspace experiment would "
-                "delete it before any stage runs, and DVC cannot restore it; move it away, or add --temp")
+                f"{key}={path} exists and dvc.lock does not list it (made by hand, or left by a failed run): DVC "
+                "would delete it before running any stage and could not restore it; move it away, or add --temp")
     src, data_root, shards = (OmegaConf.select(cfg, k) for k in ("data.source", "data.root", "data.shards"))
     if src == "folder" and data_root and "://" not in str(data_root) and not Path(data_root).is_dir():
         if not (root / os.path.normpath(shards)).exists():
@@ -98,15 +97,17 @@ def _one_line(record: logging.LogRecord) -> bool:
     line = config_error_line(exc) if record.msg == "unexpected error" and exc is not None else None
     if line is None:
         return True
-    print(f"dvc: error: config: {line}", file=sys.stderr, flush=True)
+    print(f"dvc exp run: error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(2)  # out of DVC's handler, before it writes its support banner; DVC's cleanup still runs
 
 
 def config_error_line(exc: BaseException) -> str | None:
-    """One line for a config error raised while DVC composes conf/, naming the key; None for anything else."""
+    """One line for a config error raised while DVC composes conf/, naming the key; None for anything else. The
+    wording is the stages' own (pipeline.cli, pipeline.compose)."""
     from hydra.errors import HydraException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline.cli import _config_message
     from pipeline.errors import UserError
 
     chain = []
@@ -114,45 +115,45 @@ def config_error_line(exc: BaseException) -> str | None:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
     user = next((e for e in chain if isinstance(e, UserError)), None)
-    if user is not None:
+    if user is not None:  # validate()'s ConfigError, or refuse_unrestorable's
         return str(user).splitlines()[0]
+    if isinstance(chain[0], HydraException):  # composing: an unknown key or group option, a bad override
+        return _composition_line(chain[0])
     keyed = [e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)]
-    if keyed:  # the innermost error that names its key (OmegaConf wraps it, Hydra adds its own first line)
-        key, exc = keyed[-1].full_key, keyed[-1]
-        if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-            near = closest_key(key)
-            return f"{key}: no such key" + (f" (did you mean {near}?)" if near else "")
-        return f"{key}: {str(exc).splitlines()[0]}"
-    hydra = next((e for e in chain if isinstance(e, HydraException)), None)
-    if hydra is None:
-        return None
-    parts: list[str] = []
-    for line in filter(None, (line.strip() for line in str(hydra).splitlines())):
-        if line.startswith(("Config search path", "See https://")):
-            break
-        listing = bool(parts) and (parts[-1].endswith(":") or parts[-1].endswith(","))
-        parts.append((" " if listing else "; ") + line if parts else line)
-        if listing and not parts[-1].endswith(":"):
-            parts[-1] += ","
-    return "".join(parts).rstrip(",")
+    if keyed:  # resolving: the innermost error naming its key (OmegaConf wraps it in an interpolation error)
+        return _config_message(keyed[-1])
+    return None
 
 
-def closest_key(key: str) -> str | None:
-    """The valid key of conf/'s default composition nearest to ``key``."""
-    from hydra import compose, initialize_config_dir
+def _composition_line(exc: BaseException) -> str:
+    """Hydra's composition error (unknown key, no such group option) as pipeline.compose words it."""
+    from pipeline.compose import compose
+    from pipeline.errors import UserError
 
-    from pipeline.params import CONF
+    try:
+        compose(set_params(sys.argv), config_name=_hydra_config_name(_repo_root()))
+    except UserError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001  (no better line than Hydra's own first one)
+        pass
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = OmegaConf.to_container(compose("config"), resolve=False)
-    keys = list(_flat(cfg))
-    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    return near[0] if near else None
+
+def set_params(argv: list[str]) -> list[str]:
+    """The Hydra overrides of `dvc exp run -S/--set-param [params.yaml:]key=value ...`."""
+    values, it = [], iter(argv)
+    for arg in it:
+        if arg in ("-S", "--set-param"):
+            values.append(next(it, ""))
+        elif arg.startswith("--set-param="):
+            values.append(arg.split("=", 1)[1])
+    return [re.sub(r"^[\w./-]+\.(yaml|yml|json|toml|py):", "", v) for v in values if v]
 
 
-def _flat(node, prefix=""):
-    if isinstance(node, dict) and node:
-        for k, v in node.items():
-            yield from _flat(v, f"{prefix}{k}.")
-    elif prefix:
-        yield prefix.rstrip(".")
+def _hydra_config_name(root: Path) -> str:
+    """DVC's `hydra.config_name` (.dvc/config, then config.local), default ``config``."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    return parser.get("hydra", "config_name", fallback="config").strip("'\"")

@@ -60,7 +60,7 @@ def refuse_unrestorable(cfg: DictConfig, root: Path) -> None:
                 f"{key}={path} exists and dvc.lock does not list it (made by hand, or left by a failed run): DVC "
                 "would delete it before running any stage and could not restore it; move it away, or add --temp")
     src, data_root, shards = (OmegaConf.select(cfg, k) for k in ("data.source", "data.root", "data.shards"))
-    if src == "folder" and data_root and "://" not in str(data_root) and not Path(data_root).is_dir():
+    if src == "folder" and data_root and "://" not in str(data_root) and not (root / str(data_root)).is_dir():
         if not (root / os.path.normpath(shards)).exists():
             raise ConfigError(f"data.root={data_root}: no such directory (make_shards would fail after DVC "
                               "removed the outputs the experiment replaces)")

@@ -63,7 +63,7 @@ stages() {  # phase 2: each stage once on the device, the toy set; each stage's 
     "${data[@]}" "cache.num_seeds=2" "train.epochs=2" "train.device=$dev" "train.compile=$COMPILE" \
     "train.dvclive=false" "replay.backend=batched" "replay.allow_backend_mismatch=true" "$@"
   step evaluate "$py" -m pipeline.evaluate "${data[@]}" "cache.num_seeds=2" "train.epochs=2" "$@"
-  cat "$w"/metrics/*.json
+  cat "$w"/runs/cache/*.json "$w"/runs/student/*/eval.json   # a run by hand keeps its metrics beside it
 }
 
 step() {  # step <name> <command...>: run it, then log its seconds (a failure stops phase 2 under set -e)

@@ -1,23 +1,23 @@
-"""The entry modules' shared behaviour: one log format, the config checked against the schema, and one error
-policy: a user error (pipeline.errors.UserError, or an invalid config key/value) prints one line naming the
-file, key or field and exits 2; anything else is a bug and keeps its traceback.
+"""The entry modules' shared behaviour: one log format, the config composed by the one rule (pipeline.compose)
+and checked against the schema, and one error policy: a user error (pipeline.errors.UserError, or an invalid
+config key/value) prints one line naming the file, key or field and exits 2; anything else is a bug and keeps
+its traceback.
 
-Hydra's run directory (``hydra.run.dir`` in conf/config.yaml) goes through the ``pipeline_run_dir`` resolver: the
-configured ``<workdir>/outputs/hydra/<time>`` when it can be created, else a directory under the system's temporary
-directory, so that read-only stages (verify_cache, evaluate with ``eval.out`` elsewhere) run on a read-only
-workdir."""
+    python -m pipeline.<stage> [overrides]                      # conf/ + overrides
+    python -m pipeline.<stage> --params params.yaml [overrides] # what a DVC stage runs
+    python -m pipeline.<stage> --help                           # what it does, its main keys"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import sys
-import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.errors import UserError
 from pipeline.logs import setup_logging
@@ -32,15 +32,30 @@ def stage(name: str):
     try:
         yield
     except UserError as exc:
-        print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
+        report(name, one_line(exc))
         raise SystemExit(2) from None
     except OmegaConfBaseException as exc:  # a missing (???), unknown or mistyped config key: names the key
-        print(f"{name}: error: config: {_config_message(exc)}", file=sys.stderr)
+        report(name, f"config: {_config_message(exc)}")
         raise SystemExit(2) from None
     finally:
         from pipeline import distributed
 
         distributed.cleanup()
+
+
+RANK_ERRORS = "PIPELINE_RANK_ERRORS"  # set by pipeline.launch: its ranks leave their error line there
+
+
+def report(name: str, message: str) -> None:
+    """``<name>: error: <message>`` on stderr; a rank started by pipeline.launch writes it to a file instead, and
+    the launcher prints each distinct line once (not once per rank, under torchrun's failure report)."""
+    line = f"{name}: error: {message}"
+    folder = os.environ.get(RANK_ERRORS)
+    if folder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(line + "\n")
+            return
+    print(line, file=sys.stderr)
 
 
 def one_line(exc: BaseException) -> str:
@@ -53,46 +68,42 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
-def run_dir(configured: str) -> str:
-    """Hydra's run directory: ``configured`` when it can be created, else one under the temporary directory."""
-    path = Path(configured)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if os.access(probe, os.W_OK | os.X_OK):
-        return configured
-    return str(Path(tempfile.gettempdir()) / "pipeline-hydra" / f"{path.name}-{os.getpid()}")
-
-
-if not OmegaConf.has_resolver("pipeline_run_dir"):
-    OmegaConf.register_new_resolver("pipeline_run_dir", run_dir)
-
-
 def _config_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", str(exc))
+    if missing:
+        return f"{missing.group(1)} is not set: add {missing.group(1)}=<value>"
+    if key and isinstance(exc, ConfigKeyError):
+        from pipeline.compose import suggest
+
+        return f"{key}: no such key{suggest(key)}"
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def main(hydra_main, doc: str, keys: tuple[str, ...]) -> None:
-    """Run a stage's ``hydra_main``; ``--help`` (or ``-h``) prints what the stage does (``doc``), its main keys
-    with their defaults under any overrides given beside it, and how to change them, instead of Hydra's generic
-    help and its full config dump."""
-    args = sys.argv[1:]
+def run(name: str, body, doc: str, keys: tuple[str, ...], argv: list[str] | None = None) -> None:
+    """A stage's command line: ``--help`` (or ``-h``) prints what the stage does (``doc``) and its main keys with
+    their values under any overrides given beside it; otherwise ``body(cfg)`` on the composed, checked config."""
+    from pipeline.compose import compose, split_params
+    from pipeline.config import validate
+
+    args = sys.argv[1:] if argv is None else list(argv)
     if "--help" in args or "-h" in args:
-        print(stage_help(doc, keys, [a for a in args if a not in ("--help", "-h")]))
-        raise SystemExit(0)
-    hydra_main()
+        with stage(name):
+            print(stage_help(doc, keys, [a for a in args if a not in ("--help", "-h")]))
+        return
+    with stage(name):
+        params, overrides = split_params(args)
+        body(validate(compose(overrides, params)))
 
 
-def stage_help(doc: str, keys: tuple[str, ...], overrides: list[str]) -> str:
-    from omegaconf import OmegaConf
+def stage_help(doc: str, keys: tuple[str, ...], args: list[str]) -> str:
+    from pipeline.compose import compose, split_params
+    from pipeline.config import validate
 
-    from pipeline.params import composed
-
-    cfg = OmegaConf.create(composed(overrides))
+    cfg = validate(compose(*reversed(split_params(args))))
     width = max(len(k) for k in keys)
     rows = [f"  {k:<{width}}  {OmegaConf.select(cfg, k)}" for k in keys]
-    return "\n".join([doc.strip(), "", "Main keys (defaults from conf/; override as key=value, groups as group=name):",
-                      *rows, "", "Every key: python -m pipeline.params [overrides] writes the composed config to "
-                      "params.yaml; docs/design.md explains the contract."])
+    return "\n".join([doc.strip(), "", "Main keys (from conf/ and the overrides given; change as key=value, groups as "
+                      "group=name):", *rows, "", "Every key: python -m pipeline.params [overrides] prints the composed "
+                      "config (nothing written); docs/design.md explains the contract."])

@@ -8,6 +8,7 @@ range checks name the key and the allowed range. Every entry module calls it fir
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -205,6 +206,10 @@ DEVICES = ("cache.device", "train.device", "teacher.train.device")
 
 def validate(cfg: DictConfig) -> DictConfig:
     """``cfg`` checked against the schema and the value ranges above; raises naming the key."""
+    missing = unset_keys(cfg)  # before the merge, where a schema default would hide a ???
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: add "
+                          f"{' '.join(k + '=<value>' for k in missing)}")
     checked = OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)  # unknown key / wrong type: names the key
     OmegaConf.resolve(checked)
     OmegaConf.to_container(checked, throw_on_missing=True)  # a ??? left unset: names the key
@@ -233,6 +238,18 @@ def validate(cfg: DictConfig) -> DictConfig:
     return checked
 
 
+def unset_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """The keys left ``???``, found without resolving anything (resolving may run ``pipeline_checked``)."""
+    out = []
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        if node._is_missing():
+            out.append(f"{prefix}{k}")
+        elif isinstance(node, DictConfig) and not node._is_none() and not node._is_interpolation():
+            out.extend(unset_keys(node, f"{prefix}{k}."))
+    return out
+
+
 def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
     """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
     aug = cfg.augment if augment is None else augment
@@ -256,5 +273,16 @@ def checked(value: Any, *, _root_: DictConfig) -> Any:
     return value
 
 
-if not OmegaConf.has_resolver("pipeline_checked"):
-    OmegaConf.register_new_resolver("pipeline_checked", checked)
+def slug(name: Any) -> str:
+    """``${pipeline_slug:<name>}``: a model name as one folder name (``local-dir:runs/x`` -> ``local-dir-runs-x``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "unnamed"
+
+
+def basename(path: Any) -> str:
+    """``${pipeline_basename:<path>}``: a folder's own name, as one folder name (``/data/mine/`` -> ``mine``)."""
+    return slug(Path(str(path).rstrip("/")).name)
+
+
+for _name, _fn in (("pipeline_checked", checked), ("pipeline_slug", slug), ("pipeline_basename", basename)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

@@ -13,10 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 
 def _read(path) -> dict:
@@ -131,22 +130,19 @@ def format_table(s: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from pipeline.atomic import atomic_write_text
-    from pipeline.config import validate
 
-    with stage("evaluate"):
-        summary = evaluate_run(validate(cfg))
-        atomic_write_text(Path(cfg.eval.out), json.dumps(metrics(summary), indent=2) + "\n")
-        if cfg.eval.get("plots"):
-            out_dir = Path(cfg.train.out_dir)
-            copy_curves(out_dir, _read(out_dir / "history.json") or [], Path(cfg.eval.plots))
-        print(format_table(summary))
-        logging.getLogger("pipeline").info(f"metrics -> {cfg.eval.out}")
+    summary = evaluate_run(cfg)
+    atomic_write_text(Path(cfg.eval.out), json.dumps(metrics(summary), indent=2) + "\n")
+    if cfg.eval.get("plots"):
+        out_dir = Path(cfg.train.out_dir)
+        copy_curves(out_dir, _read(out_dir / "history.json") or [], Path(cfg.eval.plots))
+    print(format_table(summary))
+    logging.getLogger("pipeline").info(f"metrics -> {cfg.eval.out}")
 
 
 KEYS = ('train.out_dir', 'teacher.checkpoint', 'eval.out', 'eval.plots')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("evaluate", main, __doc__, KEYS)

@@ -15,10 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 log = logging.getLogger("pipeline")
 
@@ -70,15 +69,12 @@ def export_student(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.config import validate
 
-    with stage("export"):
-        export_student(validate(cfg))
+    export_student(cfg)
 
 
 KEYS = ('export.checkpoint', 'export.out', 'export.push_to', 'student.name', 'train.out_dir')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("export", main, __doc__, KEYS)

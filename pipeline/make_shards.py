@@ -15,11 +15,10 @@ a refused overwrite, a full disk) exit with status 2 naming the file, and instal
 from __future__ import annotations
 
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 from pipeline.logs import progress
 
 
@@ -48,12 +47,9 @@ def make_shards(cfg: DictConfig) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.config import validate
 
-    with stage("make_shards"):
-        make_shards(validate(cfg))
+    make_shards(cfg)
 
 
 def _counted(samples, bar):
@@ -67,4 +63,4 @@ KEYS = ('data.name', 'data.source', 'data.root', 'data.shards', 'data.num_classe
         'data.max_side', 'overwrite')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("make_shards", main, __doc__, KEYS)

@@ -1,31 +1,51 @@
-"""`python -m pipeline.params [overrides...]`: compose conf/ into params.yaml, as DVC's Hydra integration does.
+"""`python -m pipeline.params [overrides]`: print the composed configuration (YAML, every key); nothing is written.
 
-`dvc exp run -S distill=soft` composes params.yaml itself (hydra.enabled in .dvc/config); plain `dvc repro`
-only reads the committed params.yaml, so after editing conf/ run this (tests check the two agree).
+    python -m pipeline.params                          # conf/ as every command composes it
+    python -m pipeline.params data=imagenet train=deit # the same with overrides
+    python -m pipeline.params --write                  # params.yaml for `dvc repro`: conf/dvc.yaml composed
+
+`dvc exp run -S key=value` composes params.yaml itself (hydra.enabled, config_name dvc in .dvc/config); plain
+`dvc repro` reads the committed params.yaml, so after editing conf/ run `--write` (a test checks they agree).
 """
+
+from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import pipeline.config  # noqa: F401  (registers ${pipeline_checked:...}: composing conf/ validates it)
+from pipeline import cli
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+DVC_CONFIG = "dvc"  # conf/dvc.yaml: what DVC composes into params.yaml
+WRITE = "--write"
 
 
-def composed(overrides: list[str] | None = None) -> dict:
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("config", overrides=list(overrides or []))
+def composed(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+    """conf/<config_name> with ``overrides``, checked and resolved, as plain containers."""
+    from pipeline.compose import compose
+    from pipeline.config import validate
+
+    cfg = compose(list(overrides or []), config_name=config_name)
+    validate(cfg)
     OmegaConf.resolve(cfg)
     return OmegaConf.to_container(cfg)
 
 
 def main(argv: list[str]) -> None:
-    cfg = OmegaConf.create(composed(argv))
-    Path("params.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-    print("params.yaml written", file=sys.stderr)
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip())
+        return
+    with cli.stage("params"):
+        write = WRITE in argv
+        text = OmegaConf.to_yaml(composed([a for a in argv if a != WRITE], DVC_CONFIG if write else "config"))
+        if not write:
+            sys.stdout.write(text)
+            return
+        from pipeline.atomic import atomic_write_text
+
+        atomic_write_text(Path("params.yaml"), text)
+        print("params.yaml written", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,41 +10,36 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from pipeline import distributed
     from pipeline.atomic import atomic_write_text
     from pipeline.cache.builder import build_cache, format_summary
     from pipeline.cache.verify import verify_cache
-    from pipeline.config import validate
 
-    with stage("teacher_cache"):
-        cfg = validate(cfg)
-        summary = build_cache(cfg)
-        if float(cfg.cache.verify_fraction) > 0:
-            distributed.cleanup()
-            summary["verify"] = check = verify_cache(cfg, float(cfg.cache.verify_fraction))
-            logging.getLogger("pipeline").info(json.dumps(check))
-            if not check["ok"]:
-                raise SystemExit(f"teacher cache re-check failed: {check}")
-        if "path" in summary:  # rank 0
-            print(format_summary(summary))
-            metrics = Path(cfg.cache.metrics)
-            if summary["units_computed"] == 0 and metrics.is_file():  # nothing to do: keep the build's numbers
-                logging.getLogger("pipeline").info(f"nothing to compute: {metrics} keeps the last build's metrics")
-            else:  # flat, for dvc metrics: the per-array bytes and the provenance stay in the store (verify_cache)
-                flat = {"bytes_per_view": summary.get("total"), "img_per_s": summary["img_per_s"],
-                        "seconds": summary["seconds"], "views": summary["views_written"]}
-                atomic_write_text(metrics, json.dumps(flat, indent=2) + "\n")
+    summary = build_cache(cfg)
+    if float(cfg.cache.verify_fraction) > 0:
+        distributed.cleanup()
+        summary["verify"] = check = verify_cache(cfg, float(cfg.cache.verify_fraction))
+        logging.getLogger("pipeline").info(json.dumps(check))
+        if not check["ok"]:
+            raise SystemExit(f"teacher cache re-check failed: {check}")
+    if "path" in summary:  # rank 0
+        print(format_summary(summary))
+        metrics = Path(cfg.cache.metrics)
+        if summary["units_computed"] == 0 and metrics.is_file():  # nothing to do: keep the build's numbers
+            logging.getLogger("pipeline").info(f"nothing to compute: {metrics} keeps the last build's metrics")
+        else:  # flat, for dvc metrics: the per-array bytes and the provenance stay in the store (verify_cache)
+            flat = {"bytes_per_view": summary.get("total"), "img_per_s": summary["img_per_s"],
+                    "seconds": summary["seconds"], "views": summary["views_written"]}
+            atomic_write_text(metrics, json.dumps(flat, indent=2) + "\n")
 
 
 KEYS = ('cache.path', 'cache.num_seeds', 'cache.topk', 'cache.batch_size', 'cache.num_workers', 'cache.device', 'cache.verify_fraction', 'teacher.name', 'teacher.checkpoint', 'augment.rand_augment', 'run_seed', 'overwrite')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("teacher_cache", main, __doc__, KEYS)

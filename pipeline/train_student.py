@@ -12,22 +12,18 @@ checkpoint-last.pt / checkpoint-prev.pt. User errors (provenance or digest misma
 schedule beyond the cached seeds, a bad config value) exit 2 with one line on stderr.
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.config import validate
     from pipeline.train.runs import train_student
 
-    with stage("train_student"):
-        train_student(validate(cfg))
+    train_student(cfg)
 
 
 KEYS = ('distill.mode', 'distill.source', 'student.name', 'train.epochs', 'train.batch_size', 'train.lr', 'train.out_dir', 'train.resume', 'cache.path', 'cache.cycle')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("train_student", main, __doc__, KEYS)

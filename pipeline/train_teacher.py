@@ -11,26 +11,22 @@ auto-resume (`teacher.train.resume`), DDP under torchrun. User errors exit 2 wit
 
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.config import validate
     from pipeline.train.runs import train_teacher
 
-    with stage("train_teacher"):
-        m = train_teacher(validate(cfg))
-        if m:
-            logging.getLogger("pipeline").info(
-                f"teacher {m['teacher']}: val_acc {m['val_acc']:.4f} after {m['epochs']} epochs "
-                f"({m['img_per_s']:.0f} img/s, {m['seconds']:.0f} s) -> {m['checkpoint']}")
+    m = train_teacher(cfg)
+    if m:
+        logging.getLogger("pipeline").info(
+            f"teacher {m['teacher']}: val_acc {m['val_acc']:.4f} after {m['epochs']} epochs "
+            f"({m['img_per_s']:.0f} img/s, {m['seconds']:.0f} s) -> {m['checkpoint']}")
 
 
 KEYS = ('teacher.name', 'teacher.checkpoint', 'teacher.train.epochs', 'teacher.train.batch_size', 'teacher.train.lr', 'teacher.train.out_dir', 'teacher.train.resume', 'data.shards')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("train_teacher", main, __doc__, KEYS)

@@ -12,28 +12,23 @@ logsumexp and digests. Prints the damaged units (stderr) and a JSON report (stdo
 import json
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import main as cli_main, stage
+from pipeline import cli
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from pipeline.cache.verify import format_damage, verify_cache
-    from pipeline.config import validate
 
-    with stage("verify_cache"):
-        cfg = validate(cfg)
-        result = verify_cache(cfg, float(cfg.cache.verify_fraction))
-        for line in format_damage(result):
-            print(line, file=sys.stderr)
-        print(json.dumps(result, indent=2))
-        if not result["ok"]:
-            raise SystemExit(1)
+    result = verify_cache(cfg, float(cfg.cache.verify_fraction))
+    for line in format_damage(result):
+        print(line, file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    if not result["ok"]:
+        raise SystemExit(1)
 
 
 KEYS = ('cache.path', 'cache.verify_fraction', 'cache.tolerance', 'teacher.checkpoint', 'data.shards', 'run_seed')
 
 if __name__ == "__main__":
-    cli_main(main, __doc__, KEYS)
+    cli.run("verify_cache", main, __doc__, KEYS)

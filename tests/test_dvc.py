@@ -32,17 +32,21 @@ METRICS = {"metrics/teacher.json": {"acc", "img_per_s", "seconds"},
 
 def test_committed_params_yaml_is_the_composition_of_conf():
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert committed == composed(), "params.yaml is stale: run `python -m pipeline.params`"
+    assert committed == composed(config_name="dvc"), "params.yaml is stale: run `python -m pipeline.params --write`"
 
 
 def test_composing_conf_validates_it():
-    """conf/config.yaml's eval.out resolves through pipeline_checked: a bad value fails the composition itself."""
+    """eval.out resolves through pipeline_checked: a bad value fails the composition itself, as DVC resolves it."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationResolutionError
 
-    with pytest.raises(InterpolationResolutionError, match=r"distill.mode='sotf' is not one of"):
-        composed(["distill.mode=sotf"])
-    with pytest.raises(InterpolationResolutionError, match=r"train.epochs=0 must be >= 1"):
-        composed(["train.epochs=0"])
+    from pipeline.compose import compose
+
+    for name in ("config", "dvc"):
+        with pytest.raises(InterpolationResolutionError, match=r"distill.mode='sotf' is not one of"):
+            OmegaConf.resolve(compose(["distill.mode=sotf"], config_name=name))
+        with pytest.raises(InterpolationResolutionError, match=r"train.epochs=0 must be >= 1"):
+            OmegaConf.resolve(compose(["train.epochs=0"], config_name=name))
 
 
 def _run(cmd, cwd, timeout=900, check=True):
@@ -94,7 +98,7 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
         if (REPO / f).is_file() and not f.startswith("metrics/"):
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, work / f)
-    _run([sys.executable, "-m", "pipeline.params", *SMALL], work)
+    _run([sys.executable, "-m", "pipeline.params", "--write", *SMALL], work)
     _run(["git", "init", "-q"], work)
     _git(work, "add", "-A")
     _git(work, "commit", "-qm", "init")

@@ -72,7 +72,7 @@ def test_dvc_push_and_pull_through_an_s3_remote(s3, tmp_path):
         if (REPO / f).is_file() and not f.startswith("metrics/"):
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, work / f)
-    _run([sys.executable, "-m", "pipeline.params", *SMALL], work)
+    _run([sys.executable, "-m", "pipeline.params", "--write", *SMALL], work)
     _run(["git", "init", "-q"], work)
     _git(work, "add", "-A")
     _git(work, "commit", "-qm", "init")

@@ -62,7 +62,8 @@ def trained(tmp_path_factory):
     proc = run_cli("pipeline.train_teacher", f"workdir={work}", f"data.shards={data}", *TRAIN_OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = work / "runs" / "teacher" / "toy-resnet10t"
-    flat = json.loads((work / "metrics" / "teacher.json").read_text())  # teacher.train.metrics: dvc's numbers
+    flat = json.loads((out / "train" / "metrics.json").read_text())  # teacher.train.metrics: the flat numbers
+    assert not (work / "metrics").exists()  # a run by hand never writes the project's git-tracked metrics/
     record = json.loads((out / "train" / "run.json").read_text())  # the run's full record
     assert flat == {"acc": record["val_acc"], "img_per_s": record["img_per_s"], "seconds": record["seconds"]}
     return work, data, out / "teacher.pt", record

@@ -73,14 +73,15 @@ def imagenet_script(tree: Path, nproc: int = 2) -> tuple[str, list[str]]:
     return add_caps(code, IMAGENET_CAPS)
 
 
-def imagenet_prelude(tree: Path) -> str:
-    """What the two-node blocks take from the ImageNet block ("$R as in the ImageNet example above", shards made
-    once on one node): its variable lines and its make_shards line, capped."""
+def imagenet_lines(tree: Path, make_shards: bool = False) -> str:
+    """What the two-node blocks take from the ImageNet block ("$R as in the ImageNet example above"): its variable
+    lines; with ``make_shards``, also its make_shards line (capped), run once on one node before them."""
     script, _ = imagenet_script(tree)
+    starts = ("IMAGENET=", "R=", *(("python -m pipeline.make_shards ",) if make_shards else ()))
     lines, keep = script.splitlines(), []
     for i, line in enumerate(lines):
         continued = i > 0 and lines[i - 1].endswith("\\") and keep and keep[-1] == lines[i - 1]
-        if line.startswith(("IMAGENET=", "R=", "python -m pipeline.make_shards ")) or continued:
+        if line.startswith(starts) or continued:
             keep.append(line)
     return "\n".join(keep) + "\n"
 
@@ -216,7 +217,7 @@ def check_student(out_dir: Path, world_size: int) -> dict:
 
     metrics = json.loads((out_dir / METRICS).read_text())
     assert (out_dir / STUDENT).is_file() and metrics["world_size"] == world_size, metrics
-    assert 0 <= metrics["acc"] <= 1 and metrics["img_per_s"] > 0, metrics
+    assert 0 <= metrics["val_acc"] <= 1 and metrics["img_per_s"] > 0 and metrics["epochs"] == 1, metrics
     return metrics
 
 
@@ -275,7 +276,7 @@ def test_every_readme_bash_block_is_run_by_a_test(tmp_path):
     assert seen == here, seen
     # Every substitution matches once and every stage command gets the caps (asserted inside).
     imagenet_script(tmp_path)
-    imagenet_prelude(tmp_path)
+    assert "make_shards" in imagenet_lines(tmp_path, make_shards=True) and "R=" in imagenet_lines(tmp_path)
     static_scripts(1)
     c10d_script(1)
     slurm_script(tmp_path, tmp_path, 1)
@@ -297,10 +298,11 @@ def test_imagenet_block_on_one_node_with_two_ranks(work, imagenet_tree, hub, tmp
 
 
 def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: Path) -> list[str]:
+    """The ImageNet block's shards once, then one script per "node", all started at once, each after $R."""
     env = _env(work, hf_home)
-    run_script(imagenet_prelude(tree), work, env, tmp / "shards.log")
+    run_script(imagenet_lines(tree, make_shards=True), work, env, tmp / "shards.log")
     logs = [tmp / f"node{k}.log" for k in range(len(scripts))]
-    return finish([start(s, work, env, log) for s, log in zip(scripts, logs)], logs)
+    return finish([start(imagenet_lines(tree) + s, work, env, log) for s, log in zip(scripts, logs)], logs)
 
 
 @pytest.mark.slow
@@ -362,9 +364,9 @@ def test_own_data_block_with_a_hub_teacher(work, hub, tmp_path):
     hf_home, repos = hub
     root = stand_ins.own_folder(tmp_path / "mine")
     run_script(own_script(root), work, _env(work, hf_home), tmp_path / "own.log")
-    check_shards(work / "data/shards/folder", 12, 6, 3)
-    teacher = work / "runs/teacher/folder-convnext_tiny.fb_in1k/teacher.pt"
-    check_store(work / "cache/folder-convnext_tiny.fb_in1k-s2.zarr", seeds=2, samples=12, topk=5, classes=3,
+    check_shards(work / "data/shards/mine", 12, 6, 3)
+    teacher = work / "runs/teacher/mine-convnext_tiny.fb_in1k/teacher.pt"
+    check_store(work / "cache/mine-convnext_tiny.fb_in1k-s2.zarr", seeds=2, samples=12, topk=3, classes=3,
                 teacher="convnext_tiny.fb_in1k", weights_sha256=weights_sha256(teacher))
     # train_teacher fine-tuned the hub weights (one epoch from them), not a random init.
     from safetensors.torch import load_file

@@ -126,8 +126,8 @@ def hf_cache(hf_home: Path, model_names: list[str]) -> dict[str, str]:
 
 SRUN = '''#!/usr/bin/env python3
 """Fake srun: SLURM_NNODES copies of its command (one task per node), each with SLURM_NODEID/SLURM_PROCID;
---kill-on-bad-exit: the first copy that fails stops the others (SIGTERM, then SIGKILL). Exits with the first
-failing copy's status."""
+--kill-on-bad-exit: the first copy that fails stops the others (SIGTERM, then SIGKILL). Exits with that copy's
+status (without the option: the first non-zero status, 128 + N for a signal)."""
 import os, signal, subprocess, sys, time
 
 args, kill = sys.argv[1:], False
@@ -156,7 +156,7 @@ while any(p.poll() is None for p in procs):
                 p.kill()
     time.sleep(0.2)
 codes = [p.returncode for p in procs]
-bad = next((c for c in codes if c), 0)
+bad = failed.returncode if failed is not None else next((c for c in codes if c), 0)
 sys.exit(bad if bad > 0 else (128 - bad if bad < 0 else 0))
 '''
 

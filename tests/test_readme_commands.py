@@ -52,9 +52,11 @@ ELSEWHERE = {
     ("Two commands", "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest -q"):
         ".ci/run (README command 2)",
     ("Artefacts through a DVC remote", "dvc remote add -d storage s3://my-bucket/dvc && dvc remote modify storage "
-                                       "endpointurl https://s3.example.com"): "tests/test_dvc_remote.py",
+                                       "endpointurl https://s3.example.com"):
+        "tests/test_dvc_remote.py (the same dvc commands as argument lists, against moto's S3)",
     ("Results", ".venv/bin/python -m bench.accuracy          # Fashion-MNIST study, 3 seeds x 7 student runs: "
-                "~76 min on 2 cores, resumable"): "tests/test_bench.py (run_all --quick, accuracy on tiny sizes)",
+                "~76 min on 2 cores, resumable"):
+        "tests/test_bench.py (bench.run_all --quick and bench.accuracy on tiny sizes, not these full runs)",
 }
 # Other fenced blocks that are code: the python example (run verbatim by tests/test_api.py).
 OTHER_CODE = {("Use the cache from your own training loop", "python"): "tests/test_api.py"}
@@ -282,6 +284,23 @@ def test_every_readme_bash_block_is_run_by_a_test(tmp_path):
     slurm_script(tmp_path, tmp_path, 1)
     bucket_script("http://127.0.0.1:1")
     own_script(tmp_path)
+
+
+def test_fake_srun_runs_a_copy_per_node_and_kills_on_bad_exit(tmp_path):
+    """The Slurm stand-in itself: one copy per node with SLURM_NODEID; with --kill-on-bad-exit=1 a failing node
+    stops the other at once, and srun exits with its status."""
+    bin_dir = stand_ins.fake_slurm(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2"}
+    ok = subprocess.run(["srun", "bash", "-c", 'echo "node $SLURM_NODEID"'], env=env, capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0 and sorted(ok.stdout.split("\n")[:2]) == ["node 0", "node 1"], ok
+    assert subprocess.run(["scontrol", "show", "hostnames", "n[0-1]"], env=env, capture_output=True, text=True,
+                          check=True).stdout == "localhost\nlocalhost\n"
+    t0 = time.monotonic()
+    bad = subprocess.run(["srun", "--kill-on-bad-exit=1", "bash", "-c",
+                          '[[ $SLURM_NODEID == 1 ]] && exit 3; exec sleep 120'], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 3 and time.monotonic() - t0 < 30 and "task 1 exited 3" in bad.stderr, bad
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ OWN = "Precompute soft labels for your own data"
 HUB_MODELS = ["regnety_160.deit_in1k", "convnext_tiny.fb_in1k"]  # what README's teacher names resolve to
 
 # Caps only: sample limits (and shards small enough to give every rank one), seeds, epochs, batches, workers.
-IMAGENET_CAPS = ("data.train_limit=16 data.val_limit=8 data.shard_size=4 cache.num_seeds=1 cache.batch_size=8 "
+IMAGENET_CAPS = ("data.train_limit=8 data.val_limit=4 data.shard_size=2 cache.num_seeds=1 cache.batch_size=8 "
                  "cache.num_workers=0 train.epochs=1 train.batch_size=4 train.num_workers=0")
 TOY_CAPS = ("data.train_size=128 data.val_size=64 data.shard_size=32 teacher.train.epochs=1 "
             "teacher.train.num_workers=0 cache.num_seeds=1 cache.num_workers=0 train.epochs=1 train.batch_size=32 "
@@ -310,8 +310,8 @@ def test_imagenet_block_on_one_node_with_two_ranks(work, imagenet_tree, hub, tmp
     assert hit == ["params", "make_shards", "teacher_cache", "train_student"], hit
     out = run_script(script, work, _env(work, hf_home), tmp_path / "imagenet.log")
     assert "name: regnety_160.deit_in1k" in out  # pipeline.params printed the composed config
-    check_shards(work / "data/shards/imagenet", 16, 8, 1000)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=16, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_shards(work / "data/shards/imagenet", 8, 4, 1000)
+    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", world_size=2)
 
@@ -328,9 +328,9 @@ def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: P
 def test_two_node_block_static_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
     logs = _two_nodes(static_scripts(_free_port()), work, imagenet_tree, hf_home, tmp_path)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=16, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
-    assert sum("16 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
+    assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
 
 
 @pytest.mark.slow
@@ -338,9 +338,9 @@ def test_two_node_block_c10d_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
     script = c10d_script(_free_port())
     logs = _two_nodes([script, script], work, imagenet_tree, hf_home, tmp_path)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=16, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
-    assert sum("16 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]
+    assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]
 
 
 @pytest.mark.slow
@@ -350,11 +350,11 @@ def test_slurm_script_with_fake_srun(work, imagenet_tree, hub, tmp_path):
     env = _env(work, hf_home, bin_dir, SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242",
                SLURM_JOB_NAME="deit-distill", SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(tmp_path))
     out = run_script(slurm_script(work, imagenet_tree, _free_port()), tmp_path, env, tmp_path / "slurm.log")
-    check_shards(work / "data/shards/imagenet", 16, 8, 1000)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=16, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_shards(work / "data/shards/imagenet", 8, 4, 1000)
+    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", world_size=2)
-    assert out.count("16 views written") == 1, out[-3000:]
+    assert out.count(": 8 views written") == 1, out[-3000:]
 
 
 @pytest.mark.slow
@@ -381,11 +381,11 @@ def test_own_data_block_with_a_hub_teacher(work, hub, tmp_path):
     from pipeline.models.teacher import read_state_dict, weights_sha256
 
     hf_home, repos = hub
-    root = stand_ins.own_folder(tmp_path / "mine")
+    root = stand_ins.own_folder(tmp_path / "mine", train=2, val=1)
     run_script(own_script(root), work, _env(work, hf_home), tmp_path / "own.log")
-    check_shards(work / "data/shards/mine", 12, 6, 3)
+    check_shards(work / "data/shards/mine", 6, 3, 3)
     teacher = work / "runs/teacher/mine-convnext_tiny.fb_in1k/teacher.pt"
-    check_store(work / "cache/mine-convnext_tiny.fb_in1k-s2.zarr", seeds=2, samples=12, topk=3, classes=3,
+    check_store(work / "cache/mine-convnext_tiny.fb_in1k-s2.zarr", seeds=2, samples=6, topk=3, classes=3,
                 teacher="convnext_tiny.fb_in1k", weights_sha256=weights_sha256(teacher))
     # train_teacher fine-tuned the hub weights (one epoch from them), not a random init.
     from safetensors.torch import load_file

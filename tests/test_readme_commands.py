@@ -214,12 +214,16 @@ def check_store(path, *, seeds: int, samples: int, topk: int, classes: int, teac
     return store
 
 
-def check_student(out_dir: Path, world_size: int) -> dict:
+def check_student(out_dir: Path, world_size: int, log: str, agreement: bool) -> dict:
+    """A trained student with its metrics; with ``agreement``, measured against the cache's own teacher."""
     from pipeline.train.runs import METRICS, STUDENT
 
     metrics = json.loads((out_dir / METRICS).read_text())
     assert (out_dir / STUDENT).is_file() and metrics["world_size"] == world_size, metrics
     assert 0 <= metrics["val_acc"] <= 1 and metrics["img_per_s"] > 0 and metrics["epochs"] == 1, metrics
+    if agreement:
+        assert 0 <= metrics["val_agree_teacher"] <= 1, metrics
+        assert "differ from the cache's teacher" not in log, log[-3000:]
     return metrics
 
 
@@ -313,7 +317,7 @@ def test_imagenet_block_on_one_node_with_two_ranks(work, imagenet_tree, hub, tmp
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
     check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
-    check_student(work / "runs/student/imagenet-hard-cache", world_size=2)
+    check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
 
 
 def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: Path) -> list[str]:
@@ -353,7 +357,7 @@ def test_slurm_script_with_fake_srun(work, imagenet_tree, hub, tmp_path):
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
     check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
-    check_student(work / "runs/student/imagenet-hard-cache", world_size=2)
+    check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
     assert out.count(": 8 views written") == 1, out[-3000:]
 
 
@@ -365,12 +369,12 @@ def test_object_storage_block_against_s3(work, s3, hub, tmp_path):
 
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="my-bucket")  # README's bucket name
-    run_script(bucket_script(endpoint), work, _env(work, hub[0]), tmp_path / "s3.log")
+    out = run_script(bucket_script(endpoint), work, _env(work, hub[0]), tmp_path / "s3.log")
     check_shards("s3://my-bucket/toy", 128, 64, 10)
     teacher = work / "runs/teacher/toy-regnety_002/teacher.pt"
     check_store("s3://my-bucket/cache/toy.zarr", seeds=1, samples=128, topk=10, classes=10, teacher="regnety_002",
                 weights_sha256=weights_sha256(teacher))
-    check_student(work / "runs/student/toy-hard-cache", world_size=1)
+    check_student(work / "runs/student/toy-hard-cache", 1, out, agreement=True)
     assert not (work / "data").exists() and not (work / "cache").exists()  # shards and cache only in the bucket
 
 

@@ -3,10 +3,10 @@ agreement with the teacher), gathered with the other stages' metrics into one su
 
     python -m pipeline.evaluate                         # the run configured in conf/
     python -m pipeline.evaluate distill=soft            # the soft student (train.out_dir follows distill.mode)
-    python -m pipeline.evaluate --config-path $PWD --config-name params   # what `dvc repro` runs
+    python -m pipeline.evaluate --params params.yaml    # what `dvc repro` runs
 
-Writes `eval.out` (default metrics/student.json, git-tracked, read by `dvc metrics show` / `dvc exp show`): the
-student's flat metrics (`METRIC_KEYS`); the teacher's and the cache's are in metrics/teacher.json and cache.json.
+Writes `eval.out` (beside the run; under DVC metrics/student.json, read by `dvc metrics show` / `dvc exp show`): the
+student's flat metrics (`METRIC_KEYS`); the teacher's and the cache's are at teacher.train.metrics and cache.metrics.
 """
 
 import json
@@ -27,7 +27,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline import distributed
     from pipeline.config import augment_config, split_dir
     from pipeline.data.loader import ViewLoader
-    from pipeline.errors import MissingInput
+    from pipeline.finished import missing_student
     from pipeline.models.student import load_student
     from pipeline.models.teacher import load_runner
     from pipeline.train.losses import create_loss
@@ -41,7 +41,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.train.out_dir)
     student_path = out_dir / "student.pt"
     if not student_path.is_file():
-        raise MissingInput(f"{student_path}: no trained student (run python -m pipeline.train_student)")
+        raise missing_student(cfg, student_path)
     model = load_student(cfg.student, num_classes, student_path).to(ctx.device)
     runner = load_runner(cfg.teacher, num_classes, ctx.device, required=False)
     task = DistillationTask(create_loss(cfg.distill, num_classes), cfg.student.mean, cfg.student.std, ctx.device,

@@ -38,13 +38,13 @@ def export_student(cfg: DictConfig) -> Path:
     """Write ``export.out`` (replacing a previous export only once the new one is complete); push when asked."""
     import torch
 
-    from pipeline.errors import MissingInput, WriteError
+    from pipeline.errors import WriteError
+    from pipeline.finished import missing_student
     from pipeline.models.student import export_config, load_student, push_timm, save_timm_folder
 
     ckpt, out = Path(cfg.export.checkpoint), Path(cfg.export.out)
     if not ckpt.is_file():
-        raise MissingInput(f"{ckpt}: no trained student (run python -m pipeline.train_student, or set "
-                           f"export.checkpoint=<path to student.pt>)")
+        raise missing_student(cfg, ckpt)
     num_classes, names = _classes(cfg, torch.load(ckpt, map_location="cpu", weights_only=True))
     model = load_student(cfg.student, num_classes, ckpt)
     model_args, data_config = export_config(cfg.student, num_classes, crop_pct=float(cfg.data.crop_pct),

@@ -19,7 +19,9 @@ from pipeline import cli
 
 def main(cfg: DictConfig) -> None:
     from pipeline.cache.verify import format_damage, verify_cache
+    from pipeline.finished import require_store
 
+    require_store(cfg)
     result = verify_cache(cfg, float(cfg.cache.verify_fraction))
     for line in format_damage(result):
         print(line, file=sys.stderr)

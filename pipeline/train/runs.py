@@ -22,6 +22,7 @@ from pipeline.config import augment_config, split_dir
 from pipeline.data.loader import ViewLoader
 from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, TeacherError
+from pipeline.finished import require_store, write_run_config
 from pipeline.models.student import create_student, plain_state_dict, unwrap
 from pipeline.models.teacher import create_teacher, load_runner, teacher_provenance, weights_sha256
 from pipeline.train.losses import create_loss
@@ -180,6 +181,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
             atomic_save(plain_state_dict(unwrap(ema.module)), out / STUDENT_EMA)
         atomic_write_text(out / HISTORY, json.dumps(history, indent=1) + "\n")
         atomic_write_text(out / METRICS, json.dumps(final, indent=2) + "\n")
+        write_run_config(cfg, out)
         log.info(f"student -> {out / STUDENT}; metrics -> {out / METRICS}")
     distributed.barrier()
     final["history"] = history
@@ -198,6 +200,7 @@ def _schedule(cfg, mode, source, cached, manifest, aug):
     epochs, cycle, repeats = int(cfg.train.epochs), bool(cfg.cache.cycle), _repeats(cfg)
     store = None
     if cached:
+        require_store(cfg)
         store, notes = open_cache(cfg.cache.path, manifest=manifest, aug=aug, run_seed=int(cfg.run_seed), mode=mode)
         for note in notes:
             log.warning(f"warning: {note}")

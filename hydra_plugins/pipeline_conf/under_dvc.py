@@ -107,7 +107,7 @@ def config_error_line(exc: BaseException) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline.cli import _config_message
+    from pipeline.cli import config_message
     from pipeline.errors import UserError
 
     chain = []
@@ -121,7 +121,7 @@ def config_error_line(exc: BaseException) -> str | None:
         return _composition_line(chain[0])
     keyed = [e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)]
     if keyed:  # resolving: the innermost error naming its key (OmegaConf wraps it in an interpolation error)
-        return _config_message(keyed[-1])
+        return config_message(keyed[-1])
     return None
 
 

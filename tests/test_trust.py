@@ -284,6 +284,9 @@ def test_targets_are_checksummed_and_every_read_is_verified(tmp_path):
     store._chunk_file("argmax", 0, 1).unlink()  # a deleted chunk reads as fill values: its checksum fails
     with pytest.raises(CacheError, match=r"field 'argmax' does not match its checksum"):
         store.read_unit(0, 1, ["argmax"])
+    store._chunk_file("checksums", 0, 1).unlink()  # a deleted record: named as such, never trusted
+    with pytest.raises(CacheError, match=r"unit \(seed 0, shard 1\): field 'checksums': no checksum record"):
+        store.read_unit(0, 1, ["digest"])
     store.release_lease()
 
 

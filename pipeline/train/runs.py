@@ -152,7 +152,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
                               num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
                               world_size=ctx.world_size, pin_memory=cuda, repeats=_repeats(cfg),
                               backend=cfg.replay.backend, device=ctx.device,
-                              extras=CacheTargets(store.path, MODE_FIELDS[mode]) if cached else None)
+                              extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
     val_loader = None
     if loop.val and (val_world > 1 or ctx.is_main):
@@ -167,6 +167,8 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
         "epochs": loop.epochs, "global_batch": global_batch, "lr": loop.lr, "weight_decay": loop.weight_decay,
         "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
         "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
+        # the targets: a resume on a store rebuilt by another teacher (or layout) is refused, naming this field
+        "cache_store_key": store.key if cached else None,
         "total_updates": _total_updates(train_loader, loop)}
     log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
              f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "

@@ -287,6 +287,9 @@ def test_targets_are_checksummed_and_every_read_is_verified(tmp_path):
     put_chunk(store, "argmax", 0, 1, None)  # a removed chunk reads as fill values: its checksum fails
     with pytest.raises(CacheError, match=r"field 'argmax' does not match its checksum"):
         store.read_unit(0, 1, ["argmax"])
+    unset(store, "checksums", 0, 1)  # a removed record: named as such, never trusted
+    with pytest.raises(CacheError, match=r"unit \(seed 0, shard 1\): field 'checksums': no checksum record"):
+        store.read_unit(0, 1, ["digest"])
     store.release_lease()
 
 
@@ -322,7 +325,7 @@ def test_integrity_check_finds_each_kind_of_damage_without_the_teacher(tmp_path)
         (0, 0): (lambda: rewrite(store, 0, 0, "logsumexp", lambda a: a - 2.0, True), "softmax mass"),
         (0, 1): (lambda: rewrite(store, 0, 1, "argmax", lambda a: (a + 1) % 10, True), "argmax != top-1 index"),
         (1, 0): (lambda: rewrite(store, 1, 0, "topk_values", lambda a: a[:, ::-1].copy(), True), "not descending"),
-        (1, 1): (lambda: unset(store, "checksums", 1, 1), "field 'checksums': chunk missing"),
+        (1, 1): (lambda: unset(store, "checksums", 1, 1), "field 'checksums': no checksum record"),
     }
     for fn, _ in damage.values():
         fn()
@@ -508,6 +511,32 @@ def test_a_store_rebuilt_by_another_teacher_under_a_student_stops_it_naming_the_
 
 
 # -------------------------------------------------------------------------------- concurrency, real processes
+@pytest.mark.slow
+def test_a_student_process_whose_store_is_rebuilt_while_it_is_paused_exits_2_naming_the_store(env, foreign,
+                                                                                              tmp_path):
+    """Real processes: the student paused (SIGSTOP) after its first epoch's checkpoint, teacher_cache
+    overwrite=true rebuilds the store with another teacher (a student holds no lease), the student resumed: its
+    next unit read stops it, one line, exit 2. Epochs 3-4 (views cycled) read units only after the rebuild."""
+    path = tmp_path / "c.zarr"
+    shutil.copytree(env.ref, path)
+    out = tmp_path / "s"
+    student = start("train_student", *env.overrides(path, *STUDENT, "train.epochs=4", "cache.cycle=true",
+                                                    f"train.out_dir={out}"), log=tmp_path / "student")
+    try:
+        wait_for(lambda: (out / "checkpoint-last.pt").is_file(), "the first epoch's checkpoint", proc=student)
+        os.kill(student.pid, signal.SIGSTOP)
+        proc = run("teacher_cache", *env.overrides(path, "overwrite=true", f"teacher.checkpoint={foreign.teacher}"),
+                   threads=None)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        os.kill(student.pid, signal.SIGCONT)
+        rc, _, err = finish(student)
+    finally:
+        stop_for_good(student)
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert f"train_student: error: {path}: the cache store was replaced or removed since this run opened it" in err
+    assert not (out / "student.pt").exists() and not (out / "metrics.json").exists()  # no model from mixed targets
+
+
 @pytest.mark.slow
 def test_while_a_writer_is_paused_a_second_writer_overwrite_and_train_student_are_refused(env, tmp_path):
     store = tmp_path / "c.zarr"

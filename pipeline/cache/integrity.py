@@ -59,8 +59,8 @@ def _record(store, s: int, k: int) -> tuple[dict[str, int], str | None]:
         row = store._arrays["checksums"][s, k]
     except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
         return {}, f"chunk {why(e)}"
-    if not np.any(row):  # the fill value: no record was ever written into this unit's chunk
-        return {}, "chunk missing"
+    if not np.any(row):  # the fill value: no record was written into this unit's chunk (or it was removed)
+        return {}, "no checksum record (never written, or its chunk is missing)"
     record = {f: int(v) for f, v in zip(store.checksum_fields + (UNIT_TAG,), row)}
     return record, tag_problem(store, s, k, record.pop(UNIT_TAG))
 
@@ -69,11 +69,13 @@ def tag_problem(store, s: int, k: int, tag: int) -> str | None:
     """What is wrong with the unit tag a record of unit (s, k) carries, or None when it is this unit's."""
     if tag == unit_tag(store.key, s, k):
         return None
-    for s2 in range(store.num_seeds):  # a unit of this store copied over another: name it
-        for k2 in range(store.num_shards):
-            if tag == unit_tag(store.key, s2, k2):
-                return (f"the record belongs to unit (seed {s2}, shard {k2}): that unit was copied over this one "
-                        f"(its targets are another seed index's or shard's)")
+    if getattr(store, "_unit_tags", None) is None:  # built once per store, on the first wrong tag
+        store._unit_tags = {unit_tag(store.key, a, b): (a, b)
+                            for a in range(store.num_seeds) for b in range(store.num_shards)}
+    if tag in store._unit_tags:  # a unit of this store copied over another: name it
+        s2, k2 = store._unit_tags[tag]
+        return (f"the record belongs to unit (seed {s2}, shard {k2}): that unit was copied over this one (its "
+                f"targets are another seed index's or shard's)")
     return (f"the record is tagged for another store (tag {tag:#010x}, this unit's is "
             f"{unit_tag(store.key, s, k):#010x}): the unit was copied in from a store of another teacher, data, "
             f"augmentation or layout")

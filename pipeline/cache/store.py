@@ -36,6 +36,7 @@ from pipeline.replay import CONTRACT_VERSION
 FORMAT = "deit-teacher-cache"
 FORMAT_VERSION = 4
 _FP16_MAX = float(np.finfo(np.float16).max)
+REBUILD = "rebuild with overwrite=true, or set another cache.path"  # how a writer refused by provenance goes on
 log = logging.getLogger("pipeline")
 
 
@@ -142,8 +143,8 @@ class CacheStore:
         want = {"layout": attrs["layout"], "provenance": without(attrs["provenance"], ignore_fields)}
         for part in ("layout", "provenance"):
             diff = first_difference(have[part], want[part])
-            if diff is not None:
-                raise ProvenanceMismatch(path, *diff)
+            if diff is not None:  # a writer's refusal: the store stays as it is, the fix is a new one
+                raise ProvenanceMismatch(path, *diff, fix=REBUILD)
         integrity.repair(store)
         return store
 

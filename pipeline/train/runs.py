@@ -24,7 +24,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, TeacherError
 from pipeline.finished import require_store, write_run_config
 from pipeline.models.student import create_student, plain_state_dict, unwrap
-from pipeline.models.teacher import create_teacher, load_runner, teacher_provenance, weights_sha256
+from pipeline.models.teacher import check_input, create_teacher, load_runner, teacher_provenance, weights_sha256
 from pipeline.train.losses import create_loss
 from pipeline.train.loop import LoopConfig, fit
 from pipeline.train.schedule import plan_schedule
@@ -90,6 +90,7 @@ def train_teacher(cfg: DictConfig) -> dict:
                               channels_last=cuda and bool(tcfg.channels_last))
     torch.manual_seed(int(tr.init_seed))  # weight init only; the views never touch global RNGs
     model = create_teacher(tcfg, train_m.num_classes, load=False).to(ctx.device)
+    check_input(model, tcfg, aug.image_size)  # stage one's check: a fixed-size teacher fed another size, etc.
     if task.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loop = loop_config(tr, "teacher.train", float(tr.lr), Path(tr.out_dir), bool(cfg.overwrite))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -128,7 +129,16 @@ def run_procs(target, path, args_per_proc: list) -> dict:
         p.start()
     ready.wait()
     t0 = time.perf_counter()
-    per = [results.get() for _ in procs]
+    per = []
+    while len(per) < len(procs):
+        try:
+            per.append(results.get(timeout=1))
+        except queue.Empty:  # a process that died reports nothing: stop rather than wait for it forever
+            dead = [p.exitcode for p in procs if p.exitcode]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"{target.__name__} process exited with {dead[0]}") from None
     wall = time.perf_counter() - t0
     for p in procs:
         p.join()
@@ -142,10 +152,12 @@ def run_procs(target, path, args_per_proc: list) -> dict:
 def write(path, mode: str, n: int, seeds: int, writers: int) -> dict:
     """Create the store and commit every unit with ``writers`` processes (units dealt round-robin)."""
     from pipeline.cache import lease
+    from pipeline.cache.layout import column_owner
 
     store, record = create(path, mode, n, seeds)
-    units = store.pending_units()
-    res = run_procs(write_units, path, [(record, units[r::writers]) for r in range(writers)])
+    units = store.pending_units()  # dealt as stage one deals them: whole shards (their files) to one writer each
+    res = run_procs(write_units, path, [(record, [u for u in units if column_owner(u[1], writers) == r])
+                                        for r in range(writers)])
     lease.release(path)
     res["targets_share"] = float(np.mean([r["targets_seconds"] / r["seconds"] for r in res["per_process"]]))
     return res

@@ -189,7 +189,8 @@ class RunSchema:
 
 
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
-           "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched")}
+           "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
+           "augment.interpolation": ("bilinear", "bicubic")}
 AT_LEAST = {  # key -> smallest allowed value
     "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
     "data.train_limit": 1, "data.val_limit": 1, "data.max_side": 16, "data.max_side_quality": 1, "augment.mix_block": 2, "student.img_size": 1,

@@ -63,7 +63,7 @@ class AugmentConfig:
     switch_prob: float = 0.5
     mix_block: int = 32
     label_smoothing: float = 0.1
-    interpolation: str = "bilinear"
+    interpolation: str = "bicubic"  # crop resize, RandAugment geometry and eval resize alike
     crop_pct: float = 1.0  # eval transform only
     ra: RandAugmentSpec | None = field(default=None, compare=False, repr=False)
 
@@ -72,6 +72,8 @@ class AugmentConfig:
         object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
         if self.rand_augment:
             object.__setattr__(self, "ra", RandAugmentSpec.parse(self.rand_augment))
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"augment.interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
         if self.mix_block < 2:
             raise ValueError(f"augment.mix_block must be >= 2, got {self.mix_block}")
 

@@ -374,3 +374,22 @@ def test_bicubic_geometry_is_close_to_timms_and_never_wraps():
             inner = (slice(None), slice(8, -8), slice(8, -8))
             flipped = ((ref[inner] <= 5) & (ours[inner] >= 250)) | ((ref[inner] >= 250) & (ours[inner] <= 5))
             assert not flipped.any(), (op, arg, int(flipped.sum()))
+
+
+def test_interpolation_bench_measures_both_side_by_side(tmp_path):
+    """The bench that measured bicubic's render cost (docs/design.md) runs and its numbers hang together
+    (never checked for speed)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "interpolation.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_interpolation", "--n", "32", "--reps", "1", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (bil,), (bic,) = res["img_per_s"]["bilinear"], res["img_per_s"]["bicubic"]
+    assert bil > 0 and bic > 0 and res["bicubic_over_bilinear"] == pytest.approx(bic / bil)
+    assert "| bicubic |" in proc.stdout and "| bilinear |" in proc.stdout
+    assert set(res["step_ms"]) == {f"{s} / {m}" for s in ("crop resize", "Rotate 15", "ShearX 0.15")
+                                   for m in ("bilinear", "bicubic")}

@@ -64,7 +64,7 @@ def test_folder_cache_from_any_timm_teacher(tmp_path):
           "teacher.checkpoint=null", "teacher.input_size=null", f"cache.path={cache}", "cache.num_seeds=2",
           "cache.topk=3", "cache.num_workers=0", "num_threads=1")
 
-    views = CachedViews(tmp_path / "data/shards/folder/train", cache, batch_size=8)
+    views = CachedViews(tmp_path / "data/shards/images/train", cache, batch_size=8)  # named after the folder
     model = timm.create_model(f"local-dir:{teacher}", pretrained=True).eval()
     assert views.num_classes == len(CLASSES) and len(views) == 3
     seen = 0

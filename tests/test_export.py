@@ -59,6 +59,10 @@ def test_export_round_trip_through_timm(toy_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "export"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        n: oct(0o666 & ~mask) for n in ("config.json", "model.safetensors")}  # the umask's, not safetensors' 0600
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "deit_tiny_distilled_patch16_224"
     assert config["num_classes"] == toy_shards.num_classes and config["label_names"] == toy_shards.class_names

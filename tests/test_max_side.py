@@ -54,8 +54,8 @@ def test_max_side_caps_large_images_and_keeps_small_ones(tree, tmp_path):
     assert _make_shards(tmp_path / "full", root).returncode == 0
     r = _make_shards(tmp_path / "cap", root, "data.max_side=256", "data.max_side_quality=85")
     assert r.returncode == 0, r.stderr
-    full, full_images = _images(tmp_path / "full" / "data" / "shards" / "folder" / "train")
-    cap, cap_images = _images(tmp_path / "cap" / "data" / "shards" / "folder" / "train")
+    full, full_images = _images(tmp_path / "full" / "data" / "shards" / root.name / "train")
+    cap, cap_images = _images(tmp_path / "cap" / "data" / "shards" / root.name / "train")
     assert cap.source["max_side"] == 256 and cap.source["max_side_quality"] == 85
     assert cap.fingerprint != full.fingerprint   # a capped set is another shard set: a cache of it is another cache
     by_bytes = {v: k for k, v in originals.items()}

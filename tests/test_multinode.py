@@ -212,25 +212,24 @@ def test_a_covered_rank_commits_only_while_rank_0_holds_the_lease(tmp_path):
     assert lease.held(path) is None and lease.probe(path) is None
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, ["-m", "pipeline.teacher_cache"]),
-    ({"NPROC": "2"}, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]),
-    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0"},
-     ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-id=pipeline-teacher_cache",
-      "--master-addr=node0", "--master-port=29500", "--node-rank=1", "-m"]),
-    ({"NNODES": "2", "NPROC": "8", "RDZV_ENDPOINT": "node0:29400", "RDZV_ID": "job7"},
-     ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8", "--rdzv-id=job7", "--rdzv-backend=c10d",
-      "--rdzv-endpoint=node0:29400", "-m"]),
+@pytest.mark.parametrize("env, nproc, expected", [
+    ({}, 2, ["--nnodes=1", "--nproc-per-node=2", "--standalone"]),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0"}, 1,
+     ["--nnodes=2", "--nproc-per-node=1", "--rdzv-id=pipeline-teacher_cache", "--master-addr=node0",
+      "--master-port=29500", "--node-rank=1"]),
+    ({"NNODES": "2", "RDZV_ENDPOINT": "node0:29400", "RDZV_ID": "job7"}, 8,
+     ["--nnodes=2", "--nproc-per-node=8", "--rdzv-id=job7", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400"]),
 ])
-def test_launch_passes_nodes_and_rendezvous_to_torchrun(env, expected, tmp_path):
-    proc = subprocess.run(["bash", str(LAUNCH), "teacher_cache", "run_seed=3"], cwd=tmp_path, capture_output=True,
-                          text=True, env={**_env(**env), "PYTHON": "echo"})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[:len(expected)] == expected and proc.stdout.split()[-1] == "run_seed=3"
+def test_launch_passes_nodes_and_rendezvous_to_torchrun(env, nproc, expected):
+    from pipeline.launch import torchrun_args
+
+    assert torchrun_args(env, nproc, "teacher_cache", ["run_seed=3"]) == [
+        *expected, "-m", "pipeline.teacher_cache", "run_seed=3"]
 
 
 def test_launch_refuses_many_nodes_without_a_rendezvous(tmp_path):
     env = {k: v for k, v in _env(NNODES="2").items() if k not in ("MASTER_ADDR", "RDZV_ENDPOINT")}
     proc = subprocess.run(["bash", str(LAUNCH), "teacher_cache"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**env, "PYTHON": "echo"})
+                          env={**env, "PYTHON": sys.executable})
     assert proc.returncode == 2 and "MASTER_ADDR" in proc.stderr and "RDZV_ENDPOINT" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -554,7 +554,7 @@ def test_make_shards_refuses_a_truncated_image_by_path_and_installs_nothing(tmp_
                "data.shard_size=4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"make_shards: error: {bad}: image does not decode" in proc.stderr
-    out = tmp_path / "data" / "shards" / "folder"
+    out = tmp_path / "data" / "shards" / "tree"  # a folder data set is named after its root
     assert not out.exists() or not any(out.iterdir())  # train (read first, and fine) is not installed either
 
 

@@ -13,7 +13,9 @@ its kwargs and the preprocessing), so that ``timm.create_model("local-dir:<folde
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
@@ -118,6 +120,12 @@ def save_timm_folder(model: nn.Module, out, model_args: dict, data_config: dict,
 
     model = _for_hf(unwrap(model).eval(), data_config)
     save_for_hf(model, str(out), **_hf_kwargs(save_for_hf, model_args, data_config, label_names))
+    # safetensors creates its file 0600 (safetensors issue 782); an export is for sharing, so its files get the
+    # user's umask like any other new file.
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in Path(out).iterdir():
+        os.chmod(f, 0o666 & ~mask)
 
 
 def push_timm(model: nn.Module, repo_id: str, model_args: dict, data_config: dict, label_names=None) -> str:

@@ -206,13 +206,20 @@ def test_stores_of_contract_version_1_are_refused_naming_the_fix(tmp_path):
     """Version 2 renders RandAugment's geometry with augment.interpolation: a store built under version 1 (or
     before the field existed) holds targets of other bicubic views and is refused, naming both versions and the
     fix, with nothing touched."""
+    import zarr
+
     from pipeline.cache.store import CacheError, CacheStore
     from pipeline.replay import CONTRACT_VERSION
 
     assert CONTRACT_VERSION == 2
     layout = dict(num_seeds=1, shard_counts=[4], shard_size=4, num_classes=3, topk=2)
-    for name, provenance in (("v1.zarr", {"contract_version": 1}), ("unversioned.zarr", {})):
-        store = CacheStore.create(tmp_path / name, provenance=provenance, **layout)
+    for name, provenance in (("v1.zarr", {"contract_version": 1}), ("unversioned.zarr", None)):
+        store = CacheStore.create(tmp_path / name, provenance=provenance or {}, **layout)
+        assert store.provenance["contract_version"] == (1 if provenance else 2)  # create() stamps this code's
+        if provenance is None:  # a store from before the field existed
+            group = zarr.open_group(str(store.path), mode="r+")
+            group.attrs["provenance"] = {k: v for k, v in group.attrs["provenance"].items()
+                                         if k != "contract_version"}
         before = sorted(p.relative_to(tmp_path) for p in (tmp_path / name).rglob("*"))
         with pytest.raises(CacheError, match=r"contract version 1, this code renders views under version 2: .*"
                                              r"rebuild it \(overwrite=true\)"):

@@ -290,12 +290,14 @@ def test_a_format_1_store_reads_unverified_and_is_not_resumed(tmp_path):
     """Stores written before checksums (format version 1) still open for stage two; stage one asks for a rebuild."""
     from pipeline.cache.layout import array_specs
     from pipeline.cache.targets import stored_arrays
+    from pipeline.replay import CONTRACT_VERSION
 
     path = tmp_path / "old.zarr"
     layout = {"num_seeds": 1, "shard_size": 50, "shard_counts": [50], "N": 50, "num_classes": 10, "topk": 5,
               "store_logits": False, "index_dtype": "int16"}
     group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={
-        "format": "deit-teacher-cache", "format_version": 1, "layout": layout, "provenance": {"topk": 5}})
+        "format": "deit-teacher-cache", "format_version": 1, "layout": layout,
+        "provenance": {"topk": 5, "contract_version": CONTRACT_VERSION}})  # views still current: only the format is old
     for name, spec in array_specs(layout, version=1).items():
         group.create_array(name=name, **spec)
     x, d = unit(0)

@@ -17,6 +17,7 @@ import numpy as np
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
+INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
@@ -72,8 +73,8 @@ class AugmentConfig:
         object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
         if self.rand_augment:
             object.__setattr__(self, "ra", RandAugmentSpec.parse(self.rand_augment))
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"augment.interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"augment.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.mix_block < 2:
             raise ValueError(f"augment.mix_block must be >= 2, got {self.mix_block}")
 

@@ -115,9 +115,6 @@ class SourceImage:
         return apply(image, params, cfg, scale)
 
 
-INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: every resampling of a view
-
-
 def _interp(name: str):
     return {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}[name]
 

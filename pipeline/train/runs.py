@@ -104,7 +104,7 @@ def train_teacher(cfg: DictConfig) -> dict:
     run_key = {"teacher": str(tcfg.name), "num_classes": train_m.num_classes, "epochs": loop.epochs,
                "batch_size": int(tr.batch_size), "world_size": ctx.world_size, "lr": loop.lr,
                "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
-               "init_seed": loop.init_seed}
+               "init_seed": loop.init_seed, **_deit_loop_keys(loop)}
     start = time.time()
     history, _ = fit(model, task, *loaders, list(range(loop.epochs)), loop, ctx, run_key, name="teacher")
     metrics = {}

@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m bench.<name>`): the numbers README.md cites, with the machine that measured them."""

@@ -135,7 +135,8 @@ class CachedViews(IterableDataset):
             check_units_done(self.store, [s for p in plans for s in p])  # S and commit markers, up front
         self.loader = ViewLoader(self.shards, self.augment, run_seed=self.run_seed, batch_size=int(batch_size),
                                  num_workers=int(num_workers), train=True, shuffle=bool(shuffle), rank=int(rank),
-                                 world_size=int(world_size), extras=CacheTargets(self.cache, self.fields),
+                                 world_size=int(world_size),
+                                 extras=CacheTargets(self.cache, self.fields, self.store.store_id),
                                  pool_blocks=pool_blocks, pin_memory=pin_memory, repeats=self.repeats,
                                  backend=self.store.provenance.get("replay_backend", "per_sample"), device=device)
         self.epoch = int(epoch)

@@ -35,7 +35,7 @@ def stage(name: str):
         report(name, one_line(exc))
         raise SystemExit(2) from None
     except OmegaConfBaseException as exc:  # a missing (???), unknown or mistyped config key: names the key
-        report(name, f"config: {_config_message(exc)}")
+        report(name, f"config: {config_message(exc)}")
         raise SystemExit(2) from None
     finally:
         from pipeline import distributed
@@ -68,7 +68,7 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
-def _config_message(exc: OmegaConfBaseException) -> str:
+def config_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     missing = re.search(r"Missing mandatory value: ([\w.]+)", str(exc))

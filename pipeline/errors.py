@@ -40,10 +40,10 @@ class CacheError(UserError, RuntimeError):
 class ProvenanceMismatch(CacheError):
     """A store's provenance differs from the configuration: names the field and both values."""
 
-    def __init__(self, path, field: str, store_value, config_value):
+    def __init__(self, path, field: str, store_value, config_value, fix: str = ""):
         self.path, self.field, self.store_value, self.config_value = str(path), field, store_value, config_value
         super().__init__(f"{path}: provenance field '{field}' differs: store has {_fmt(store_value)}, "
-                         f"config has {_fmt(config_value)}")
+                         f"config has {_fmt(config_value)}" + (f" ({fix})" if fix else ""))
 
 
 class TeacherError(UserError, RuntimeError):

@@ -11,8 +11,11 @@ from tqdm import tqdm
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Stage messages on stderr in one format (idempotent; Hydra's own logging is left alone)."""
+def setup_logging(level: int | None = None) -> None:
+    """Stage messages on stderr in one format (idempotent). Under torchrun global rank 0 reports and the other
+    ranks only warn, so a line is not printed once per rank."""
+    if level is None:
+        level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logger = logging.getLogger("pipeline")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -1,8 +1,10 @@
-"""`python -m pipeline.verify_cache [cache.verify_fraction=0.05]`: check every committed unit of the cache without the
-teacher (chunks, checksums, shapes, dtypes, invariants) and that the store belongs to this configuration; with
+"""`python -m pipeline.verify_cache [cache.verify_fraction=0.05]`: check without the teacher that every unit of the
+cache is committed and every committed unit intact (its checksum record tagged with this unit of this store, chunks,
+checksums, shapes, dtypes, invariants), and that the store belongs to this configuration; with
 `cache.verify_fraction > 0` also replay that fraction of units, rerun the teacher and compare argmax, top-K logits,
-logsumexp and digests. Prints the damaged units (stderr) and a JSON report (stdout); exit 1 unless all is well,
-2 for a user error (no store, another configuration's store, a writer holding it).
+logsumexp and digests. Prints the damaged units and, per seed index, the units not committed (stderr) and a JSON
+report (stdout); exit 1 unless the store is complete and all is well, 2 for a user error (no store, an older
+format, another configuration's store, a writer holding it).
 
     python -m pipeline.verify_cache                              # integrity of every unit, no teacher
     python -m pipeline.verify_cache cache.verify_fraction=0.05   # plus the teacher on 5% of the units

@@ -1,11 +1,14 @@
-"""DVC the way its users expect, in a temporary git repo: `dvc repro` (all stages, then nothing), a committed
-baseline and `dvc exp run -S distill=soft` compared with `dvc exp show` / `exp diff` / `plots diff`, a failed
-experiment that leaves the workspace as it was, and `dvc exp apply` bringing an experiment's outputs back."""
+"""DVC the way its users expect, in a temporary git repo: `dvc repro` (all stages, then nothing, no warnings), a
+committed baseline and `dvc exp run -S distill=soft` compared with README's `dvc exp show` command (120 columns) /
+`exp diff` / `plots diff`, config errors as one line that change nothing, an experiment that would delete
+hand-made shards refused, a failed stage undone by README's one command, and `dvc exp apply` bringing an
+experiment's outputs back."""
 
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,9 +70,33 @@ def _git(work, *args):
 
 def _snapshot(work: Path) -> dict:
     """Every file of the workspace that an experiment could touch (git's and DVC's), by content."""
-    files = [work / "params.yaml", work / "dvc.lock", *(work / "metrics").rglob("*"), *(work / "runs").rglob("*"),
-             *(work / "cache").rglob("*")]
+    files = [work / "params.yaml", work / "dvc.lock",
+             *(p for d in ("metrics", "runs", "cache", "data") for p in (work / d).rglob("*"))]
     return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def _status(work: Path) -> str:
+    return _run(["git", "status", "--porcelain", "--untracked-files=all"], work)
+
+
+def _readme_command(start: str) -> list[str]:
+    """The README command that begins with ``start`` (`\\|` in a table cell is a literal |), as argv."""
+    spans = [c for line in (REPO / "README.md").read_text().splitlines() for c in re.findall(r"`([^`]+)`", line)]
+    argv = shlex.split(next(c for c in spans if c.startswith(start)).replace("\\|", "|"))
+    return [DVC, *argv[1:]] if argv[0] == "dvc" else argv
+
+
+def _image_folder(root: Path) -> Path:
+    """<root>/{train,val}/{a,b}/*.jpg: two classes, three small JPEGs each."""
+    import numpy as np
+    from PIL import Image
+
+    for i, (split, cls) in enumerate((s, c) for s in ("train", "val") for c in ("a", "b")):
+        (root / split / cls).mkdir(parents=True)
+        for j in range(3):
+            pixels = np.random.default_rng(10 * i + j).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / cls / f"{j}.jpg")
+    return root
 
 
 def _rows(work: Path) -> dict:
@@ -103,10 +130,11 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
     _git(work, "add", "-A")
     _git(work, "commit", "-qm", "init")
 
-    # dvc repro: every stage, then nothing.
+    # dvc repro: every stage, then nothing; no DVC warning (an empty package __init__.py was one per dep).
     first = _run([DVC, "repro"], work)
     assert _stages_run(first) == {"make_shards", "train_teacher", "teacher_cache", "train_student", "evaluate",
                                   "export"}
+    assert "WARNING:" not in first and "is empty" not in first, first
     assert (work / "runs" / "export" / "toy-hard-cache" / "model.safetensors").is_file()
     assert "student (hard, cache) class head" in first  # the summary table
     assert _stages_run(_run([DVC, "repro"], work)) == set()
@@ -131,20 +159,16 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
         assert 0 <= student["acc"] <= 1 and 0 <= student["acc_dist"] <= 1 and student["img_per_s"] > 0, row
         assert 0 <= row["teacher"]["acc"] <= 1 and row["cache"]["bytes_per_view"] > 0, row
     assert baseline["teacher"] == rows["soft"]["teacher"] and baseline["cache"] == rows["soft"]["cache"]
-    diff = json.loads(_run([DVC, "exp", "diff", "HEAD", "soft", "--json"], work))
-    assert "acc" in diff["metrics"]["metrics/student.json"] and "distill.mode" in diff["params"]["params.yaml"]
-    plots = json.loads(_run([DVC, "plots", "diff", "HEAD", "soft", "--json"], work))["data"]
-    curve = next(v for k, v in plots.items() if k.endswith("val/acc.tsv"))  # one plot, both runs' curves
-    assert {r["rev"] for r in curve[0]["content"]["data"]["values"]} == {"HEAD", "soft"}
+    _check_compare(work)
 
-    # A failed experiment (a typo) leaves the workspace exactly as it was: params.yaml, dvc.lock, outputs, metrics.
-    before, status = _snapshot(work), _run(["git", "status", "--porcelain"], work)
-    failed = _run([DVC, "exp", "run", "-S", "distill.mode=sotf"], work, check=False)
-    assert failed.returncode != 0 and "distill.mode='sotf' is not one of" in failed.stdout + failed.stderr
-    assert _snapshot(work) == before and _run(["git", "status", "--porcelain"], work) == status
+    # Config errors and experiments that would lose data: refused before DVC changes anything.
+    before = _snapshot(work)
+    _check_config_errors(work)
+    _check_hand_made_shards_kept(work, _image_folder(tmp_path / "imgs"))
     assert set(_rows(work)) == set(rows)  # no experiment recorded
 
-    # Back to the baseline (git + dvc checkout), then `dvc exp apply soft` brings the soft run's outputs back.
+    # Back to the baseline (git + dvc checkout); a stage failing after DVC started is undone by README's command;
+    # then `dvc exp apply soft` brings the soft run's outputs back.
     soft_student = {p: h for p, h in before.items() if p.startswith("runs/student/toy-soft-cache/")}
     assert soft_student and any(p.endswith("/student.pt") for p in soft_student)
     _git(work, "reset", "-q", "--hard")
@@ -152,6 +176,7 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
     assert yaml.safe_load((work / "params.yaml").read_text())["distill"]["mode"] == "hard"
     assert json.loads((work / "metrics/student.json").read_text()) == baseline["student"]
     assert (work / "runs/student/toy-hard-cache/student.pt").is_file()
+    _check_failed_stage_restored(work, tmp_path / "imgs")
     shutil.rmtree(work / "runs" / "student" / "toy-soft-cache", ignore_errors=True)
     _run([DVC, "exp", "apply", "soft"], work)
     assert yaml.safe_load((work / "params.yaml").read_text())["distill"]["mode"] == "soft"
@@ -159,3 +184,65 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
     after = _snapshot(work)
     assert {p: after.get(p) for p in soft_student} == soft_student
     print(f"test_dvc: {time.time() - t0:.0f} s")
+
+
+def _check_compare(work: Path) -> None:
+    """README's compare command fits 120 columns and shows the param that differs; exp diff and plots diff compare
+    the two runs; `dvc plots diff` leaves git status as it was (dvc_plots/ is git-ignored)."""
+    table = _run(_readme_command("dvc exp show --only-changed"), work)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 120 and "distill.mode" in table, table
+    modes = {line.split()[-1] for line in lines if re.search(r"\d\.\d", line)}  # the rows' last column
+    assert modes == {"hard", "soft"}, table  # distill.mode: the baseline's and `soft`'s
+    assert "…" not in table, table
+    diff = json.loads(_run([DVC, "exp", "diff", "HEAD", "soft", "--json"], work))
+    assert "acc" in diff["metrics"]["metrics/student.json"] and "distill.mode" in diff["params"]["params.yaml"]
+    plots = json.loads(_run([DVC, "plots", "diff", "HEAD", "soft", "--json"], work))["data"]
+    curve = next(v for k, v in plots.items() if k.endswith("val/acc.tsv"))  # one plot, both runs' curves
+    assert {r["rev"] for r in curve[0]["content"]["data"]["values"]} == {"HEAD", "soft"}
+    status = _status(work)
+    _run([DVC, "plots", "diff", "HEAD", "soft"], work)
+    assert (work / "dvc_plots" / "index.html").is_file() and _status(work) == status
+
+
+def _refused(work: Path, *overrides: str) -> str:
+    """`dvc exp run -S ...` that must fail as one line, exit 2, with the workspace left exactly as it was."""
+    before, status = _snapshot(work), _status(work)
+    proc = _run([DVC, "exp", "run", *[a for o in overrides for a in ("-S", o)]], work, check=False)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2 and len(out.splitlines()) == 1 and out.startswith("dvc exp run: error: "), out
+    assert _snapshot(work) == before and _status(work) == status
+    return out
+
+
+def _check_config_errors(work: Path) -> None:
+    """A bad value and a typo: DVC's "unexpected error" dump and support banner become one line naming the key."""
+    assert "distill.mode='sotf' is not one of" in _refused(work, "distill.mode=sotf")
+    assert "distill.moed=soft: no such key (did you mean distill.mode?)" in _refused(work, "distill.moed=soft")
+
+
+def _check_hand_made_shards_kept(work: Path, images: Path) -> None:
+    """Shards made by hand at the path an experiment would build (DVC's forced checkout would delete them, and
+    nothing could restore them) refuse the experiment; so does a data.root that does not exist."""
+    folder = ["data=folder", f"data.root={images}", "data.num_classes=2"]
+    _run([sys.executable, "-m", "pipeline.make_shards", *folder], work)
+    shards = work / "data" / "shards" / images.name
+    assert (shards / "train" / "manifest.json").is_file()
+    out = _refused(work, *folder)
+    assert f"data.shards=data/shards/{images.name} exists and dvc.lock does not list it" in out, out
+    shutil.rmtree(shards)
+    out = _refused(work, "data=folder", f"data.root={images}-missing", "data.num_classes=2")
+    assert f"data.root={images}-missing: no such directory" in out, out
+
+
+def _check_failed_stage_restored(work: Path, images: Path) -> None:
+    """A stage that fails once DVC has started (make_shards: 3 classes declared, 2 class folders) leaves what DVC
+    leaves: the experiment's params.yaml, and the outs DVC had checked out that the experiment does not declare
+    deleted. README's one command brings back every file byte for byte."""
+    before, status = _snapshot(work), _status(work)
+    proc = _run([DVC, "exp", "run", "-S", "data=folder", "-S", f"data.root={images}", "-S", "data.num_classes=3"],
+                work, check=False)
+    assert proc.returncode != 0 and "data.num_classes=3 but source folder has 2 classes" in proc.stdout + proc.stderr
+    assert not (work / "runs/student/toy-hard-cache").exists() and _status(work) != status  # DVC's doing
+    _run(_readme_command("dvc exp apply HEAD"), work)
+    assert _snapshot(work) == before and _status(work) == status

@@ -182,6 +182,23 @@ def test_make_shards_cli(tmp_path):
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("source,root", [
+    ("folder", None),  # conf/data/folder.yaml: root ???
+    ("folder", "null"),
+    ("folder", "{tmp}/missing"),
+    ("fashion_mnist", "null"),
+    ("fashion_mnist", "{tmp}/missing"),
+])
+def test_missing_data_root_is_one_line_naming_it(tmp_path, source, root):
+    args = [f"data={source}", f"workdir={tmp_path}"] + (["data.num_classes=3"] if source == "folder" else [])
+    r = _cli(*args, *([f"data.root={root.format(tmp=tmp_path)}"] if root else []))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().startswith("make_shards: error: data.root") and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr
+    assert ("no such directory" if root and "missing" in root else "is not set") in r.stderr
+    assert not (tmp_path / "data").exists()
+
+
 # ------------------------------------------------------------------------------------------ Fashion-MNIST
 @pytest.mark.skipif(not FMNIST.is_dir(), reason=f"{FMNIST} absent (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist(tmp_path):

@@ -119,6 +119,17 @@ def test_cli_class_count_mismatch_exit_2(tmp_path, toy_shards):
     assert not (tmp_path / "runs" / "teacher" / "toy" / "teacher.pt").exists()
 
 
+def test_cli_fixed_size_teacher_fed_another_size_exit_2(tmp_path, toy_shards):
+    """The check stage one makes (pipeline.models.teacher.check_input), before any training work."""
+    proc = run_cli("pipeline.train_teacher", f"workdir={tmp_path}", f"data.shards={toy_shards.root}",
+                   "teacher.name=vit_tiny_patch16_224", "teacher.train.num_workers=0", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "train_teacher: error: teacher vit_tiny_patch16_224 takes 224x224 inputs only, it would be given 32x32 "
+        "(teacher.input_size=32): set teacher.input_size=224")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "metrics").exists()
+
+
 def test_teacher_augment_is_its_own_recipe():
     deit = OmegaConf.load(REPO / "conf" / "augment" / "deit.yaml")
     cfg = OmegaConf.create({"augment": deit, "data": {"image_size": 32, "crop_pct": 1.0},

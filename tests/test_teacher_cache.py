@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_store_from_other_config_is_refused_untouched(built, toy_shards, teacher
     proc = run_stage("teacher_cache", *args, check=False)
     assert proc.returncode != 0
     assert f"field '{field}" in proc.stderr and "store has" in proc.stderr, proc.stderr
+    assert "(rebuild with overwrite=true, or set another cache.path)" in proc.stderr  # the refusal names the fix
     assert _snapshot(built) == before
 
 
@@ -203,9 +205,76 @@ def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+def _one_error_line(proc, *named):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("teacher_cache: error: ") and all(n in lines[-1] for n in named), proc.stderr
+
+
+def test_a_refused_run_creates_nothing_and_the_corrected_run_builds(toy_shards, tmp_path):
+    """Teacher, input size and normalisation are checked before the store exists: the corrected run is then not
+    refused for a value the refused one would have recorded in the store's provenance."""
+    store = tmp_path / "vit.zarr"
+    keep = [a for a in overrides(toy_shards, None, store)
+            if not a.startswith(("teacher.checkpoint=", "teacher.input_size=", "cache.num_seeds="))]
+    vit = keep + ["teacher.name=vit_tiny_patch16_224", "teacher.kwargs={img_size: 32}", "teacher.kwargs_for=null",
+                  "teacher.checkpoint=null", "cache.num_seeds=1"]  # a ViT that takes 32x32 inputs only
+    for bad, named in [("teacher.input_size=64", ("takes 32x32 inputs only", "set teacher.input_size=32")),
+                       ("teacher.input_size=null teacher.mean=[0.5,0.5]", ("teacher.mean=[0.5, 0.5]",)),
+                       ("teacher.input_size=null teacher.std=[0.2,0.0,0.2]", ("teacher.std", "> 0")),
+                       ("teacher.input_size=32 teacher.checkpoint=" + str(tmp_path / "nope.pt"), ("nope.pt",))]:
+        _one_error_line(run_stage("teacher_cache", *vit, *bad.split(), check=False), *named)
+        assert {p.name for p in tmp_path.iterdir()} <= {"outputs"}  # no store, no lease, no metrics
+    proc = run_stage("teacher_cache", *vit, "teacher.input_size=32")
+    assert "512 views written" in proc.stdout
+    assert "random weights" not in proc.stderr  # the toy set: an untrained teacher is intended there
+    assert CacheStore.open(store).provenance["teacher"]["resolution"] == 32
+
+
+def test_progress_counts_views_per_batch(toy_shards, teacher_ckpt, tmp_path):
+    store = tmp_path / "bar.zarr"
+    args = [a for a in overrides(toy_shards, teacher_ckpt, store) if not a.startswith("cache.num_seeds=")]
+    proc = run_stage("teacher_cache", *args, "cache.num_seeds=1", env={"TQDM_MININTERVAL": "0"})
+    bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("teacher cache:")]
+    counts = [int(m.group(1)) for line in bars if (m := re.search(r"(\d+)/512 \[", line))]
+    assert counts[:2] == [0, 64] and set(range(0, 513, 64)) <= set(counts), bars  # 8 batches of 64 views
+    first = next(line for line in bars if "64/512" in line)
+    assert re.search(r"[\d.]+img/s, units=\d/8", first), first  # img/s from the first batch, units beside it
+
+
+def _folder_shards(root, classes=("cat", "dog", "eel"), per_class=6):
+    """Real shards of the folder source (JPEG files in class folders), train split only."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / "tree" / "train" / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(
+                root / "tree" / "train" / c / f"{i}.jpg", quality=90)
+    s = sources.folder(root / "tree", "train")
+    write_shards(s, root / "shards" / "train", shard_size=8, num_classes=len(classes), class_names=s.class_names,
+                 source=s.source)
+    return root / "shards"
+
+
+def test_random_teacher_on_real_data_is_warned_about(tmp_path):
+    shards = _folder_shards(tmp_path)
+    args = ["teacher=regnety_002", "data=folder", "data.num_classes=3", "data.image_size=32",
+            f"data.root={tmp_path / 'tree'}", f"data.shards={shards}", f"workdir={tmp_path}", "cache.num_seeds=1",
+            "cache.num_workers=0", "teacher.input_size=32"]
+    proc = run_stage("teacher_cache", *args, f"cache.path={tmp_path / 'random.zarr'}", "teacher.checkpoint=null")
+    warned = [line for line in proc.stderr.splitlines() if "random weights" in line]
+    assert len(warned) == 1 and "teacher.checkpoint" in warned[0] and "teacher.pretrained" in warned[0], proc.stderr
+    assert "data.source=folder" in warned[0] and "18 views written" in proc.stdout
+    trained = tmp_path / "three.pt"
+    torch.save(timm.create_model(TEACHER, num_classes=3).state_dict(), trained)
+    proc = run_stage("teacher_cache", *args, f"cache.path={tmp_path / 'trained.zarr'}", f"teacher.checkpoint={trained}")
+    assert "random weights" not in proc.stderr and "18 views written" in proc.stdout
+
+
 def test_a_rerun_with_nothing_to_do_keeps_the_metrics(built, toy_shards, teacher_ckpt):
     """A finished cache re-run computes nothing and leaves the build's metrics (img/s, views) as they were."""
-    metrics = built.parent / "metrics" / "cache.json"
+    metrics = built.parent / "runs" / "cache" / "toy-regnety_002-s2.json"  # cache.metrics of a hand run
     before = metrics.read_text()
     assert json.loads(before)["views"] == 1024 and set(json.loads(before)) == {"bytes_per_view", "img_per_s",
                                                                                 "seconds", "views"}

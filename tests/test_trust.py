@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from PIL import Image
 
 from pipeline.cache import lease
 from pipeline.cache.integrity import check_store, repair
-from pipeline.cache.layout import crc32c
+from pipeline.cache.layout import crc32c, unit_tag
 from pipeline.cache.store import CacheStore
 from pipeline.config import augment_config, validate
 from pipeline.errors import CacheError, ShardError, WriteError
@@ -265,7 +266,7 @@ def test_targets_are_checksummed_and_every_read_is_verified(tmp_path):
     got = store.read_unit(0, 0, store.fields)
     stored = np.asarray(zarr.open_array(str(path / "checksums"), mode="r")[0, 0])
     assert store.checksum_fields == ("topk_values", "topk_indices", "logsumexp", "argmax", "digest")
-    assert [crc32c(got[f]) for f in store.checksum_fields] == stored.tolist()
+    assert [crc32c(got[f]) for f in store.checksum_fields] + [unit_tag(store.key, 0, 0)] == stored.tolist()
     meta = json.loads((path / "topk_values" / "zarr.json").read_text())
     assert [c["name"] for c in meta["codecs"]][-1] == "crc32c"  # flipped bytes fail the chunk codec too
 
@@ -283,36 +284,29 @@ def test_targets_are_checksummed_and_every_read_is_verified(tmp_path):
     store._chunk_file("argmax", 0, 1).unlink()  # a deleted chunk reads as fill values: its checksum fails
     with pytest.raises(CacheError, match=r"field 'argmax' does not match its checksum"):
         store.read_unit(0, 1, ["argmax"])
+    store._chunk_file("checksums", 0, 1).unlink()  # a deleted record: named as such, never trusted
+    with pytest.raises(CacheError, match=r"unit \(seed 0, shard 1\): field 'checksums': no checksum record"):
+        store.read_unit(0, 1, ["digest"])
     store.release_lease()
 
 
-def test_a_format_1_store_reads_unverified_and_is_not_resumed(tmp_path):
-    """Stores written before checksums (format version 1) still open for stage two; stage one asks for a rebuild."""
-    from pipeline.cache.layout import array_specs
-    from pipeline.cache.targets import stored_arrays
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_store_of_an_older_format_is_refused_by_name_and_overwrite_rebuilds_it(tmp_path, version):
+    """Version 1 (no checksums) and 2 (records not tagged with their unit and store): every reader and stage one
+    refuse them, naming the version and the fix; overwrite=true replaces them."""
+    from pipeline.cache.reader import CacheTargets
 
     path = tmp_path / "old.zarr"
-    layout = {"num_seeds": 1, "shard_size": 50, "shard_counts": [50], "N": 50, "num_classes": 10, "topk": 5,
-              "store_logits": False, "index_dtype": "int16"}
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={
-        "format": "deit-teacher-cache", "format_version": 1, "layout": layout, "provenance": {"topk": 5}})
-    for name, spec in array_specs(layout, version=1).items():
-        group.create_array(name=name, **spec)
-    x, d = unit(0)
-    for name, rows in {**stored_arrays(x, 5, np.dtype(np.int16)), "digest": d}.items():
-        group[name][0, :] = rows
-    group["done"][0, 0] = True
-    with pipeline_log() as records:
-        old = CacheStore.open(path)
-    assert "format version 1: no checksums" in _text(records)
-    assert old.checksum_fields == () and np.array_equal(old.read_unit(0, 0)["digest"], d)
-    assert check_store(old)["ok"] and not check_store(old)["checksums"]
-    with pytest.raises(CacheError, match=rf"{path}: cache format version 1 has no checksums.*overwrite=true"):
-        CacheStore.create(path, provenance={"topk": 5}, num_seeds=1, shard_counts=[50], shard_size=50,
-                          num_classes=10, topk=5)
-    new = CacheStore.create(path, provenance={"topk": 5}, num_seeds=1, shard_counts=[50], shard_size=50,
-                            num_classes=10, topk=5, overwrite=True)
-    assert new.format_version == 2 and new.checksum_fields and new.pending_units() == [(0, 0)]
+    small_store(path).write_unit(0, 0, *unit(0))
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["format_version"] = version
+    msg = rf"{path}: cache format version {version}, this code reads and writes only version 3 .*overwrite=true"
+    for attempt in (lambda: CacheStore.open(path), lambda: CacheStore.open(path, "r+"),
+                    lambda: CacheTargets(path, ("argmax",))(0, 0), lambda: small_store(path)):
+        with pytest.raises(CacheError, match=msg):
+            attempt()
+    new = small_store(path, overwrite=True)
+    assert new.format_version == 3 and new.pending_units() == [(0, 0), (0, 1), (1, 0), (1, 1)]
     new.release_lease()
 
 
@@ -395,7 +389,149 @@ def test_rerun_repairs_damaged_and_missing_units_to_an_uninterrupted_build(env, 
     assert_same_store(path, env.ref)
 
 
+# ------------------------------------------------------------------------- complete, bound, the same store
+@pytest.fixture(scope="module")
+def foreign(env):
+    """A store of the same data, views and layout built by another teacher (other random weights)."""
+    from pipeline.cache.builder import build_cache
+
+    torch.manual_seed(1)
+    other = env.tmp / "other_teacher.pt"
+    torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), other)
+    path = env.tmp / "foreign.zarr"
+    build_cache(env.cfg(path, f"teacher.checkpoint={other}"))
+    return SimpleNamespace(path=path, teacher=other)
+
+
+def copy_unit(src: Path, src_unit: tuple[int, int], dst: Path, dst_unit: tuple[int, int]) -> None:
+    """Copy one unit's chunk files of every array (targets, digest, checksum record, commit marker) by hand."""
+    a, b = CacheStore.open(src), CacheStore.open(dst)
+    for name in a.fields + ("checksums", "done"):
+        shutil.copyfile(a._chunk_file(name, *src_unit), b._chunk_file(name, *dst_unit))
+
+
+def test_verify_cache_says_ok_only_of_a_complete_store_and_names_what_is_missing(env, tmp_path):
+    one = tmp_path / "one.zarr"  # one commit marker deleted
+    shutil.copytree(env.ref, one)
+    CacheStore.open(one)._chunk_file("done", 0, 5).unlink()
+    report = check_store(CacheStore.open(one))
+    assert not report["ok"]  # 15 of 16 units: not ok, though none is damaged
+    assert (report["units_done"], report["damaged"], report["complete"], report["ok"]) == (15, [], False, False)
+    assert report["incomplete"] == [{"seed": 0, "shard": 5}] and report["seeds_missing"] == []
+
+    seed = tmp_path / "seed.zarr"  # a whole seed index deleted: every chunk file of seed 1
+    shutil.copytree(env.ref, seed)
+    for chunk in seed.glob("*/c/1"):
+        shutil.rmtree(chunk)
+    proc = run("verify_cache", *env.overrides(seed))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (f"{seed}: incomplete: seed 1: no unit committed: (seed 1, shard 0), (seed 1, shard 1), "
+            f"(seed 1, shard 2)") in proc.stderr
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (result["units_done"], result["units_total"], result["seeds_missing"], result["ok"]) == (8, 16, [1], False)
+    assert result["incomplete"] == [{"seed": 1, "shard": k} for k in range(8)] and result["damaged"] == []
+    proc = run("verify_cache", *env.overrides(env.ref))  # the complete reference store
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["ok"]
+
+
+def test_a_unit_swapped_or_copied_in_from_another_teachers_store_fails_and_a_rerun_repairs_it(env, foreign,
+                                                                                               tmp_path):
+    from pipeline.cache.reader import CacheTargets
+
+    path = tmp_path / "c.zarr"
+    shutil.copytree(env.ref, path)
+    assert not np.array_equal(CacheStore.open(foreign.path).read_unit(1, 3)["topk_values"],
+                              CacheStore.open(path).read_unit(1, 3)["topk_values"])  # another teacher's targets
+    copy_unit(path, (0, 1), path, (0, 2))          # a unit copied over another of this store
+    copy_unit(foreign.path, (1, 3), path, (1, 3))  # a unit copied in from the other teacher's store
+    swapped = "field 'checksums': the record belongs to unit (seed 0, shard 1): that unit was copied over this"
+    alien = "field 'checksums': the record is tagged for another store"
+    report = check_store(CacheStore.open(path))
+    found = {(d["seed"], d["shard"]): "; ".join(d["problems"]) for d in report["damaged"]}
+    assert set(found) == {(0, 2), (1, 3)} and swapped in found[(0, 2)] and alien in found[(1, 3)], found
+    for fields in (("topk_values", "topk_indices", "logsumexp"), ("argmax",)):  # stage two's hook, either mode
+        for (s, k), why in (((0, 2), swapped), ((1, 3), alien)):
+            with pytest.raises(CacheError, match=re.escape(f"{path}: unit (seed {s}, shard {k}): {why}")):
+                CacheTargets(path, fields)(s, k)
+    proc = run("verify_cache", *env.overrides(path))
+    assert proc.returncode == 1 and f"{path}: damaged unit (seed 1, shard 3): {alien}" in proc.stderr, proc.stderr
+    proc = run("teacher_cache", *env.overrides(path), threads=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 unit(s) to compute (2 repaired): (seed 0, shard 2), (seed 1, shard 3)" in proc.stderr
+    assert "(2 units computed, 14 already done, of 16)" in proc.stdout
+    assert_same_store(path, env.ref)
+
+
+def test_a_store_rebuilt_by_another_teacher_under_a_student_stops_it_naming_the_store(env, foreign, tmp_path):
+    """Mid-run: the student's hook re-checks the store id after every unit it reads. Resumed: its checkpoint
+    records the store's key, so a resume on another teacher's targets is refused naming the field."""
+    from pipeline.train.runs import train_student
+
+    path = tmp_path / "c.zarr"
+    shutil.copytree(env.ref, path)
+    rebuilt = []
+
+    def rebuild(info):  # after the first step: teacher_cache overwrite=true with the other teacher
+        if not rebuilt:
+            proc = run("teacher_cache", *env.overrides(path, "overwrite=true",
+                                                       f"teacher.checkpoint={foreign.teacher}"), threads=None)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            rebuilt.append(info)
+
+    cfg = validate(make_cfg(env.overrides(path, *STUDENT, f"train.out_dir={tmp_path}/mid")))
+    with pytest.raises(CacheError, match=rf"{path}: the cache store was replaced or removed since this run opened "
+                                         rf"it \(store id [0-9a-f]+, now [0-9a-f]+\): stopping"):
+        train_student(cfg, step_callback=rebuild)
+    assert rebuilt and rebuilt[0]["epoch"] == 0
+    assert_same_store(path, foreign.path)  # it was a real rebuild by the other teacher
+
+    # Resumed: teacher A's store, the run dies in epoch 2 (its epoch-1 checkpoint saved), the store is then
+    # replaced by teacher B's build (the store the overwrite above wrote, copied: its own store id), and resumed.
+    shutil.rmtree(path)
+    shutil.copytree(env.ref, path)
+    out = tmp_path / "resumed"
+
+    def crash(info):
+        if info["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(validate(make_cfg(env.overrides(path, *STUDENT, f"train.out_dir={out}"))), step_callback=crash)
+    shutil.rmtree(path)
+    shutil.copytree(foreign.path, path)
+    proc = run("train_student", *env.overrides(path, *STUDENT, f"train.out_dir={out}"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "train_student: error: " in proc.stderr and "written by a run with cache_store_key=" in proc.stderr
+
+
 # -------------------------------------------------------------------------------- concurrency, real processes
+@pytest.mark.slow
+def test_a_student_process_whose_store_is_rebuilt_while_it_is_paused_exits_2_naming_the_store(env, foreign,
+                                                                                              tmp_path):
+    """Real processes: the student paused (SIGSTOP) after its first epoch's checkpoint, teacher_cache
+    overwrite=true rebuilds the store with another teacher (a student holds no lease), the student resumed: its
+    next unit read stops it, one line, exit 2. Epochs 3-4 (views cycled) read units only after the rebuild."""
+    path = tmp_path / "c.zarr"
+    shutil.copytree(env.ref, path)
+    out = tmp_path / "s"
+    student = start("train_student", *env.overrides(path, *STUDENT, "train.epochs=4", "cache.cycle=true",
+                                                    f"train.out_dir={out}"), log=tmp_path / "student")
+    try:
+        wait_for(lambda: (out / "checkpoint-last.pt").is_file(), "the first epoch's checkpoint", proc=student)
+        os.kill(student.pid, signal.SIGSTOP)
+        proc = run("teacher_cache", *env.overrides(path, "overwrite=true", f"teacher.checkpoint={foreign.teacher}"),
+                   threads=None)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        os.kill(student.pid, signal.SIGCONT)
+        rc, _, err = finish(student)
+    finally:
+        stop_for_good(student)
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert f"train_student: error: {path}: the cache store was replaced or removed since this run opened it" in err
+    assert not (out / "student.pt").exists() and not (out / "metrics.json").exists()  # no model from mixed targets
+
+
 @pytest.mark.slow
 def test_while_a_writer_is_paused_a_second_writer_overwrite_and_train_student_are_refused(env, tmp_path):
     store = tmp_path / "c.zarr"
@@ -490,7 +626,9 @@ def test_stage_one_commits_nothing_computed_from_a_tampered_shard(env, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"teacher_cache: error: {shard}: sha256 " in proc.stderr
     assert not np.asarray(zarr.open_array(str(store / "done"), mode="r")[:, 3]).any()
-    assert check_store(CacheStore.open(store))["ok"]  # what was committed (other shards) is intact
+    report = check_store(CacheStore.open(store))
+    assert report["damaged"] == [] and report["array_problems"] == []  # what was committed (other shards) is intact
+    assert not report["ok"] and {"seed": 0, "shard": 3} in report["incomplete"]  # shard 3: not ok, incomplete
 
 
 def test_a_decode_error_names_shard_and_key(toy_shards, tmp_path):
@@ -639,7 +777,8 @@ def test_a_full_disk_while_writing_units_is_named_and_the_rerun_resumes(env, tmp
         build_cache(env.cfg(store, "num_threads=1"))
     monkeypatch.setattr(local, "_put", real)
     report = check_store(CacheStore.open(store))
-    assert report["ok"] and report["units_done"] == 5  # nothing corrupt: the failed unit is simply pending
+    assert report["damaged"] == [] and report["units_done"] == 5  # nothing corrupt: the failed unit is pending
+    assert not report["ok"] and len(report["incomplete"]) == 11
     assert build_cache(env.cfg(store, "num_threads=1"))["units_computed"] == 16 - 5
     assert_same_store(store, env.ref)
 

@@ -27,7 +27,7 @@ from pipeline.data.loader import ViewLoader
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.errors import UserError
 from pipeline.logs import progress
-from pipeline.models.teacher import TeacherRunner, create_teacher
+from pipeline.models.teacher import TeacherRunner, create_teacher, warn_if_random
 
 
 def group_units(pending: list[tuple[int, int]], num_seeds: int,
@@ -114,7 +114,16 @@ def build_cache(cfg: DictConfig) -> dict:
     ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)
     manifest = load_manifest(split_dir(cfg, "train"))
     aug = augment_config(cfg)
+    # Everything the configuration decides is checked before the store exists: a refused run creates nothing
+    # (no store recording a value the corrected run would then be refused for).
     teacher = create_teacher(cfg.teacher, manifest.num_classes)
+    runner = TeacherRunner(teacher, cfg.teacher, ctx.device)
+    runner.check(aug.image_size)
+    if ctx.is_main:
+        warn_if_random(cfg.teacher, cfg.data.source)
+    loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=int(cfg.run_seed), batch_size=int(cfg.cache.batch_size),
+                        num_workers=int(cfg.cache.num_workers), train=True,
+                        pin_memory=ctx.device.type == "cuda", backend=cfg.replay.backend, device=ctx.device)
     path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
         CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),
@@ -134,26 +143,26 @@ def build_cache(cfg: DictConfig) -> dict:
     mine = [(s, k) for seeds, k in mine_work for s in seeds]  # the (seed, shard) chunks this rank commits
     total_units = store.num_seeds * store.num_shards
 
-    runner = TeacherRunner(teacher, cfg.teacher, ctx.device)
-    loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=int(cfg.run_seed), batch_size=int(cfg.cache.batch_size),
-                        num_workers=int(cfg.cache.num_workers), train=True,
-                        pin_memory=ctx.device.type == "cuda", backend=cfg.replay.backend, device=ctx.device)
     assembler = UnitAssembler(store, manifest, mine, manifest.num_classes)
-    views = 0
+    views = units_done = 0
     t0 = time.perf_counter()
-    bar = progress(len(mine), unit="unit", desc=f"teacher cache [rank {ctx.rank}]",
-                   disable=not ctx.is_main and ctx.world_size > 1)
+    # In views, per batch (a unit can take minutes); rank 0's share of the work under torchrun.
+    where = f" [rank 0 of {ctx.world_size}]" if ctx.world_size > 1 else ""
+    bar = progress(sum(len(seeds) * manifest.shards[k].count for seeds, k in mine_work), unit="img",
+                   desc=f"teacher cache{where}", disable=not ctx.is_main)
 
     def add(batch: dict, logits: ReadBack) -> None:
-        nonlocal views
+        nonlocal views, units_done
         rows = logits.numpy()
-        bar.update(assembler.add(batch["seed"].numpy(), batch["index"].numpy(), rows,
-                                 batch["digest"].numpy().astype(np.uint32)))
+        units_done += assembler.add(batch["seed"].numpy(), batch["index"].numpy(), rows,
+                                    batch["digest"].numpy().astype(np.uint32))
         views += len(rows)
-        bar.set_postfix(img_s=f"{views / (time.perf_counter() - t0):.0f}", refresh=False)
+        bar.set_postfix(units=f"{units_done}/{len(mine)}", refresh=False)
+        bar.update(len(rows))
 
-    # A batch's rows are added once the next batch is queued on the device, so the teacher runs while this
-    # process fetches (and, batched, renders) the next views: the same rows in the same order, one batch later.
+    # On CUDA a batch's rows are added once the next batch is queued on the device, so the teacher runs while
+    # this process fetches (and, batched, renders) the next views: the same rows in the same order, one batch
+    # later. On the CPU the forward has finished when it returns: its rows are added at once.
     previous = None
     try:
         for batch in loader.units(mine_work):
@@ -162,6 +171,9 @@ def build_cache(cfg: DictConfig) -> dict:
                 add(*previous)
             # keep only what add() reads, so the batch's images (on the device, batched) are freed now
             previous = ({k: batch[k] for k in ("seed", "index", "digest")}, logits)
+            if logits.event is None:
+                add(*previous)
+                previous = None
         if previous is not None:
             add(*previous)
     finally:

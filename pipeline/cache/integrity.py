@@ -1,7 +1,9 @@
 """Integrity of a cache store without the teacher (docs/design.md, section 6), and the repair stage one runs.
 
-A committed unit (s, k) must have: every chunk file present and decodable (crc32c codec); rows equal to the
-checksums its commit recorded; the layout's shapes and dtypes; and these invariants of the teacher targets:
+A committed unit (s, k) must have: every chunk file present and decodable (crc32c codec); a checksum record tagged
+with this unit of this store (pipeline.cache.layout.unit_tag: a unit copied over another, or in from a store of
+another teacher, is not); rows equal to the checksums its commit recorded; the layout's shapes and dtypes; and
+these invariants of the teacher targets:
 
 - ``argmax`` and ``topk_indices`` are class ids in [0, C); a row's top-K ids are distinct;
 - ``argmax == topk_indices[:, 0]`` (one stable sort decides both, pipeline.cache.targets);
@@ -9,8 +11,9 @@ checksums its commit recorded; the layout's shapes and dtypes; and these invaria
 - ``logsumexp`` is finite and ``>=`` the top value, and the top-K softmax mass ``sum exp(v - lse) <= 1``, both up to
   the fp16 rounding of the stored values (half an ulp: ``|v| * 2**-11``).
 
-:func:`check_store` reports every damaged unit (``python -m pipeline.verify_cache``); :func:`repair` clears the
-commit marker of each damaged unit, naming it in the log, so stage one recomputes it.
+:func:`check_store` reports every damaged unit and every unit not committed (``python -m pipeline.verify_cache``:
+"ok" means complete and intact); :func:`repair` clears the commit marker of each damaged unit, naming it in the
+log, so stage one recomputes it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 
 import numpy as np
 
-from pipeline.cache.layout import array_specs, crc32c
+from pipeline.cache.layout import UNIT_TAG, array_specs, crc32c, unit_tag
 from pipeline.errors import CacheError
 from pipeline.logs import progress
 
@@ -41,18 +44,46 @@ def why(e: Exception) -> str:
 
 
 def stored_checksums(store, s: int, k: int) -> dict[str, int]:
-    """{field: crc32c} recorded by the commit of unit (s, k) (empty for a version 1 store)."""
-    if not store.checksum_fields:
-        return {}
+    """{field: crc32c} recorded by the commit of unit (s, k); CacheError unless the record decodes and is tagged
+    as this unit's of this store."""
+    record, problem = _record(store, s, k)
+    if problem:
+        raise CacheError(f"{store.path}: unit (seed {s}, shard {k}): field 'checksums': {problem}: the store is "
+                         f"damaged; {REPAIR}")
+    return record
+
+
+def _record(store, s: int, k: int) -> tuple[dict[str, int], str | None]:
+    """(the record's {field: crc32c}, what is wrong with it or None)."""
     try:
         row = store._arrays["checksums"][s, k]
     except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
-        raise damaged(store, s, k, "checksums", why(e)) from e
-    return {f: int(v) for f, v in zip(store.checksum_fields, row)}
+        return {}, f"chunk {why(e)}"
+    if not np.any(row):  # the fill value: no record was written (a missing chunk file reads as zeros)
+        return {}, "no checksum record (its chunk file is missing)"
+    record = {f: int(v) for f, v in zip(store.checksum_fields + (UNIT_TAG,), row)}
+    return record, tag_problem(store, s, k, record.pop(UNIT_TAG))
+
+
+def tag_problem(store, s: int, k: int, tag: int) -> str | None:
+    """What is wrong with the unit tag a record of unit (s, k) carries, or None when it is this unit's."""
+    if tag == unit_tag(store.key, s, k):
+        return None
+    if getattr(store, "_unit_tags", None) is None:  # built once per store, on the first wrong tag
+        store._unit_tags = {unit_tag(store.key, a, b): (a, b)
+                            for a in range(store.num_seeds) for b in range(store.num_shards)}
+    if tag in store._unit_tags:  # a unit of this store copied over another: name it
+        s2, k2 = store._unit_tags[tag]
+        return (f"the record belongs to unit (seed {s2}, shard {k2}): that unit was copied over this one (its "
+                f"targets are another seed index's or shard's)")
+    return (f"the record is tagged for another store (tag {tag:#010x}, this unit's is "
+            f"{unit_tag(store.key, s, k):#010x}): the unit was copied in from a store of another teacher, data, "
+            f"augmentation or layout")
 
 
 def verify_rows(store, s: int, k: int, rows: dict[str, np.ndarray]) -> None:
-    """CacheError naming store, seed index, shard and field unless ``rows`` match the unit's checksums."""
+    """CacheError naming store, seed index, shard and field unless the unit's checksum record is its own and
+    ``rows`` match it."""
     stored = stored_checksums(store, s, k)
     for f, a in rows.items():
         got = crc32c(a)
@@ -107,7 +138,7 @@ def invariants(rows: dict[str, np.ndarray], num_classes: int) -> list[str]:
 def array_problems(store) -> list[str]:
     """Array metadata against the layout: shape, dtype and chunks of every array."""
     out = []
-    for name, spec in array_specs(store.layout, store.format_version).items():
+    for name, spec in array_specs(store.layout).items():
         arr = store._arrays[name]
         for what, have, want in (("shape", tuple(arr.shape), tuple(spec["shape"])),
                                  ("dtype", np.dtype(arr.dtype), np.dtype(spec["dtype"])),
@@ -121,7 +152,7 @@ def unit_problems(store, s: int, k: int) -> list[str]:
     """Everything wrong with committed unit (s, k): missing or undecodable chunks, checksums, shapes, invariants."""
     rows, problems, data = store.unit_rows(k), [], {}
     count = rows.stop - rows.start
-    for f in store.fields + (("checksums",) if store.checksum_fields else ()):
+    for f in store.fields + ("checksums",):
         if not store._chunk_file(f, s, k).is_file():
             problems.append(f"field '{f}': chunk file missing")
         elif f != "checksums":
@@ -129,10 +160,9 @@ def unit_problems(store, s: int, k: int) -> list[str]:
                 data[f] = store._arrays[f][s, rows]
             except Exception as e:  # noqa: BLE001 - crc32c mismatch (ValueError) or an undecodable chunk
                 problems.append(f"field '{f}': chunk {why(e)}")
-    try:
-        stored = stored_checksums(store, s, k)
-    except CacheError:
-        problems.append("field 'checksums': chunk fails its crc32c or does not decode")
+    stored, problem = _record(store, s, k) if store._chunk_file("checksums", s, k).is_file() else ({}, None)
+    if problem:
+        problems.append(f"field 'checksums': {problem}")
         stored = {}
     for f, a in data.items():
         width = {"topk_values": store.topk, "topk_indices": store.topk, "logits": store.num_classes}.get(f)
@@ -146,7 +176,9 @@ def unit_problems(store, s: int, k: int) -> list[str]:
 
 def check_store(store, *, bar: bool = False) -> dict:
     """Every committed unit checked (no teacher): {"store", "format_version", "checksums", "units_total",
-    "units_done", "units_checked", "array_problems", "damaged": [{"seed", "shard", "problems"}], "ok"}."""
+    "units_done", "units_checked", "array_problems", "damaged": [{"seed", "shard", "problems"}], "complete",
+    "incomplete": [{"seed", "shard"}] (units not committed), "seeds_missing" (seed indices without any committed
+    unit), "ok"}. "ok": complete, and every unit and array intact."""
     problems = array_problems(store)
     done = store.done_mask()
     units = [(int(s), int(k)) for s, k in zip(*np.nonzero(done))]
@@ -160,7 +192,10 @@ def check_store(store, *, bar: bool = False) -> dict:
     return {"store": str(store.path), "format_version": store.format_version,
             "checksums": bool(store.checksum_fields), "units_total": int(done.size), "units_done": len(units),
             "units_checked": len(units), "array_problems": problems, "damaged": damaged_units,
-            "ok": not problems and not damaged_units}
+            "complete": bool(done.all()),
+            "incomplete": [{"seed": int(s), "shard": int(k)} for s, k in zip(*np.nonzero(~done))],
+            "seeds_missing": [int(s) for s in np.flatnonzero(~done.any(axis=1))],
+            "ok": not problems and not damaged_units and bool(done.all())}
 
 
 def repair(store) -> list[tuple[int, int]]:

@@ -8,13 +8,18 @@ Layout (S seeds, N samples, K top-k, C classes, n samples per shard)::
     argmax        int16    [S, N]     teacher hard label, from the fp32 logits (int32 when C > 32767)
     digest        uint32   [S, N]     view digest (docs/design.md, section 4)
     done          bool     [S, num_shards], chunks (1, 1): commit marker of unit (s, k), written last
-    checksums     uint32   [S, num_shards, F], chunks (1, 1, F): crc32c of unit (s, k)'s rows of each of the F
-                           per-view arrays (order: attribute ``checksum_fields`` of the array), written before done
+    checksums     uint32   [S, num_shards, F + 1], chunks (1, 1, F + 1): crc32c of unit (s, k)'s rows of each of
+                           the F per-view arrays (order: attribute ``checksum_fields`` of the array), then the
+                           unit's tag (column ``unit``): crc32c of (store key, s, k), binding the record to its
+                           place and its store; written before done
     logits        float16  [S, N, C]  optional full logits (small class counts)
 
-Format version 2 (pipeline.cache.store.FORMAT_VERSION) added ``checksums``, Zarr's crc32c codec on every chunk but
-the digest's (random bits, checked view by view against the replay) and a store id (attribute ``store_id`` of
-``done``, a uuid drawn at creation). Version 1 stores still open for reading, unverified.
+Format version 3 (pipeline.cache.store.FORMAT_VERSION): ``checksums``, Zarr's crc32c codec on every chunk but the
+digest's (random bits, checked view by view against the replay), a store id (attribute ``store_id`` of ``done``, a
+uuid drawn at creation) and each record's unit tag. The store key is the sha256 of the store's layout and
+provenance (:func:`pipeline.cache.provenance.store_key`): a unit copied over another, or in from a store built by
+another teacher, carries a tag that is not its own. Older versions (1: no checksums, 2: untagged records) are
+refused by name; ``overwrite=true`` rebuilds them.
 
 Every per-view array is chunked ``(1, n, ...)``: chunk ``(s, k)`` of every array belongs to exactly one work
 unit (seed s, shard k), so ranks writing different units never touch the same file. ``K = 0`` ("hard-only")
@@ -56,6 +61,7 @@ import zarr.codecs as zc
 
 PER_VIEW = ("topk_values", "topk_indices", "logsumexp", "argmax", "digest")  # standard fields, read order
 ALL_ARRAYS = PER_VIEW + ("logits", "done", "checksums")
+UNIT_TAG = "unit"  # the last column of a checksums record
 ZARR_CONFIG = {"write_empty_chunks": True}
 
 
@@ -63,19 +69,29 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
 
 
-def _blosc(shuffle: str, crc: bool = True) -> list:
-    return [zc.BloscCodec(cname="zstd", clevel=9, shuffle=shuffle)] + _crc(crc)
+def _blosc(shuffle: str) -> list:
+    return [zc.BloscCodec(cname="zstd", clevel=9, shuffle=shuffle), _crc()]
 
 
-def _crc(crc: bool = True) -> list:
-    """Zarr's crc32c codec (format version 2): a chunk whose bytes changed on disk fails to decode."""
-    return [zc.Crc32cCodec()] if crc else []
+def _crc():
+    """Zarr's crc32c codec: a chunk whose bytes changed on disk fails to decode."""
+    return zc.Crc32cCodec()
 
 
 def checksum_fields(layout: dict) -> tuple[str, ...]:
     """The per-view arrays a unit's ``checksums`` row covers, in order."""
     return tuple(n for n in PER_VIEW if layout["topk"] > 0 or n in ("argmax", "digest")) + \
         (("logits",) if layout["store_logits"] else ())
+
+
+def record_fields(layout: dict) -> tuple[str, ...]:
+    """Columns of a unit's ``checksums`` record: the per-view arrays' crc32c, then the unit tag."""
+    return checksum_fields(layout) + (UNIT_TAG,)
+
+
+def unit_tag(key: str, s: int, k: int) -> int:
+    """The tag a commit of unit (s, k) records: crc32c of the store key, the seed index and the shard index."""
+    return int(google_crc32c.value(f"{key}/seed {int(s)}/shard {int(k)}".encode()))
 
 
 def crc32c(rows: np.ndarray) -> int:
@@ -86,35 +102,33 @@ def crc32c(rows: np.ndarray) -> int:
     return int(google_crc32c.value(a.tobytes()))
 
 
-def array_specs(layout: dict, version: int = 2) -> dict:
-    """name -> create_array kwargs (without the store/name), per the measured codec table above; ``version`` 1:
-    the arrays of a format version 1 store (no checksums, no crc32c codec)."""
+def array_specs(layout: dict) -> dict:
+    """name -> create_array kwargs (without the store/name), per the measured codec table above."""
     S, N, K, C, n = (layout[k] for k in ("num_seeds", "N", "topk", "num_classes", "shard_size"))
     ids = np.dtype(layout["index_dtype"])
     id_shuffle = "shuffle" if C <= 256 else "bitshuffle"
-    crc = version >= 2
     specs = {}
     if K > 0:
         specs["topk_values"] = dict(shape=(S, N, K), dtype="float16", chunks=(1, n, K), fill_value=np.nan,
-                                    compressors=_blosc("shuffle", crc), dimension_names=("seed", "sample", "rank"))
+                                    compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "rank"))
         specs["topk_indices"] = dict(shape=(S, N, K), dtype=ids, chunks=(1, n, K), fill_value=-1,
-                                     compressors=_blosc(id_shuffle, crc), dimension_names=("seed", "sample", "rank"))
+                                     compressors=_blosc(id_shuffle), dimension_names=("seed", "sample", "rank"))
         specs["logsumexp"] = dict(shape=(S, N), dtype="float32", chunks=(1, n), fill_value=np.nan,
-                                  compressors=_blosc("bitshuffle", crc), dimension_names=("seed", "sample"))
+                                  compressors=_blosc("bitshuffle"), dimension_names=("seed", "sample"))
     specs["argmax"] = dict(shape=(S, N), dtype=ids, chunks=(1, n), fill_value=-1,
-                           compressors=_blosc(id_shuffle, crc), dimension_names=("seed", "sample"))
+                           compressors=_blosc(id_shuffle), dimension_names=("seed", "sample"))
     specs["digest"] = dict(shape=(S, N), dtype="uint32", chunks=(1, n), fill_value=0, compressors=None,
                            dimension_names=("seed", "sample"))
     if layout["store_logits"]:
         specs["logits"] = dict(shape=(S, N, C), dtype="float16", chunks=(1, n, C), fill_value=np.nan,
-                               compressors=_blosc("shuffle", crc), dimension_names=("seed", "sample", "class"))
+                               compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "class"))
     specs["done"] = dict(shape=(S, len(layout["shard_counts"])), dtype="bool", chunks=(1, 1), fill_value=False,
-                         compressors=_crc(crc) or None, dimension_names=("seed", "shard"))
-    if crc:
-        F = len(checksum_fields(layout))
-        specs["checksums"] = dict(shape=(S, len(layout["shard_counts"]), F), dtype="uint32", chunks=(1, 1, F),
-                                  fill_value=0, compressors=_crc(), dimension_names=("seed", "shard", "field"),
-                                  attributes={"checksum": "crc32c", "checksum_fields": list(checksum_fields(layout))})
+                         compressors=[_crc()], dimension_names=("seed", "shard"))
+    cols = record_fields(layout)
+    specs["checksums"] = dict(shape=(S, len(layout["shard_counts"]), len(cols)), dtype="uint32",
+                              chunks=(1, 1, len(cols)), fill_value=0, compressors=[_crc()],
+                              dimension_names=("seed", "shard", "field"),
+                              attributes={"checksum": "crc32c", "checksum_fields": list(cols)})
     return specs
 
 

@@ -8,10 +8,13 @@ targets and names the first that differs (ProvenanceMismatch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from importlib import metadata
+
+import numpy as np
 
 import pipeline
 from pipeline.errors import ProvenanceMismatch, _fmt  # noqa: F401 - _fmt re-used by the store's summary
@@ -50,6 +53,14 @@ def canonical(x):
     return json.loads(json.dumps(x, default=_json_default, allow_nan=True))
 
 
+
+
+def store_key(layout: dict, provenance: dict) -> str:
+    """sha256 of a store's layout and provenance (canonical JSON, sorted keys): what its unit tags bind to. Two
+    builds of one configuration share it; another teacher, data set, augmentation or layout changes it."""
+    text = json.dumps({"layout": layout, "provenance": provenance}, sort_keys=True, default=_json_default,
+                      allow_nan=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def first_difference(a, b, prefix: str = ""):

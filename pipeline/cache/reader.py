@@ -9,9 +9,13 @@ cached rows to replayed views.
 - :class:`CacheTargets`: the loader's ``extras`` hook. Picklable; opens the store lazily once per process
   (DataLoader worker); one batched read of chunk (s, shard) per field per unit, ``digest`` always included so
   the loader checks every sample against its replayed view. Every unit read is verified: its commit marker, the
-  crc32c codec of each chunk and the unit's checksums of the mode's fields (a mismatch is a CacheError naming the
-  store, seed index, shard and field). The digest is checked view by view against the replay instead
-  (DigestMismatch naming the key), which is stronger than its checksum.
+  crc32c codec of each chunk, the unit's checksum record (tagged with this unit of this store: a unit copied over
+  another or in from another teacher's store fails) and its checksums of the mode's fields (a mismatch is a
+  CacheError naming the store, seed index, shard and field). The digest is checked view by view against the
+  replay instead (DigestMismatch naming the key), which is stronger than its checksum. The hook records the
+  store id when it is made and re-checks it after every unit it reads: a store rebuilt (``overwrite=true``) or
+  removed under a running student stops it with a CacheError naming the store, before it trains on another
+  build's targets.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 
 from pipeline.cache import lease
 from pipeline.cache.provenance import expected_provenance
-from pipeline.cache.store import CacheStore
+from pipeline.cache.store import CacheStore, store_id_on_disk
 from pipeline.errors import CacheError, ScheduleError
 
 MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
@@ -60,28 +64,52 @@ def check_units_done(store: CacheStore, seeds: Sequence[int]) -> None:
 
 
 class CacheTargets:
-    """``extras(seed_index, shard) -> {field: rows}`` for :class:`pipeline.loader.ViewLoader`."""
+    """``extras(seed_index, shard) -> {field: rows}`` for :class:`pipeline.loader.ViewLoader`.
 
-    def __init__(self, path, fields: Sequence[str]):
+    ``store_id``: the id of the store this run checked (``open_cache``'s store); default: the id on disk now.
+    """
+
+    def __init__(self, path, fields: Sequence[str], store_id: str | None = None):
         self.path = str(path)
         self.fields = tuple(dict.fromkeys([*fields, "digest"]))
+        self.store_id = store_id or store_id_on_disk(self.path)
+        if self.store_id is None:
+            raise CacheError(f"{self.path}: no cache store here (no store id): build it with python -m "
+                             f"pipeline.teacher_cache")
         self._store: CacheStore | None = None
         self._pid: int | None = None
 
     def store(self) -> CacheStore:
         if self._store is None or self._pid != os.getpid():
-            self._store, self._pid = CacheStore.open(self.path, "r"), os.getpid()
+            store = CacheStore.open(self.path, "r")
+            self._check_same(store.store_id)
+            self._store, self._pid = store, os.getpid()
         return self._store
 
     def __call__(self, seed_index: int, shard: int) -> dict:
         verify = tuple(f for f in self.fields if f != "digest")  # the digest: checked per view by the loader
-        return self.store().read_unit(int(seed_index), int(shard), self.fields, verify=verify)
+        try:
+            rows = self.store().read_unit(int(seed_index), int(shard), self.fields, verify=verify)
+        except CacheError:
+            self._check_same()  # a store replaced mid-read: say so, not "damaged"
+            raise
+        self._check_same()  # after the read: rows read while the store was being replaced are never used
+        return rows
+
+    def _check_same(self, current: str | None = None) -> None:
+        current = current or store_id_on_disk(self.path)
+        if current != self.store_id:
+            now = f"now {current}" if current else "now gone"
+            raise CacheError(f"{self.path}: the cache store was replaced or removed since this run opened it (store "
+                             f"id {self.store_id}, {now}): stopping rather than training on another build's "
+                             f"targets; start the run again on the new store (train.resume=never if its teacher "
+                             f"changed)")
 
     def __getstate__(self):
-        return {"path": self.path, "fields": self.fields}
+        return {"path": self.path, "fields": self.fields, "store_id": self.store_id}
 
     def __setstate__(self, state):
-        self.path, self.fields = state["path"], tuple(state["fields"])
+        self.path, self.fields, self.store_id = state["path"], tuple(state["fields"]), state["store_id"]
         self._store = self._pid = None
 
     def __repr__(self):

@@ -4,9 +4,9 @@ The arrays, chunks and codecs are pipeline.cache.layout; provenance records and 
 pipeline.cache.provenance; the targets kept per view pipeline.cache.targets; the writer lease
 pipeline.cache.lease; the integrity checks (checksums, invariants) and the repair pipeline.cache.integrity.
 
-Format versions: 2 (written now) adds per-unit checksums, the crc32c chunk codec and a store id; version 1 stores
-(no checksums) still open for reading, unverified (a warning says so), and are refused for writing: stage one
-asks for ``overwrite=true`` (a rebuild) instead of mixing checksummed and unchecksummed units.
+Format version 3 (the only one read or written): per-unit checksum records tagged with their unit and store
+(pipeline.cache.layout), the crc32c chunk codec and a store id. Older stores (1: no checksums, 2: untagged records)
+are refused by name, with the fix: rebuild with ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ import zarr
 
 from pipeline import storage
 from pipeline.cache import integrity, lease
-from pipeline.cache.layout import PER_VIEW, ZARR_CONFIG, array_specs, check_layout_args, crc32c, index_dtype
+from pipeline.cache.layout import (PER_VIEW, UNIT_TAG, ZARR_CONFIG, array_specs, check_layout_args, crc32c,
+                                   index_dtype, unit_tag)
 from pipeline.cache.provenance import (MISSING, _VERSION_LIBS, canonical, check_consistent, first_difference,
-                                       library_versions, lookup, without)
+                                       library_versions, lookup, store_key, without)
 from pipeline.cache.targets import stored_arrays
 from pipeline.errors import CacheError, ProvenanceMismatch, _fmt
 from pipeline.replay import CONTRACT_VERSION
 
 FORMAT = "deit-teacher-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no checksums (read unverified; never written)
+FORMAT_VERSION = 3
 _FP16_MAX = float(np.finfo(np.float16).max)
+REBUILD = "rebuild with overwrite=true, or set another cache.path"  # how a writer refused by provenance goes on
 log = logging.getLogger("pipeline")
 
 
@@ -66,8 +67,9 @@ class CacheStore:
         self.index_dtype = np.dtype(lay["index_dtype"])
         self.format_version: int = attrs["format_version"]
         self.store_id: str | None = arrays["done"].attrs.get("store_id")
-        self.checksum_fields: tuple[str, ...] = (tuple(arrays["checksums"].attrs["checksum_fields"])
-                                                 if "checksums" in arrays else ())
+        self.checksum_fields: tuple[str, ...] = tuple(f for f in arrays["checksums"].attrs["checksum_fields"]
+                                                      if f != UNIT_TAG)
+        self.key: str = store_key(lay, self.provenance)  # what each unit's tag binds to (integrity.unit_tag)
 
     # ---------------------------------------------------------------- construction
 
@@ -105,7 +107,7 @@ class CacheStore:
         lease.acquire(path)  # one writer per store, before any write: create, resume and overwrite alike
         if path.is_dir() and any(path.iterdir()) and not storage.partial_zarr(path):
             if overwrite:
-                cls.open(path, "r", check_contract=False)  # raises unless it is a cache store: never rmtree anything else
+                _cache_group(path, "r")  # raises unless it is a cache store (any version): never rmtree anything else
                 storage.rmtree(path)
             else:
                 return cls._resume(path, attrs, ignore_fields)
@@ -140,8 +142,8 @@ class CacheStore:
         want = {"layout": attrs["layout"], "provenance": without(attrs["provenance"], ignore_fields)}
         for part in ("layout", "provenance"):
             diff = first_difference(have[part], want[part])
-            if diff is not None:
-                raise ProvenanceMismatch(path, *diff)
+            if diff is not None:  # a writer's refusal: the store stays as it is, the fix is a new one
+                raise ProvenanceMismatch(path, *diff, fix=REBUILD)
         integrity.repair(store)
         return store
 
@@ -152,35 +154,19 @@ class CacheStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         path = storage.as_path(path)
-        if not path.is_dir():
-            raise CacheError(f"{path}: no cache store here (missing or not a directory)")
-        if not (path / "zarr.json").is_file():
-            raise CacheError(f"{path}: not a cache store (no zarr.json)")
-        try:
-            group = zarr.open_group(store=storage.zarr_store(path, mode), mode=mode, zarr_format=3)
-            attrs = dict(group.attrs)
-        except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a broken store
-            raise CacheError(f"{path}: not a readable Zarr v3 group: {type(e).__name__}: {e}") from e
-        if attrs.get("format") != FORMAT or "layout" not in attrs or "provenance" not in attrs:
-            raise CacheError(f"{path}: a Zarr group but not a teacher cache store (attribute format="
-                             f"{attrs.get('format')!r}, expected {FORMAT!r})")
+        group, attrs = _cache_group(path, mode)
         version = attrs.get("format_version")
-        if version not in READABLE_VERSIONS:
-            raise CacheError(f"{path}: cache format version {version} is not supported "
-                             f"(this code reads versions {', '.join(map(str, READABLE_VERSIONS))})")
-        if version != FORMAT_VERSION and mode == "r+":
-            raise CacheError(f"{path}: cache format version {version} has no checksums; stage one writes only "
-                             f"version {FORMAT_VERSION}: rebuild it with overwrite=true (stage two still reads it)")
         if version != FORMAT_VERSION:
-            log.warning(f"warning: {path}: cache format version {version}: no checksums, its targets are read "
-                        f"unverified (rebuild with overwrite=true for a checksummed store)")
+            raise CacheError(f"{path}: cache format version {version}, this code reads and writes only version "
+                             f"{FORMAT_VERSION} (checksum records tagged with their unit and store): rebuild it "
+                             f"with overwrite=true (python -m pipeline.teacher_cache overwrite=true)")
         # Stores from before the contract was versioned carry no field: they were built under version 1.
         contract = attrs["provenance"].get("contract_version", 1)
         if check_contract and contract != CONTRACT_VERSION:
             raise CacheError(f"{path}: built under replay contract version {contract}, this code renders views under "
                              f"version {CONTRACT_VERSION}: its targets belong to other views; rebuild it "
                              f"(overwrite=true)")
-        names = list(array_specs(attrs["layout"], version))
+        names = list(array_specs(attrs["layout"]))
         arrays = {}
         for name in names:
             try:
@@ -292,7 +278,8 @@ class CacheStore:
             self.set_done(s, k, False)
             for name in self.fields:
                 self._arrays[name][s, rows] = out[name]
-            self._arrays["checksums"][s, k] = np.array([crc32c(out[f]) for f in self.checksum_fields], np.uint32)
+            record = [crc32c(out[f]) for f in self.checksum_fields] + [unit_tag(self.key, s, k)]
+            self._arrays["checksums"][s, k] = np.array(record, np.uint32)
             self.set_done(s, k, True)  # commit marker, last (set_done re-checks the store id and the lease first)
         except OSError as e:  # ENOSPC, EIO, EACCES...: the unit stays pending, a re-run recomputes it
             raise CacheError(f"{self.path}: cannot write unit (seed {s}, shard {k}): {e}; the unit stays pending "
@@ -313,11 +300,7 @@ class CacheStore:
 
     def current_store_id(self) -> str | None:
         """The store id on disk now (attribute ``store_id`` of ``done``; None when the store is gone)."""
-        try:
-            meta = json.loads((self.path / "done" / "zarr.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return (meta.get("attributes") or {}).get("store_id")
+        return store_id_on_disk(self.path)
 
     def release_lease(self) -> None:
         """Release this process's writer lease on the store (taken by :meth:`create`); no-op without one."""
@@ -330,9 +313,10 @@ class CacheStore:
         ``fields``: names among :attr:`fields` (default: every standard per-view array present, not ``logits``).
         Raises :class:`CacheError` for a unit whose commit marker is false (unless ``require_done=False``).
         ``verify``: True (every field read), a collection of field names, or False: those fields' rows must match
-        the unit's stored checksums, else a CacheError names the store, seed index, shard and field (a chunk
-        whose bytes changed on disk fails its crc32c codec: the same error). Version 1 stores and uncommitted
-        units are not verified.
+        the unit's stored checksums, and the record's tag must be this unit's of this store (a unit copied over
+        another or in from another store), else a CacheError names the store, seed index, shard and field (a
+        chunk whose bytes changed on disk fails its crc32c codec: the same error). Uncommitted units are not
+        verified.
         """
         self._check_unit(s, k)
         if fields is None:
@@ -347,7 +331,7 @@ class CacheStore:
         rows = self.unit_rows(k)
         out = {f: self._read(f, s, k, rows) for f in fields}
         check = fields if verify is True else tuple(verify or ())
-        if check and self.checksum_fields and (require_done or self.is_done(s, k)):  # uncommitted: nothing to verify
+        if check and (require_done or self.is_done(s, k)):  # uncommitted: nothing to verify
             integrity.verify_rows(self, s, k, {f: out[f] for f in check if f in out})
         return out
 
@@ -414,7 +398,7 @@ class CacheStore:
         units = list(zip(*np.nonzero(mask)))
         views = sum(self.shard_counts[k] for _, k in units)
         out = {}
-        for name in self.fields + ("done",) + (("checksums",) if "checksums" in self._arrays else ()):
+        for name in self.fields + ("done", "checksums"):
             b = 0
             for s, k in units:
                 try:
@@ -447,3 +431,30 @@ class CacheStore:
         lines.append(f"  on disk: {self.nbytes_stored()} bytes")
         return "\n".join(lines)
 
+
+def _cache_group(path, mode: str):
+    """(Zarr group, attributes) of the teacher cache store at ``path``, any format version; CacheError unless it is
+    one."""
+    if not path.is_dir():
+        raise CacheError(f"{path}: no cache store here (missing or not a directory)")
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"{path}: not a cache store (no zarr.json)")
+    try:
+        group = zarr.open_group(store=storage.zarr_store(path, mode), mode=mode, zarr_format=3)
+        attrs = dict(group.attrs)
+    except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a broken store
+        raise CacheError(f"{path}: not a readable Zarr v3 group: {type(e).__name__}: {e}") from e
+    if attrs.get("format") != FORMAT or "layout" not in attrs or "provenance" not in attrs:
+        raise CacheError(f"{path}: a Zarr group but not a teacher cache store (attribute format="
+                         f"{attrs.get('format')!r}, expected {FORMAT!r})")
+    return group, attrs
+
+
+def store_id_on_disk(path) -> str | None:
+    """The id of the store at ``path`` now (attribute ``store_id`` of ``done``; None when there is none): one small
+    read, so writers check it before every commit and readers after every unit."""
+    try:
+        meta = json.loads((storage.as_path(path) / "done" / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (meta.get("attributes") or {}).get("store_id")

@@ -1,7 +1,9 @@
 """``python -m pipeline.verify_cache``: check a store without the teacher, and optionally re-check it with it.
 
-1. Integrity, always (pipeline.cache.integrity): every committed unit's chunks, checksums, shapes, dtypes and
-   invariants; damaged units are listed.
+1. Completeness and integrity, always, without the teacher (pipeline.cache.integrity): every unit committed
+   (units and seed indices not committed are listed as incomplete), and every committed unit's chunks, checksum
+   record (tagged with this unit of this store), checksums, shapes, dtypes and invariants; damaged units are
+   listed. "ok" means complete and intact.
 2. The store belongs to this configuration: the provenance stage two checks (data fingerprint, augmentation hash,
    run seed, classes) when the train manifest is there, and the teacher's weights sha256 when its checkpoint file
    is there (hashing the file, not running the teacher).
@@ -113,8 +115,17 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
 
 
 def format_damage(result: dict) -> list[str]:
-    """One line per damaged unit (and per store-level problem)."""
-    lines = [f"{result['store']}: {p}" for p in result["array_problems"]]
-    lines += [f"{result['store']}: damaged unit (seed {d['seed']}, shard {d['shard']}): {'; '.join(d['problems'])}"
+    """One line per store-level problem, per damaged unit and per seed index with units not committed."""
+    path = result["store"]
+    lines = [f"{path}: {p}" for p in result["array_problems"]]
+    lines += [f"{path}: damaged unit (seed {d['seed']}, shard {d['shard']}): {'; '.join(d['problems'])}"
               for d in result["damaged"]]
+    by_seed: dict[int, list[int]] = {}
+    for u in result["incomplete"]:
+        by_seed.setdefault(u["seed"], []).append(u["shard"])
+    for s, ks in sorted(by_seed.items()):
+        what = "no unit committed" if s in result["seeds_missing"] else f"{len(ks)} unit(s) not committed"
+        shown = ", ".join(f"(seed {s}, shard {k})" for k in ks[:12]) + (", ..." if len(ks) > 12 else "")
+        lines.append(f"{path}: incomplete: seed {s}: {what}: {shown}; run stage one (python -m "
+                     f"pipeline.teacher_cache) to finish it")
     return lines

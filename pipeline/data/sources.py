@@ -302,6 +302,22 @@ def label_noise(samples: SampleSet, rate: float, seed: int) -> SampleSet:
     return SampleSet(len(samples), samples.class_names, {**samples.source, "label_noise": rate}, iterate)
 
 
+_ROOT_HOLDS = {"fashion_mnist": "the Fashion-MNIST gz IDX files (Debian package dataset-fashion-mnist)",
+               "folder": "train/<class>/* and val/<class>/* image folders"}
+
+
+def data_root(data_cfg) -> Path:
+    """``data.root`` of a source that reads one: unset, or not a directory, is one error naming data.root."""
+    kind, root = data_cfg["source"], data_cfg.get("root")
+    if root is None or str(root) in ("", "???"):
+        raise ConfigError(f"data.root is not set: data.source={kind} reads {_ROOT_HOLDS[kind]} from it; "
+                          f"set data.root=<directory>")
+    if not Path(root).is_dir():
+        raise MissingInput(f"data.root={root}: no such directory (data.source={kind} reads {_ROOT_HOLDS[kind]} "
+                           f"from it)")
+    return Path(root)
+
+
 def from_config(data_cfg, split: str) -> SampleSet:
     """The :class:`SampleSet` for ``split`` of a ``conf/data/*.yaml`` config (a mapping)."""
     kind = data_cfg["source"]
@@ -309,9 +325,9 @@ def from_config(data_cfg, split: str) -> SampleSet:
         n = data_cfg["train_size"] if split == "train" else data_cfg["val_size"]
         s = toy(data_cfg["seed"], n, split)
     elif kind == "fashion_mnist":
-        s = fashion_mnist(data_cfg["root"], split)
+        s = fashion_mnist(data_root(data_cfg), split)
     elif kind == "folder":
-        s = folder(data_cfg["root"], split, data_cfg.get("seed", 0), bool(data_cfg.get("allow_empty_classes")))
+        s = folder(data_root(data_cfg), split, data_cfg.get("seed", 0), bool(data_cfg.get("allow_empty_classes")))
     else:
         raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder)")
     limit = data_cfg.get(f"{split}_limit")

@@ -39,7 +39,7 @@ def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Mo
     name = str(teacher_cfg.name)
     checkpoint = teacher_cfg.get("checkpoint") if load else None
     pretrained = bool(teacher_cfg.get("pretrained", False)) and not checkpoint
-    seed = None if (pretrained or checkpoint or not load) else int(_get(teacher_cfg, "train", "init_seed") or 0)
+    seed = int(_get(teacher_cfg, "train", "init_seed") or 0) if load and random_weights(teacher_cfg) else None
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
@@ -53,6 +53,22 @@ def create_teacher(teacher_cfg, num_classes: int, *, load: bool = True) -> nn.Mo
     elif pretrained and load:
         _check_pretrained(model, teacher_cfg, int(num_classes))
     return model.eval()
+
+
+def random_weights(teacher_cfg) -> bool:
+    """Whether this teacher runs on its (seeded) random init: neither a checkpoint nor pretrained weights."""
+    return not teacher_cfg.get("checkpoint") and not bool(teacher_cfg.get("pretrained", False))
+
+
+def warn_if_random(teacher_cfg, data_source: str) -> bool:
+    """One warning when a random-weights teacher labels real data (the toy source is where that is intended:
+    tests and mechanics); returns whether it warned."""
+    if not random_weights(teacher_cfg) or str(data_source) == "toy":
+        return False
+    log.warning(f"warning: teacher {teacher_cfg.name} has random weights (teacher.checkpoint=null, "
+                f"teacher.pretrained=false) on data.source={data_source}: its targets are noise; set "
+                f"teacher.checkpoint=<trained weights> (python -m pipeline.train_teacher) or teacher.pretrained=true")
+    return True
 
 
 def teacher_kwargs(teacher_cfg) -> dict:
@@ -219,6 +235,28 @@ def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
                 torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
+def check_input(model: nn.Module, teacher_cfg, view_size: int) -> None:
+    """What the teacher is fed, checked before any work (stage one, train_teacher): its normalisation, and the
+    input size when the model takes one size only (a ViT/DeiT; timm would assert deep inside the forward)."""
+    for key in ("mean", "std"):
+        values = [float(v) for v in teacher_cfg[key]]
+        if len(values) not in (1, 3):
+            raise TeacherError(f"teacher.{key}={values}: expected 3 values (one per RGB channel) or 1")
+    if not all(float(v) > 0 for v in teacher_cfg.std):
+        raise TeacherError(f"teacher.std={[float(v) for v in teacher_cfg.std]}: every value must be > 0")
+    size = teacher_resolution(teacher_cfg, view_size)
+    source = "teacher.input_size" if teacher_cfg.get("input_size") else "the view size data.image_size"
+    check_input_size(model, str(teacher_cfg.name), (size, size), f"{source}={size}")
+
+
+def check_input_size(model: nn.Module, name: str, hw: Sequence[int], given: str) -> None:
+    """Refuse inputs of `hw` (named by `given`) for a model that takes one size only, naming the fix."""
+    fixed = fixed_input_size(model)
+    if fixed and tuple(int(v) for v in hw) != fixed:
+        raise TeacherError(f"teacher {name} takes {fixed[0]}x{fixed[1]} inputs only, it would be given "
+                           f"{hw[0]}x{hw[1]} ({given}): set teacher.input_size={fixed[0]}")
+
+
 class TeacherRunner:
     """Teacher inference on uint8 view batches: float32 logits [B, C] on `device`.
 
@@ -238,17 +276,24 @@ class TeacherRunner:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.forward = torch.compile(model) if teacher_cfg.get("compile", False) else model
-        self.name, self.fixed = str(teacher_cfg.name), fixed_input_size(model)
+        self.cfg, self.name = teacher_cfg, str(teacher_cfg.name)
 
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return self._logits(images_u8, self.forward)
+
+    def check(self, view_size: int) -> None:
+        """Before any work (stage one: before its store exists): the input checks, then one forward of one blank
+        view through the plain (uncompiled) model, so that a setting that fails only in a forward fails here."""
+        check_input(self.model, self.cfg, view_size)
+        self._logits(torch.zeros(1, 3, int(view_size), int(view_size), dtype=torch.uint8), self.model)
+
+    def _logits(self, images_u8: torch.Tensor, forward) -> torch.Tensor:
         with torch.inference_mode():
             x = model_input(images_u8, self.mean, self.std, device=self.device, size=self.size,
                             channels_last=self.channels_last)
-            if self.fixed and tuple(x.shape[-2:]) != self.fixed:  # e.g. a ViT: timm asserts deep in the model
-                raise TeacherError(f"teacher {self.name} takes {self.fixed[0]}x{self.fixed[1]} inputs only, its views "
-                                   f"are {x.shape[-2]}x{x.shape[-1]}: set teacher.input_size={self.fixed[0]}")
+            check_input_size(self.model, self.name, x.shape[-2:], "its views")
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.forward(x)
+                logits = forward(x)
             return logits.float()
 
 

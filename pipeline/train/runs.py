@@ -24,7 +24,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, TeacherError
 from pipeline.finished import require_store, write_run_config
 from pipeline.models.student import create_student, plain_state_dict, unwrap
-from pipeline.models.teacher import create_teacher, load_runner, teacher_provenance, weights_sha256
+from pipeline.models.teacher import check_input, create_teacher, load_runner, teacher_provenance, weights_sha256
 from pipeline.train.losses import create_loss
 from pipeline.train.loop import LoopConfig, fit
 from pipeline.train.schedule import plan_schedule
@@ -98,6 +98,7 @@ def train_teacher(cfg: DictConfig) -> dict:
                               channels_last=cuda and bool(tcfg.channels_last))
     torch.manual_seed(int(tr.init_seed))  # weight init only; the views never touch global RNGs
     model = create_teacher(tcfg, train_m.num_classes, load=False).to(ctx.device)
+    check_input(model, tcfg, aug.image_size)  # stage one's check: a fixed-size teacher fed another size, etc.
     if task.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loop = loop_config(tr, "teacher.train", float(tr.lr), Path(tr.out_dir), bool(cfg.overwrite))
@@ -159,7 +160,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
                               num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
                               world_size=ctx.world_size, pin_memory=cuda, repeats=_repeats(cfg),
                               backend=cfg.replay.backend, device=ctx.device,
-                              extras=CacheTargets(store.path, MODE_FIELDS[mode]) if cached else None)
+                              extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
     val_loader = None
     if loop.val and (val_world > 1 or ctx.is_main):
@@ -174,6 +175,8 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
         "epochs": loop.epochs, "global_batch": global_batch, "lr": loop.lr, "weight_decay": loop.weight_decay,
         "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
         "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
+        # the targets: a resume on a store rebuilt by another teacher (or layout) is refused, naming this field
+        "cache_store_key": store.key if cached else None,
         "total_updates": _total_updates(train_loader, loop), **_deit_loop_keys(loop)}
     log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
              f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "

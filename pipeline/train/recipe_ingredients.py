@@ -124,8 +124,9 @@ def _fresh_views(run: Run):
         return f"refused: {exc}", False
     flat = [s for e in plan for s in (e if isinstance(e, list) else [e])]
     fresh = len(set(flat)) == len(flat)
+    reads = len(flat) / len(set(flat))
     return (f"cache.num_seeds={c.num_seeds} for {tr.epochs} epochs x {r}: {len(set(flat))} distinct seeds, "
-            f"each view read {len(flat) / len(set(flat)):.3g} times"), fresh
+            f"each view read {'once' if fresh else f'{reads:.3g} times'}"), fresh
 
 
 def _order(run: Run):

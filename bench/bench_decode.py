@@ -522,7 +522,7 @@ def pipeline_replica_check(plans: list[Plan]) -> dict:
     try:
         AugmentConfig, _crop_resize, decode, open_image = (_find(n) for n in ("AugmentConfig", "_crop_resize", "decode",
                                                                                "open_image"))
-        cfg = AugmentConfig(image_size=SIZE)
+        cfg = AugmentConfig(image_size=SIZE, interpolation="bilinear")  # render() above is bilinear
         same = 0
         for p in plans:
             img, scale = decode(open_image(p.data), {"crop": p.crop}, SIZE)

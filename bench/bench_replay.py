@@ -199,10 +199,10 @@ def breakdown(jpegs, cfg, reps: int) -> dict:
         setattr(mod, name, timed)
         return (mod, name, fn)
 
-    def timed_op(img, name, arg, _fn=replay._apply_op):
+    def timed_op(img, name, *args, _fn=replay._apply_op):
         t = time.process_time()
         try:
-            return _fn(img, name, arg)
+            return _fn(img, name, *args)
         finally:
             dt = time.process_time() - t
             acc["ra ops"] += dt

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.params import INTERPOLATIONS, MIX_PAIRINGS, AugmentConfig
 
 
 @dataclass
@@ -53,6 +53,7 @@ class AugmentSchema:
     mix_prob: float = MISSING
     switch_prob: float = MISSING
     mix_block: int = MISSING
+    mix_pairing: str = MISSING       # pair | block
     label_smoothing: float = MISSING
     interpolation: str = MISSING
 
@@ -68,6 +69,8 @@ class LoopSchema:
     warmup_epochs: float = MISSING
     min_lr: float = MISSING
     warmup_lr: float = MISSING
+    lr_step: str = MISSING           # update | epoch
+    decay_dist_token: bool = MISSING
     clip_grad: Optional[float] = MISSING
     ema: bool = MISSING
     ema_decay: float = MISSING
@@ -188,8 +191,11 @@ class RunSchema:
     num_threads: int = MISSING
 
 
+LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
-           "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched")}
+           "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
+           "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
+           "augment.interpolation": INTERPOLATIONS}
 AT_LEAST = {  # key -> smallest allowed value
     "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
     "data.train_limit": 1, "data.val_limit": 1, "data.max_side": 16, "data.max_side_quality": 1, "augment.mix_block": 2, "student.img_size": 1,

@@ -28,18 +28,21 @@ except ImportError:  # layout before the pipeline/ restructuring
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "augment"
-DEIT = AugmentConfig(image_size=224)
+DEIT = AugmentConfig(image_size=224)  # the DeiT recipe: bicubic crop resize and RandAugment geometry
+DEIT_BILINEAR = AugmentConfig(image_size=224, interpolation="bilinear")
+INTERPOLATIONS = ("bilinear", "bicubic")
 BLOCK = 32
 LEVELS = (0.0, 2.5, 5.0, 7.5, 9.0, 10.0)
 
-# Per-op (mean, max) abs difference in uint8 levels, batched vs pixels._apply_op on the same input.
-# CPU: every op reproduces torchvision's arithmetic (fused multiply-adds emulated in float64, the grid through
-# the same float32 ops), so all are exact; the bounds are the measurement.
+# Per-op (mean, max) abs difference in uint8 levels, batched vs pixels._apply_op on the same input, under both
+# interpolations. CPU: every op reproduces torchvision's arithmetic (fused multiply-adds emulated in float64, the
+# grid through the same float32 ops, grid_sample's bilinear or bicubic), so all are exact; the bounds are the
+# measurement.
 CPU_OP_BOUNDS = {name: (0.0, 0) for name in batched_ops.OPS}
 # CUDA: not measured (no GPU where this was written). Integer ops and the colour ops (float32 products, fused
 # adds emulated in float64, true divisions) should stay exact. The geometric ops' grid is computed in float64
 # there (TF32-proof); on the CPU that variant differs from torchvision's float32 grid by mean 0.003, max 1
-# level, and CUDA's grid_sample may round its own weights differently.
+# level, and CUDA's grid_sample may round its own weights differently (bicubic: not measured either).
 GEOMETRIC = {"Rotate", "ShearX", "ShearY"}
 CUDA_OP_BOUNDS = {name: (0.02, 2) if name in GEOMETRIC else (0.0, 0) for name in batched_ops.OPS}
 
@@ -121,12 +124,14 @@ def test_plan_matches_block_views_on_jpeg_photos(photos, recipe):
     assert torch.equal(compare.render_reference(plan), _block_images(views))
 
 
-def test_eval_plans_match_and_render_exactly(photos, toy_items):
-    cfg = AugmentConfig(image_size=224, crop_pct=0.875)
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_eval_plans_match_and_render_exactly(photos, toy_items, interpolation):
+    cfg = AugmentConfig(image_size=224, crop_pct=0.875, interpolation=interpolation)
     views, plan = _assert_plan_matches(_photo_items(photos["1000x750"][:8]), cfg, 1000, 0, train=False)
     assert torch.equal(batched.render_plan(plan), _block_images(views))  # eval decodes at full size on both paths
-    views, plan = _assert_plan_matches(toy_items[:8], AugmentConfig(image_size=32, crop_pct=0.875), 10, 0,
-                                       train=False)
+    assert torch.equal(batched.render_plan(plan, resize="exact"), _block_images(views))
+    cfg = AugmentConfig(image_size=32, crop_pct=0.875, interpolation=interpolation)
+    views, plan = _assert_plan_matches(toy_items[:8], cfg, 10, 0, train=False)
     assert torch.equal(batched.render_plan(plan), _block_images(views))
 
 
@@ -158,8 +163,8 @@ def _op_batch(name: str, inputs: torch.Tensor):
     return images, [a for a in args for _ in range(len(inputs))]
 
 
-def op_difference(name: str, inputs: torch.Tensor, device) -> tuple[float, int]:
-    return compare.compare_op(name, *_op_batch(name, inputs), device)
+def op_difference(name: str, inputs: torch.Tensor, device, interpolation: str) -> tuple[float, int]:
+    return compare.compare_op(name, *_op_batch(name, inputs), device, interpolation)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +172,11 @@ def op_inputs(photos):
     return _op_inputs(photos["500x375"][:4])
 
 
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 @pytest.mark.parametrize("name", list(batched_ops.OPS))
-def test_op_matches_per_sample(op_inputs, name):
-    mean, mx = op_difference(name, op_inputs, "cpu")
-    print(f"{name}: mean {mean:.4f} max {mx}")
+def test_op_matches_per_sample(op_inputs, name, interpolation):
+    mean, mx = op_difference(name, op_inputs, "cpu", interpolation)
+    print(f"{name} ({interpolation}): mean {mean:.4f} max {mx}")
     bound_mean, bound_max = CPU_OP_BOUNDS[name]
     assert mean <= bound_mean and mx <= bound_max, f"{name}: mean {mean:.4f} max {mx}"
 
@@ -201,9 +207,10 @@ def test_exact_resize_is_torchs_uint8_kernel(photos, interpolation):
         assert torch.equal(native, exact), f"size {size}: {_diff(native, exact)}"
 
 
-def test_batch_and_sample_grouping_render_the_same(photos):
+@pytest.mark.parametrize("cfg", [DEIT, DEIT_BILINEAR], ids=INTERPOLATIONS[::-1])
+def test_batch_and_sample_grouping_render_the_same(photos, cfg):
     items = _photo_items(photos["500x375"][:BLOCK])
-    plan = batched.plan_block(items, run_seed=1, seed_index=4, cfg=DEIT, num_classes=1000)
+    plan = batched.plan_block(items, run_seed=1, seed_index=4, cfg=cfg, num_classes=1000)
     assert torch.equal(batched.render_plan(plan, group="batch"), batched.render_plan(plan, group="sample"))
 
 
@@ -211,7 +218,8 @@ def test_accelerator_layout_on_cpu_renders_block_views(photos, toy_items):
     """resize='exact' + group='batch' is what render_plan runs on a GPU: on the CPU it gives block_views' pixels
     (so on a GPU only the device's own kernels, nvJPEG and grid_sample, can make a difference)."""
     for items, cfg, classes in ((toy_items, _recipe("toy", 32), 10),
-                                (_photo_items(photos["500x375"][:8]), DEIT, 1000)):
+                                (_photo_items(photos["500x375"][:8]), DEIT, 1000),
+                                (_photo_items(photos["500x375"][8:16]), DEIT_BILINEAR, 1000)):
         kw = dict(run_seed=2, seed_index=0, cfg=cfg, num_classes=classes)
         plan = batched.plan_block(items, **kw)
         out = batched.render_plan(plan, "cpu", resize="exact", group="batch")
@@ -221,15 +229,17 @@ def test_accelerator_layout_on_cpu_renders_block_views(photos, toy_items):
 # ------------------------------------------------------------------------------------------------ (c) end to end
 
 
-def test_end_to_end_difference_on_photos(photos):
-    """500x375: no reduced-DCT decode applies at 224 px, so the backends agree exactly. 1000x750: the per-sample
-    path decodes large crops at 1/2-1/8 DCT scale, the batched one at full size: small, expected differences
-    (RandAugment's Solarize/Equalize/Posterize can turn a 1-level change into a large one on a few pixels)."""
+@pytest.mark.parametrize("cfg", [DEIT, DEIT_BILINEAR], ids=INTERPOLATIONS[::-1])
+def test_end_to_end_difference_on_photos(photos, cfg):
+    """500x375: no reduced-DCT decode applies at 224 px, so the backends agree exactly, under either
+    interpolation. 1000x750: the per-sample path decodes large crops at 1/2-1/8 DCT scale, the batched one at full
+    size: small, expected differences (RandAugment's Solarize/Equalize/Posterize can turn a 1-level change into a
+    large one on a few pixels)."""
     for src, (bound_mean, bound_view) in {"500x375": (0.0, 0.0), "1000x750": (3.0, 12.0)}.items():
         plans = [batched.plan_block(_photo_items(photos[src][lo:lo + BLOCK], lo), run_seed=0, seed_index=s,
-                                    cfg=DEIT, num_classes=1000) for s, lo in ((0, 0), (1, BLOCK))]
+                                    cfg=cfg, num_classes=1000) for s, lo in ((0, 0), (1, BLOCK))]
         per_view = compare.pixel_difference(plans)
-        print(f"{src}: mean {per_view.mean():.3f}, worst view {per_view.max():.3f}, "
+        print(f"{src} ({cfg.interpolation}): mean {per_view.mean():.3f}, worst view {per_view.max():.3f}, "
               f"views < 2 levels {(per_view < 2).float().mean():.2%}")
         assert per_view.mean() <= bound_mean and per_view.max() <= bound_view
 
@@ -261,18 +271,20 @@ def test_agreement_on_a_seeded_regnet(photos):
 class TestCuda:
     """The same comparisons with render_plan on the GPU (nvJPEG decode, exact-resize matmuls)."""
 
+    @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
     @pytest.mark.parametrize("name", list(batched_ops.OPS))
-    def test_op_matches_per_sample(self, op_inputs, name):
-        mean, mx = op_difference(name, op_inputs, "cuda")
-        print(f"cuda {name}: mean {mean:.4f} max {mx}")
+    def test_op_matches_per_sample(self, op_inputs, name, interpolation):
+        mean, mx = op_difference(name, op_inputs, "cuda", interpolation)
+        print(f"cuda {name} ({interpolation}): mean {mean:.4f} max {mx}")
         bound_mean, bound_max = CUDA_OP_BOUNDS[name]
         assert mean <= bound_mean and mx <= bound_max, f"{name}: mean {mean:.4f} max {mx}"
 
-    def test_exact_resize_on_gpu(self, photos):
+    @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+    def test_exact_resize_on_gpu(self, photos, interpolation):
         images = [pixels.decode(pixels.open_image(d))[0] for d in photos["1000x750"][:4]]
         crops = [[0, 0, 750, 1000], [10, 20, 370, 410], [100, 7, 260, 301], [-12, -5, 140, 90]]
-        native = batched_resize.resize_native(images, crops, 224, "bilinear")
-        exact = batched_resize.resize_exact([im.cuda() for im in images], crops, 224, "bilinear")
+        native = batched_resize.resize_native(images, crops, 224, interpolation)
+        exact = batched_resize.resize_exact([im.cuda() for im in images], crops, 224, interpolation)
         assert torch.equal(native, exact.cpu())
 
     def test_toy_pngs_render_as_on_cpu(self, toy_items):

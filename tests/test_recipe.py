@@ -53,14 +53,16 @@ def documented():
 
 
 def documented_run() -> dict:
-    """R, the overrides the stage commands add, and NPROC of stage two, from README.md."""
+    """R, the overrides the stage commands add, and NPROC of stage two (its line's, else the block's export),
+    from README.md."""
     block = _section_block((REPO / "README.md").read_text(), SECTION)
     r = re.search(r'^R="(.*?)"', block, re.S | re.M).group(1)
     r = " ".join(r.replace("\\\n", " ").split())
     _, stage_one = _stage_overrides(block, "teacher_cache")
     nproc, stage_two = _stage_overrides(block, "train_student")
+    exported = re.search(r"^export (?:.* )?NPROC=(\d+)", block, re.M)  # the block's own NPROC, for every stage
     extra = list(dict.fromkeys(stage_one + stage_two))
-    return {"R": r, "extra": extra, "nproc": nproc or "1"}
+    return {"R": r, "extra": extra, "nproc": nproc or (exported.group(1) if exported else "1")}
 
 
 def _docs_commands(page: str) -> list[str]:

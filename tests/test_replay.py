@@ -202,6 +202,31 @@ def test_golden_digests_pin_the_replay_contract():
     assert mix == {"mode": "cutmix", "lam": 0.368543, "box": [8, 34, 178, 178]}
 
 
+def test_stores_of_contract_version_1_are_refused_naming_the_fix(tmp_path):
+    """Version 2 renders RandAugment's geometry with augment.interpolation: a store built under version 1 (or
+    before the field existed) holds targets of other bicubic views and is refused, naming both versions and the
+    fix, with nothing touched."""
+    import zarr
+
+    from pipeline.cache.store import CacheError, CacheStore
+    from pipeline.replay import CONTRACT_VERSION
+
+    assert CONTRACT_VERSION == 2
+    layout = dict(num_seeds=1, shard_counts=[4], shard_size=4, num_classes=3, topk=2)
+    for name, provenance in (("v1.zarr", {"contract_version": 1}), ("unversioned.zarr", None)):
+        store = CacheStore.create(tmp_path / name, provenance=provenance or {}, **layout)
+        assert store.provenance["contract_version"] == (1 if provenance else 2)  # create() stamps this code's
+        if provenance is None:  # a store from before the field existed
+            group = zarr.open_group(str(store.path), mode="r+")
+            group.attrs["provenance"] = {k: v for k, v in group.attrs["provenance"].items()
+                                         if k != "contract_version"}
+        before = sorted(p.relative_to(tmp_path) for p in (tmp_path / name).rglob("*"))
+        with pytest.raises(CacheError, match=r"contract version 1, this code renders views under version 2: .*"
+                                             r"rebuild it \(overwrite=true\)"):
+            CacheStore.open(store.path)
+        assert sorted(p.relative_to(tmp_path) for p in (tmp_path / name).rglob("*")) == before
+
+
 def test_jpeg_decode_is_pillows_pixels_at_every_scale():
     """decode() reads JPEGs with simplejpeg at the scale Pillow's draft picks: Pillow's own pixels, bit for bit,
     on real photos (colour and grey, baseline and progressive), full size and reduced."""
@@ -227,3 +252,151 @@ def test_jpeg_decode_is_pillows_pixels_at_every_scale():
             want = np.asarray(ref.convert("RGB")).transpose(2, 0, 1)
             assert scale == ref.size[0] / w
             assert np.array_equal(ours.numpy(), want), (mode, progressive, crop_side)
+
+
+# ------------------------------------------------------------------------------------------ interpolation
+
+def _photos(n=3):
+    from bench.bench_replay import photo_jpegs
+
+    return photo_jpegs((500, 375), n)
+
+
+def _pil_tensor(im) -> torch.Tensor:
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor, margin: int = 0) -> tuple[float, int]:
+    d = (a.int() - b.int()).abs()
+    if margin:
+        d = d[:, margin:-margin, margin:-margin]
+    return float(d.float().mean()), int(d.max())
+
+
+def test_recipes_name_their_interpolation_and_the_config_checks_it(tmp_path):
+    """augment=deit resamples bicubic as DeiT does (the AugmentConfig defaults are that recipe), the toy recipe
+    stays bilinear; any other value is one line naming the key, exit 2, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "augment"
+    assert yaml.safe_load((conf / "deit.yaml").read_text())["interpolation"] == "bicubic"
+    assert yaml.safe_load((conf / "toy.yaml").read_text())["interpolation"] == "bilinear"
+    assert AugmentConfig(image_size=224).interpolation == "bicubic"
+    with pytest.raises(ValueError, match="augment.interpolation"):
+        AugmentConfig(image_size=32, interpolation="nearest")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.params", "augment=deit", "augment.interpolation=nearest"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "augment.interpolation='nearest' is not one of ('bilinear', 'bicubic')" in lines[0]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crop_resize_follows_pillow(interpolation):
+    """The crop resize is torch's antialiased uint8 kernel, a port of Pillow's resample: against Pillow's own
+    crop().resize() (what timm's RandomResizedCropAndInterpolation runs on PIL images) it differs by at most 2
+    levels on a few pixels (torch sizes its int16 fixed-point weights per call, Pillow uses 22 bits)."""
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    cfg = AugmentConfig(image_size=224, interpolation=interpolation)
+    worst = []
+    for data in _photos():
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        for top, left, h, w in ([0, 0, 375, 500], [10, 20, 37, 41], [100, 7, 260, 301], [1, 2, 3, 250],
+                                [50, 60, 200, 120], [5, 5, 224, 224]):
+            params = {"crop": [top, left, h, w], "flip": False, "erase": None}
+            ours = apply(decode(open_image(data))[0], params, cfg)
+            ref = _pil_tensor(img.crop((left, top, left + w, top + h)).resize((224, 224), resample))
+            worst.append(_levels(ours, ref))
+    mean, mx = max(m for m, _ in worst), max(x for _, x in worst)
+    print(f"{interpolation} crop resize vs Pillow: worst mean {mean:.4f}, max {mx}")
+    assert mean <= 0.01 and mx <= 2
+
+
+def test_every_resampling_of_a_view_follows_the_interpolation():
+    """The crop resize, RandAugment's Rotate/ShearX/ShearY and the eval resize all change with
+    augment.interpolation; whole-pixel Translate does not (a shifted copy under any kernel)."""
+    from pipeline.replay.params import eval_params
+    from pipeline.replay.pixels import _apply_op
+
+    image = decode(open_image(_photos(1)[0]))[0]
+    bil, bic = (AugmentConfig(image_size=224, interpolation=m) for m in ("bilinear", "bicubic"))
+    crop = {"crop": [20, 30, 300, 280], "flip": False, "erase": None}
+    assert not torch.equal(apply(image, crop, bil), apply(image, crop, bic))
+    ev = eval_params((375, 500), AugmentConfig(image_size=224, crop_pct=0.875))
+    assert not torch.equal(apply(image, ev, bil), apply(image, ev, bic))
+    square = image[:, :224, :224].contiguous()  # a 224 crop of a 224 image: the resize is the identity
+    same = {"crop": [0, 0, 224, 224], "flip": False, "erase": None}
+    assert torch.equal(apply(square, same, bil), apply(square, same, bic))
+    for op, arg in (("Rotate", 12.5), ("ShearX", -0.2), ("ShearY", 0.25)):
+        params = {**same, "ra": [[op, arg]]}
+        a, b = apply(square, params, bil), apply(square, params, bic)
+        assert torch.equal(b, _apply_op(square, op, arg, "bicubic")) and not torch.equal(a, b), op
+        assert torch.equal(a, _apply_op(square, op, arg, "bilinear")), op
+    for op, arg in (("TranslateXRel", 40), ("TranslateYRel", -17)):
+        params = {**same, "ra": [[op, arg]]}
+        assert torch.equal(apply(square, params, bil), apply(square, params, bic)), op
+
+
+def _timm_geometry(img: Image.Image, op: str, arg: float, resample) -> Image.Image:
+    """timm's Pillow op (auto_augment.rotate/shear_x/shear_y), sheared about the centre as ours is."""
+    from pipeline.replay.pixels import FILL
+
+    w, h = img.size
+    kw = dict(resample=resample, fillcolor=tuple(FILL))
+    if op == "Rotate":
+        return img.rotate(arg, **kw)
+    if op == "ShearX":
+        return img.transform(img.size, Image.AFFINE, (1, arg, -arg * h / 2, 0, 1, 0), **kw)
+    return img.transform(img.size, Image.AFFINE, (1, 0, 0, arg, 1, -arg * w / 2), **kw)
+
+
+def test_bicubic_geometry_is_close_to_timms_and_never_wraps():
+    """Bicubic Rotate/Shear run torchvision's own grid and fill through grid_sample's bicubic (Keys a=-0.75);
+    timm's Pillow ops use Pillow's a=-1 cubic and pixel-centre conventions: measured away from the border,
+    0.55-1.03 levels mean on photos (bilinear vs Pillow's bilinear: 0.35-0.59). Bicubic overshoots at hard
+    edges: ours clamps before rounding, where a bare cast to uint8 would turn -3 into 253 (checked on a
+    black/white checkerboard: no pixel Pillow makes black is white in ours, or the other way round)."""
+    from pipeline.replay.pixels import _apply_op
+
+    crops = [decode(open_image(d))[0][:, :224, 100:324].contiguous() for d in _photos()]
+    board = torch.from_numpy(((np.indices((224, 224)).sum(0) // 8) % 2 * 255).astype(np.uint8))
+    board = board.expand(3, 224, 224).contiguous()
+    for op, args in (("Rotate", (-30.0, 4.5, 27.0)), ("ShearX", (-0.3, 0.15)), ("ShearY", (0.3, -0.12))):
+        for arg in args:
+            for x in crops:
+                pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+                bic = _levels(_apply_op(x, op, arg, "bicubic"),
+                              _pil_tensor(_timm_geometry(pil, op, arg, Image.BICUBIC)), margin=6)
+                bil = _levels(_apply_op(x, op, arg, "bilinear"),
+                              _pil_tensor(_timm_geometry(pil, op, arg, Image.BILINEAR)), margin=6)
+                assert bic[0] <= 1.3 and bil[0] <= 0.8, (op, arg, bic, bil)
+            ours = _apply_op(board, op, arg, "bicubic")
+            ref = _pil_tensor(_timm_geometry(Image.fromarray(board.permute(1, 2, 0).numpy()), op, arg,
+                                             Image.BICUBIC))
+            inner = (slice(None), slice(8, -8), slice(8, -8))
+            flipped = ((ref[inner] <= 5) & (ours[inner] >= 250)) | ((ref[inner] >= 250) & (ours[inner] <= 5))
+            assert not flipped.any(), (op, arg, int(flipped.sum()))
+
+
+def test_interpolation_bench_measures_both_side_by_side(tmp_path):
+    """The bench that measured bicubic's render cost (docs/design.md) runs and its numbers hang together
+    (never checked for speed)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "interpolation.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_interpolation", "--n", "32", "--reps", "1", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (bil,), (bic,) = res["img_per_s"]["bilinear"], res["img_per_s"]["bicubic"]
+    assert bil > 0 and bic > 0 and res["bicubic_over_bilinear"] == pytest.approx(bic / bil)
+    assert "| bicubic |" in proc.stdout and "| bilinear |" in proc.stdout
+    assert set(res["step_ms"]) == {f"{s} / {m}" for s in ("crop resize", "Rotate 15", "ShearX 0.15")
+                                   for m in ("bilinear", "bicubic")}

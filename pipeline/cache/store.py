@@ -97,7 +97,8 @@ class CacheStore:
                   "N": sum(counts), "num_classes": int(num_classes), "topk": int(topk),
                   "store_logits": bool(store_logits), "index_dtype": index_dtype(int(num_classes)).name}
         try:
-            prov = canonical(dict(provenance))
+            # a store this code writes holds views of this code's contract, whatever else the caller records
+            prov = canonical({"contract_version": CONTRACT_VERSION, **provenance})
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: provenance is not JSON-serialisable: {e}") from None
         check_consistent(prov, layout)

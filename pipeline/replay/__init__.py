@@ -9,4 +9,4 @@ how they render (draw order, a new draw, a pixel op), since every cache built be
 it and refuse to open under another version (tests/test_replay.py pins golden digests to catch a silent change).
 """
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2

@@ -1,4 +1,4 @@
-"""Batched replay (issue 14): the views of views.block_views, rendered a whole batch at a time on any device.
+"""Batched replay: the views of views.block_views, rendered a whole batch at a time on any device.
 
 Two halves, so that a DataLoader worker does only the cheap one:
 
@@ -16,8 +16,9 @@ the per-sample view wherever the device allows (measured: tests/test_batched.py,
                flip, Translate, Posterize, Solarize, SolarizeAdd, Invert, Equalize, AutoContrast, Brightness,
                Contrast, Color, Sharpness (the fused multiply-add of torch's kernels is emulated in float64),
                erasing, mixup (uint8 rounding as mix_images), CutMix, ColorJitter
-    CPU-exact  Rotate, ShearX/Y: torchvision's own matrix, grid and grid_sample, batched. Off the CPU the grid is
-               computed in float64 (TF32-proof) and grid_sample is the device's: a level here and there.
+    CPU-exact  Rotate, ShearX/Y: torchvision's own matrix, grid and grid_sample (bilinear or bicubic), batched.
+               Off the CPU the grid is computed in float64 (TF32-proof) and grid_sample is the device's: a level
+               here and there.
     differs    JPEG decode of large crops: the per-sample path decodes at a reduced DCT scale when the crop allows
                (pixels.decode); nvJPEG has no DCT scaling, so this path always decodes at full size. On CUDA,
                nvJPEG's IDCT/chroma upsampling is not libjpeg-turbo's either.
@@ -167,7 +168,7 @@ def render_plan(plans, device="cpu", *, resize: str = "auto", group: str = "auto
     batch = group == "batch" or (group == "auto" and (not cpu or 4 * x.numel() <= CPU_BATCH_BYTES))
     x = flip(x, [p["flip"] for p in params], batch)
     x = color_jitter(x, [p.get("jitter") for p in params], batch)
-    x = rand_augment(x, [p.get("ra", ()) for p in params], batch)
+    x = rand_augment(x, [p.get("ra", ()) for p in params], plan["interpolation"], batch)
     x = erase(x, [p["erase"] for p in params], plan["noise"], batch)
     return mix(x, plan["partner"], plan["mix"], batch)
 

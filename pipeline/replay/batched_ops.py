@@ -161,39 +161,40 @@ def translate(img: torch.Tensor, offsets: list[int], dim: int) -> torch.Tensor:
     return out
 
 
-def rotate(img: torch.Tensor, angles: list[float]) -> torch.Tensor:
-    """F.rotate(bilinear, fill=FILL) per sample: torchvision's inverse matrix, grid and fill blend, batched.
-    An angle of 0 (mod 360) is torchvision's copy fast path."""
+def rotate(img: torch.Tensor, angles: list[float], interpolation: str = "bilinear") -> torch.Tensor:
+    """pixels._rotate per sample (F.rotate about the centre, fill=FILL): torchvision's inverse matrix, grid and
+    fill blend, batched. An angle of 0 (mod 360) is torchvision's copy fast path."""
     out = img.clone()
     turn = [i for i, a in enumerate(angles) if float(a) % 360 != 0]
     if turn:
         mats = [_get_inverse_affine_matrix([0.0, 0.0], -(float(angles[i]) % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
                 for i in turn]
         idx = _positions(turn, img.device)
-        out[idx] = affine_bilinear(img[idx], mats)
+        out[idx] = affine(img[idx], mats, interpolation)
     return out
 
 
-def shear(img: torch.Tensor, factors: list[float], axis: int) -> torch.Tensor:
-    """F.affine(shear=[atan(f) in degrees] on x (axis 0) or y (axis 1), bilinear, fill=FILL) per sample."""
+def shear(img: torch.Tensor, factors: list[float], axis: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """pixels._shear per sample: F.affine(shear=[atan(f) in degrees] on x (axis 0) or y (axis 1), fill=FILL)."""
     mats = []
     for f in factors:
         sh = [0.0, 0.0]
         sh[axis] = math.degrees(math.atan(f))
         mats.append(_get_inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, 0.0], 1.0, sh))
-    return affine_bilinear(img, mats)
+    return affine(img, mats, interpolation)
 
 
-def affine_bilinear(img: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
-    """torchvision's _affine_grid + _apply_grid_transform (bilinear, FILL) with one matrix per sample."""
+def affine(img: torch.Tensor, matrices: list[list[float]], interpolation: str) -> torch.Tensor:
+    """torchvision's _affine_grid + _apply_grid_transform (FILL) with one matrix per sample, through
+    grid_sample's bilinear or bicubic; clamped before rounding (bicubic overshoots; bilinear stays in range)."""
     n, c, h, w = img.shape
     theta = to_device(matrices, img.device, torch.float32).view(n, 2, 3)
     grid = _affine_grid(theta, w, h)
     x = torch.cat((img.float(), torch.ones(n, 1, h, w, device=img.device)), dim=1)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
     x, mask = torch.tensor_split(x, indices=(-1,), dim=-3)
     fill = to_device(FILL, img.device, torch.float32).view(1, -1, 1, 1)
-    return x.sub_(fill).mul_(mask.expand_as(x)).add_(fill).round_().to(torch.uint8)
+    return x.sub_(fill).mul_(mask.expand_as(x)).add_(fill).clamp_(0, 255).round_().to(torch.uint8)
 
 
 def _affine_grid(theta: torch.Tensor, w: int, h: int) -> torch.Tensor:
@@ -214,35 +215,41 @@ def _affine_grid(theta: torch.Tensor, w: int, h: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- RandAugment
 
 
+def _any_interp(fn):
+    """Ops that resample nothing ignore augment.interpolation."""
+    return lambda img, args, _interpolation: fn(img, args)
+
+
+# name -> fn(img, args, interpolation)
 OPS = {
-    "AutoContrast": _no_arg(F.autocontrast),
-    "Equalize": _no_arg(F.equalize),
-    "Invert": _no_arg(F.invert),
+    "AutoContrast": _any_interp(_no_arg(F.autocontrast)),
+    "Equalize": _any_interp(_no_arg(F.equalize)),
+    "Invert": _any_interp(_no_arg(F.invert)),
     "Rotate": rotate,
-    "ShearX": lambda img, args: shear(img, args, 0),
-    "ShearY": lambda img, args: shear(img, args, 1),
-    "TranslateXRel": lambda img, args: translate(img, args, 3),
-    "TranslateYRel": lambda img, args: translate(img, args, 2),
-    "PosterizeIncreasing": posterize,
-    "SolarizeIncreasing": solarize,
-    "SolarizeAdd": solarize_add,
-    "ColorIncreasing": saturation,
-    "ContrastIncreasing": contrast,
-    "BrightnessIncreasing": brightness,
-    "SharpnessIncreasing": sharpness,
+    "ShearX": lambda img, args, interpolation: shear(img, args, 0, interpolation),
+    "ShearY": lambda img, args, interpolation: shear(img, args, 1, interpolation),
+    "TranslateXRel": _any_interp(lambda img, args: translate(img, args, 3)),  # whole pixels: a copy either way
+    "TranslateYRel": _any_interp(lambda img, args: translate(img, args, 2)),
+    "PosterizeIncreasing": _any_interp(posterize),
+    "SolarizeIncreasing": _any_interp(solarize),
+    "SolarizeAdd": _any_interp(solarize_add),
+    "ColorIncreasing": _any_interp(saturation),
+    "ContrastIncreasing": _any_interp(contrast),
+    "BrightnessIncreasing": _any_interp(brightness),
+    "SharpnessIncreasing": _any_interp(sharpness),
 }
 
 
-def apply_op(img: torch.Tensor, name: str, args: list) -> torch.Tensor:
+def apply_op(img: torch.Tensor, name: str, args: list, interpolation: str = "bilinear") -> torch.Tensor:
     """One RandAugment op on a batch, one argument per sample (pixels._apply_op's semantics)."""
     try:
         fn = OPS[name]
     except KeyError:
         raise ValueError(f"unknown RandAugment op {name!r}") from None
-    return fn(img, list(args))
+    return fn(img, list(args), interpolation)
 
 
-def rand_augment(x: torch.Tensor, ops: list, batch: bool = True) -> torch.Tensor:
+def rand_augment(x: torch.Tensor, ops: list, interpolation: str, batch: bool = True) -> torch.Tensor:
     """Layer by layer (ops only depend on their own sample, so samples at the same layer run together),
     grouped by op name within a layer."""
     for layer in range(max((len(o) for o in ops), default=0)):
@@ -253,7 +260,7 @@ def rand_augment(x: torch.Tensor, ops: list, batch: bool = True) -> torch.Tensor
                 groups[name].append((i, arg))
         for name, members in groups.items():
             x = _apply_rows(x, [i for i, _ in members], [a for _, a in members],
-                            lambda img, args, name=name: apply_op(img, name, args), batch)
+                            lambda img, args, name=name: apply_op(img, name, args, interpolation), batch)
     return x
 
 

@@ -1,8 +1,14 @@
 """Mixup / CutMix pairs inside blocks of consecutive samples, and the soft targets they give.
 
 A block is `mix_block` consecutive samples inside one shard; a permutation drawn from
-(run_seed, s, first index of the block, MIX_PERM) pairs them, and each pair draws mode, lambda and box from
-(run_seed, s, lower index of the pair, MIX_PAIR). Both members get a mixed view (a with b, b with a).
+(run_seed, s, first index of the block, MIX_PERM) pairs them. Both members of a pair get a mixed view (a with b,
+b with a). `augment.mix_pairing` says who draws mode (mixup or CutMix), lambda and box:
+
+    pair   each pair, from (run_seed, s, lower index of the pair, MIX_PAIR)
+    block  the whole block once, from (run_seed, s, first index of the block, MIX_PAIR): DeiT's timm Mixup in
+           mode "batch" (one switch, lambda and box per batch, each sample with the batch reversed) with the
+           block as the batch. A random matching is what the reversed batch is, the batch being in random
+           order; the block's is keyed by the seed index, so a sample meets other partners at every seed.
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ def block_partners(run_seed: int, seed_index: int, first_index: int, n: int) -> 
 
 def block_mixes(items, *, run_seed: int, seed_index: int, cfg: AugmentConfig) -> tuple[list[int], list[dict | None]]:
     """Partner position and mix draw (sample_mix's record, or None) of every position in a block of items
-    ((global index, ...), consecutive indices). A pair draws once, from its lower index, and both members share
-    the draw; without cfg.mixing every position is its own partner. Both replay backends pair and mix by this."""
+    ((global index, ...), consecutive indices). Both members of a pair share their draw (see the module doc for
+    who draws it); without cfg.mixing every position is its own partner. Both replay backends pair and mix by
+    this."""
     n = len(items)
     partner = block_partners(run_seed, seed_index, items[0][0], n) if cfg.mixing else list(range(n))
+    if cfg.mixing and cfg.mix_pairing == "block":
+        block = sample_mix(seeding.generator(run_seed, seed_index, items[0][0], seeding.MIX_PAIR), cfg)
+        return partner, [None if partner[a] == a else block for a in range(n)]
     mixes: dict[int, dict | None] = {}
     for a in range(n):
         b = partner[a]

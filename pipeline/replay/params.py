@@ -17,6 +17,7 @@ import numpy as np
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
+INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
@@ -46,6 +47,9 @@ class RandAugmentSpec:
         )
 
 
+MIX_PAIRINGS = ("pair", "block")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """The augmentation recipe (conf/augment/*.yaml) plus the view size; hashed into the cache provenance."""
@@ -62,8 +66,9 @@ class AugmentConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     mix_block: int = 32
+    mix_pairing: str = "pair"  # who draws mode and lambda: each pair, or the whole block (pipeline.replay.mixing)
     label_smoothing: float = 0.1
-    interpolation: str = "bilinear"
+    interpolation: str = "bicubic"  # crop resize, RandAugment geometry and eval resize alike
     crop_pct: float = 1.0  # eval transform only
     ra: RandAugmentSpec | None = field(default=None, compare=False, repr=False)
 
@@ -72,8 +77,12 @@ class AugmentConfig:
         object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
         if self.rand_augment:
             object.__setattr__(self, "ra", RandAugmentSpec.parse(self.rand_augment))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"augment.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.mix_block < 2:
             raise ValueError(f"augment.mix_block must be >= 2, got {self.mix_block}")
+        if self.mix_pairing not in MIX_PAIRINGS:
+            raise ValueError(f"augment.mix_pairing must be one of {MIX_PAIRINGS}, got {self.mix_pairing!r}")
 
     @classmethod
     def from_cfg(cls, augment, image_size: int, crop_pct: float = 1.0) -> "AugmentConfig":
@@ -87,6 +96,8 @@ class AugmentConfig:
     def canonical(self) -> dict:
         d = asdict(self)
         d.pop("ra")
+        if d["mix_pairing"] == "pair":  # the views before the key existed: their hash and stores stay valid
+            d.pop("mix_pairing")
         return d
 
     def hash(self) -> str:

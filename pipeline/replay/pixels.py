@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+from torchvision.transforms.functional import _get_inverse_affine_matrix
+from torchvision.transforms.v2.functional._geometry import _affine_grid as _tv_affine_grid, _apply_grid_transform
 from PIL import Image
 
 from pipeline.replay import seeding
@@ -114,12 +116,10 @@ class SourceImage:
 
 
 def _interp(name: str):
-    return {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC,
-            "nearest": F.InterpolationMode.NEAREST}[name]
+    return {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}[name]
 
 
-def _apply_op(img: torch.Tensor, name: str, arg) -> torch.Tensor:
-    bil = F.InterpolationMode.BILINEAR
+def _apply_op(img: torch.Tensor, name: str, arg, interpolation: str = "bilinear") -> torch.Tensor:
     if name == "AutoContrast":
         return F.autocontrast(img)
     if name == "Equalize":
@@ -127,13 +127,11 @@ def _apply_op(img: torch.Tensor, name: str, arg) -> torch.Tensor:
     if name == "Invert":
         return F.invert(img)
     if name == "Rotate":
-        return F.rotate(img, arg, interpolation=bil, fill=FILL)
+        return _rotate(img, arg, interpolation)
     if name == "ShearX":
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(arg)), 0.0],
-                        interpolation=bil, fill=FILL)
+        return _shear(img, arg, 0, interpolation)
     if name == "ShearY":
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(arg))],
-                        interpolation=bil, fill=FILL)
+        return _shear(img, arg, 1, interpolation)
     if name == "TranslateXRel":
         return _translate(img, arg, 0)
     if name == "TranslateYRel":
@@ -153,6 +151,35 @@ def _apply_op(img: torch.Tensor, name: str, arg) -> torch.Tensor:
     if name == "SharpnessIncreasing":
         return _sharpness(img, arg)
     raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def _rotate(img: torch.Tensor, angle: float, interpolation: str) -> torch.Tensor:
+    if interpolation == "bilinear":
+        return F.rotate(img, angle, interpolation=_interp(interpolation), fill=FILL)
+    if angle % 360 == 0:  # torchvision's copy fast path (|angle| <= 30 here: 90/180/270 never occur)
+        return img.clone()
+    return _affine_bicubic(img, _get_inverse_affine_matrix([0.0, 0.0], -(angle % 360), [0.0, 0.0], 1.0, [0.0, 0.0]))
+
+
+def _shear(img: torch.Tensor, factor: float, axis: int, interpolation: str) -> torch.Tensor:
+    shear = [0.0, 0.0]
+    shear[axis] = math.degrees(math.atan(factor))
+    if interpolation == "bilinear":
+        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=_interp(interpolation),
+                        fill=FILL)
+    return _affine_bicubic(img, _get_inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, 0.0], 1.0, shear))
+
+
+def _affine_bicubic(img: torch.Tensor, matrix: list[float]) -> torch.Tensor:
+    """F.affine/F.rotate about the centre with fill=FILL, bicubic: torchvision's tensor kernels accept only
+    nearest/bilinear, so this runs their own grid and fill blend (_affine_grid, _apply_grid_transform) with
+    grid_sample's bicubic. Clamped to [0, 255] before rounding, as torchvision's bicubic resize does: bicubic
+    overshoots at edges, and a bare cast to uint8 would wrap -3 to 253."""
+    c, h, w = img.shape
+    theta = torch.tensor(matrix, dtype=torch.float32).reshape(1, 2, 3)
+    grid = _tv_affine_grid(theta, w=w, h=h, ow=w, oh=h)
+    out = _apply_grid_transform(img.float(), grid, "bicubic", fill=FILL)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def _translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -203,7 +230,7 @@ def apply(image: torch.Tensor, params: dict, cfg: AugmentConfig, scale: float = 
         for k in order:
             out = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)[k](out, (b, c, s)[k])
     for name, arg in params.get("ra", ()):
-        out = _apply_op(out, name, arg)
+        out = _apply_op(out, name, arg, cfg.interpolation)
     if params["erase"] is not None:
         out = _erase(out, params["erase"])
     return out.contiguous()

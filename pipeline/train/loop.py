@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from pipeline import distributed
@@ -49,6 +49,8 @@ class LoopConfig:
     warmup_lr: float
     out_dir: Path
     key: str = "train"             # config prefix, for messages
+    lr_step: str = "update"        # the cosine steps every update, or once per epoch (DeiT)
+    decay_dist_token: bool = False  # weight-decay the distillation token (DeiT) rather than exempt it (timm)
     clip_grad: float | None = None
     ema: bool = False
     ema_decay: float = 0.9998
@@ -67,13 +69,34 @@ def epoch_seed(init_seed: int, epoch: int, rank: int) -> int:
                >> 1)
 
 
+def make_optimizer(model, cfg: LoopConfig, *, fused: bool = False):
+    """AdamW with timm's weight-decay groups: biases, norms and the model's no_weight_decay() tokens exempt;
+    with ``cfg.decay_dist_token`` the distillation token is decayed (DeiT's timm 0.3.2 did not exempt it)."""
+    extra = {"fused": True} if fused else {}
+    if not (cfg.decay_dist_token and cfg.weight_decay):
+        return create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    exempt = set(model.no_weight_decay()) - {"dist_token"} if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=exempt)
+    return create_optimizer_v2(groups, "adamw", lr=cfg.lr, weight_decay=0.0, **extra)  # as timm: groups carry it
+
+
+def make_scheduler(optimizer, cfg: LoopConfig, steps: list[int]) -> CosineLRScheduler:
+    """timm's cosine with warmup, in updates (stepped by step_update) or, with ``cfg.lr_step == "epoch"``, in
+    epochs as DeiT (stepped by step(epoch) at each epoch's end; the first epoch trains at cfg.warmup_lr)."""
+    if cfg.lr_step == "epoch":
+        return CosineLRScheduler(optimizer, t_initial=max(1, cfg.epochs), lr_min=cfg.min_lr,
+                                 warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+    return CosineLRScheduler(optimizer, t_initial=max(1, sum(steps)), lr_min=cfg.min_lr,
+                             warmup_t=int(round(cfg.warmup_epochs * (steps[0] if steps else 0))),
+                             warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+
+
 def fit(model, task, train_loader, val_loader, schedule: list[int], cfg: LoopConfig, ctx, run_key: dict, *,
         name: str, step_callback=None):
     """Train ``model`` (created and seeded by the caller) for ``cfg.epochs``; returns (history, ema)."""
     cuda = ctx.device.type == "cuda"
     ema = _make_ema(model, cfg)
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    **({"fused": True} if cuda else {}))
+    optimizer = make_optimizer(model, cfg, fused=cuda)
     net = model
     if ctx.distributed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if cuda else None)
@@ -82,9 +105,7 @@ def fit(model, task, train_loader, val_loader, schedule: list[int], cfg: LoopCon
     steps = [train_loader.steps_per_epoch(e) for e in range(cfg.epochs)]
     if cfg.max_steps_per_epoch:
         steps = [min(s, int(cfg.max_steps_per_epoch)) for s in steps]
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, sum(steps)), lr_min=cfg.min_lr,
-                                  warmup_t=int(round(cfg.warmup_epochs * (steps[0] if steps else 0))),
-                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+    scheduler = make_scheduler(optimizer, cfg, steps)
     start_epoch, updates, history = _restore(model, ema, optimizer, scheduler, cfg, ctx, run_key)
     live = open_live(cfg.out_dir, history) if ctx.is_main and cfg.dvclive else None
     index_log = IndexLog(cfg.out_dir, ctx.rank, start_epoch) if cfg.log_indices else None
@@ -103,6 +124,8 @@ def fit(model, task, train_loader, val_loader, schedule: list[int], cfg: LoopCon
             index_log.write(epoch, seed, steps[epoch], indices)
         metrics = {"epoch": epoch + 1, "seed": seed, "steps": steps[epoch], "updates": updates,
                    "lr": optimizer.param_groups[0]["lr"], **stats.pop("train")}
+        if cfg.lr_step == "epoch":
+            scheduler.step(epoch)  # DeiT's main.py:432: epoch e + 1 trains at the schedule's value at e
         if cfg.val:
             metrics.update(validate(model, val_loader, task, ctx))
             if ema is not None:
@@ -146,6 +169,7 @@ def train_one_epoch(net, model, task, batches, optimizer, scheduler, ema, steps:
             loss.backward()
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.clip_grad))
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             updates += 1
             scheduler.step_update(updates)
@@ -160,7 +184,8 @@ def train_one_epoch(net, model, task, batches, optimizer, scheduler, ema, steps:
                 indices.extend(batch["index"].tolist())
             if step_callback is not None:
                 step_callback({**info, "step": step, "index": batch["index"], "teacher": out.get("teacher"),
-                               "loss": loss_value, "parts": out["parts"], "rank": ctx.rank})
+                               "loss": loss_value, "parts": out["parts"], "rank": ctx.rank,
+                               "lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{sums['n'] * ctx.world_size / max(time.time() - t0, 1e-9):.0f}",

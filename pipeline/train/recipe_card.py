@@ -77,7 +77,7 @@ class Run:
 
     @cached_property
     def scheduler(self) -> dict:
-        return probe.scheduler()
+        return probe.scheduler(self.cfg)
 
     @cached_property
     def mixing(self) -> dict:

@@ -77,7 +77,8 @@ def _betas(run: Run):
 
 def _no_decay(run: Run):
     tokens = run.optimizer.get("no_decay", [])
-    return f"biases, norms, {', '.join(tokens)}", "dist_token" in tokens
+    return (f"train.decay_dist_token={run.tr.decay_dist_token}: not decayed: biases, norms, {', '.join(tokens)}",
+            "dist_token" in tokens)
 
 
 def _schedule(run: Run):
@@ -87,14 +88,17 @@ def _schedule(run: Run):
 
 def _stepping(run: Run):
     per_update = run.scheduler["per_update"]
-    return ("every update (t_in_epochs=False)" if per_update else "every epoch"), ("update" if per_update else "epoch")
+    shown = "every update (t_in_epochs=False)" if per_update else "once per epoch, at its end (t_in_epochs=True)"
+    return f"train.lr_step={run.tr.lr_step}: {shown}", ("update" if per_update else "epoch")
 
 
 def _pairing(run: Run):
-    m = run.mixing
-    shown = (f"{'flipped' if m['flipped'] else 'random'} pairs inside blocks of {m['block']} consecutive samples "
-             f"(augment.mix_block); {m['lambdas']} distinct lambdas in one block")
-    return shown, ("flipped batch" if m["flipped"] else "block pairs", 1 if m["lambdas"] <= 1 else "per pair")
+    m, aug = run.mixing, run.aug
+    who = "one draw per block" if m["draws"] <= 1 else f"up to {m['draws']} distinct draws in one block"
+    shown = (f"augment.mix_pairing={aug.mix_pairing}: {'a random matching' if m['matching'] else 'other pairs'} "
+             f"inside each block of {m['block']} consecutive samples (augment.mix_block), {m['partners']} distinct "
+             f"pairings over 8 seed indices; {who} (switch, lambda, box)")
+    return shown, ("random matching" if m["matching"] else "other", "per batch" if m["draws"] <= 1 else "per pair")
 
 
 def _ra_filter(run: Run):
@@ -120,8 +124,9 @@ def _fresh_views(run: Run):
         return f"refused: {exc}", False
     flat = [s for e in plan for s in (e if isinstance(e, list) else [e])]
     fresh = len(set(flat)) == len(flat)
+    reads = len(flat) / len(set(flat))
     return (f"cache.num_seeds={c.num_seeds} for {tr.epochs} epochs x {r}: {len(set(flat))} distinct seeds, "
-            f"each view read {len(flat) / len(set(flat)):.3g} times"), fresh
+            f"each view read {'once' if fresh else f'{reads:.3g} times'}"), fresh
 
 
 def _order(run: Run):
@@ -178,10 +183,10 @@ INGREDIENTS: list[Ingredient] = [
     I("weight decay", "0.05", 0.05, "main.py:66; paper Table 9", _key("train.weight_decay")),
     I("distillation token weight decay", "decayed: only biases, norms, pos_embed, cls_token are not", False,
       "timm 0.3.2 (requirements.txt:3) VisionTransformer.no_weight_decay; models.py:20 adds none",
-      _no_decay, "timm >= 0.9 lists dist_token in no_weight_decay; decaying it is " + CODE_WORK),
+      _no_decay, "timm >= 0.9 lists dist_token in no_weight_decay(): train.decay_dist_token=true decays it"),
     I("lr schedule", "cosine", "CosineLRScheduler", "main.py:69, main.py:355; paper Table 9", _schedule),
-    I("schedule stepping", "once per epoch", "epoch", "main.py:432 (lr_scheduler.step(epoch))", _stepping,
-      "per-update cosine is smoother over the same curve; per-epoch stepping is " + CODE_WORK),
+    I("schedule stepping", "once per epoch, at its end", "epoch", "main.py:432 (lr_scheduler.step(epoch))",
+      _stepping, "per-update cosine is smoother over the same curve; train.lr_step=epoch steps as DeiT"),
     I("warmup epochs", "5", 5.0, "main.py:86; paper Table 9", _key("train.warmup_epochs")),
     I("warmup lr", "1e-6", 1e-6, "main.py:79", _key("train.warmup_lr")),
     I("min lr", "1e-5", 1e-5, "main.py:81", _key("train.min_lr")),
@@ -193,11 +198,12 @@ INGREDIENTS: list[Ingredient] = [
     I("cutmix alpha", "1.0", 1.0, "main.py:130; paper Table 9", _key("augment.cutmix_alpha")),
     I("mix prob", "1.0", 1.0, "main.py:134", _key("augment.mix_prob")),
     I("switch prob", "0.5", 0.5, "main.py:136", _key("augment.switch_prob")),
-    I("mixup pairing", "timm Mixup mode batch: partner = flipped batch, one lambda per batch",
-      ("flipped batch", 1), "main.py:138, main.py:257-260", _pairing,
+    I("mixup pairing", "timm Mixup mode batch: each sample with the batch reversed (a random matching, the batch "
+      "being in random order); one switch, lambda and box per batch", ("random matching", "per batch"),
+      "main.py:138, main.py:257-260", _pairing,
       "replay: a view's partner and lambda depend only on (run_seed, seed, sample), so the cache keys the "
-      "teacher's target by sample; batch pairing depends on the loader's batch. One lambda per block is "
-      + CODE_WORK),
+      "teacher's target by sample; a batch depends on the loader. augment.mix_pairing=block draws once per "
+      "block, as DeiT once per batch"),
     I("RandAugment", "rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5-inc1", "main.py:98; paper Table 9",
       _key("augment.rand_augment")),
     I("color jitter", "off (timm drops it when RandAugment is on)", 0.0,

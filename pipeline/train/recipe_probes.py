@@ -1,8 +1,8 @@
 """What the code does, read from the code itself, for the recipe card (pipeline.train.recipe_card).
 
-Each probe runs or parses the real function it describes, never a restatement of it: the optimiser is the one
-timm builds from the call in pipeline/train/loop.py (on a meta-device student: no memory, no weights), mixing is
-`block_mixes` on a block, RandAugment's resampling is a rotation rendered by `pixels.apply` compared with both
+Each probe runs or parses the real function it describes, never a restatement of it: the optimiser and the LR
+schedule are the ones pipeline/train/loop.py's make_optimizer and make_scheduler build for the run's train.* (on
+a meta-device student: no memory, no weights), mixing is `block_mixes` on a block under several seed indices, RandAugment's resampling is a rotation rendered by `pixels.apply` compared with both
 filters, the eval rule is the DeiT student's own forward, the learning rate is runs.py's own expression.
 """
 
@@ -67,45 +67,56 @@ def dropout(model) -> float:
     return max((float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
 
 
-def optimizer(cfg, model) -> dict:
-    """The student's optimiser as the loop builds it for ``model``: {name, type, eps, betas, no_decay (token
-    parameters without weight decay)}."""
-    from timm.optim import create_optimizer_v2
+def loop_config(cfg):
+    """The student's LoopConfig as pipeline/train/runs.py builds it from train.* (lr 1.0: only its groups and
+    schedule shape are probed)."""
+    from pathlib import Path
 
+    from pipeline.train.runs import loop_config as build
+
+    return build(cfg.train, "train", 1.0, Path("."))
+
+
+def optimizer(cfg, model) -> dict:
+    """The student's optimiser as the loop builds it for ``model`` (pipeline.train.loop.make_optimizer): {name,
+    type, eps, betas, no_decay (token parameters without weight decay)}."""
     from pipeline.train import loop
 
     found = call_arguments(loop, "create_optimizer_v2")
     if found is None or len(found[0]) < 2:
         return {"name": "not found in pipeline/train/loop.py"}
-    name = found[0][1]
-    extra = {k: v for k, v in found[1].items() if k not in ("lr", "weight_decay", "fused") and not isinstance(v, str)}
-    opt = create_optimizer_v2(model, name, lr=1.0, weight_decay=float(cfg.train.weight_decay), **extra)
+    opt = loop.make_optimizer(model, loop_config(cfg))
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]
                       if "." not in names[id(p)])
-    return {"name": name, "type": type(opt).__name__, "eps": opt.defaults.get("eps"),
+    return {"name": found[0][1], "type": type(opt).__name__, "eps": opt.defaults.get("eps"),
             "betas": tuple(opt.defaults.get("betas", ())), "no_decay": no_decay}
 
 
-def scheduler() -> dict:
-    """The loop's LR scheduler: {class, per_update} (timm's t_in_epochs=False steps it every update)."""
+def scheduler(cfg) -> dict:
+    """The loop's LR scheduler for this run (pipeline.train.loop.make_scheduler): {class, per_update}."""
     from pipeline.train import loop
 
-    for cls in ("CosineLRScheduler", "StepLRScheduler", "PlateauLRScheduler"):
-        found = call_arguments(loop, cls)
-        if found is not None:
-            return {"class": cls, "per_update": found[1].get("t_in_epochs", True) is False}
-    return {"class": "not found in pipeline/train/loop.py", "per_update": None}
+    cfg_loop = loop_config(cfg)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = loop.make_scheduler(opt, cfg_loop, [1] * cfg_loop.epochs)
+    return {"class": type(sched).__name__, "per_update": not sched.t_in_epochs}
 
 
-def mixing(aug) -> dict:
-    """How `block_mixes` pairs one block: {block, flipped (partner = the block reversed), lambdas (distinct)}."""
+def mixing(aug, seeds: int = 8) -> dict:
+    """How `block_mixes` pairs one block, over ``seeds`` seed indices: {block, matching (every position paired
+    with another, both ways), draws (the most distinct mode/lambda/box draws in one block), partners (distinct
+    pairings seen)}."""
     from pipeline.replay.mixing import block_mixes
 
     n = int(aug.mix_block)
-    partner, mixes = block_mixes([(i,) for i in range(n)], run_seed=0, seed_index=0, cfg=aug)
-    return {"block": n, "flipped": partner == list(range(n))[::-1],
-            "lambdas": len({m["lam"] for m in mixes if m is not None})}
+    matching, draws, pairings = True, 0, set()
+    for s in range(seeds):
+        partner, mixes = block_mixes([(i,) for i in range(n)], run_seed=0, seed_index=s, cfg=aug)
+        matching &= all(partner[partner[a]] == a and (partner[a] != a or n % 2) for a in range(n))
+        draws = max(draws, len({repr(sorted(m.items())) for m in mixes if m is not None}))
+        pairings.add(tuple(partner))
+    return {"block": n, "matching": matching, "draws": draws, "partners": len(pairings)}
 
 
 def rand_augment_filter(aug) -> str:
@@ -118,11 +129,11 @@ def rand_augment_filter(aug) -> str:
     params = {"src": [size, size], "crop": [0, 0, size, size], "flip": False, "ra": [["Rotate", 17.0]],
               "erase": None}
     out = pixels.apply(image, params, type(aug)(image_size=size, rand_augment=None, interpolation=aug.interpolation))
-    modes = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}
-    for name, mode in modes.items():
-        if torch.equal(out, F.rotate(image, 17.0, interpolation=mode, fill=getattr(pixels, "FILL", None))):
-            return name
-    return "other"
+    if torch.equal(out, F.rotate(image, 17.0, interpolation=F.InterpolationMode.BILINEAR, fill=pixels.FILL)):
+        return "bilinear"
+    # torchvision's tensor rotate refuses bicubic; pixels' own bicubic Rotate is checked against it elsewhere
+    # (tests/test_replay.py, tests/test_batched.py)
+    return "bicubic" if torch.equal(out, pixels._apply_op(image, "Rotate", 17.0, "bicubic")) else "other"
 
 
 def erase_noise() -> str:

@@ -45,10 +45,18 @@ TEACHER_SEED_OFFSET = 1000
 def loop_config(tr: DictConfig, key: str, lr: float, out_dir: Path, overwrite: bool = False) -> LoopConfig:
     return LoopConfig(epochs=int(tr.epochs), lr=lr, weight_decay=float(tr.weight_decay), min_lr=float(tr.min_lr),
                       warmup_epochs=float(tr.warmup_epochs), warmup_lr=float(tr.warmup_lr), out_dir=out_dir, key=key,
+                      lr_step=str(tr.lr_step), decay_dist_token=bool(tr.decay_dist_token),
                       clip_grad=tr.clip_grad, ema=bool(tr.ema), ema_decay=float(tr.ema_decay), compile=bool(tr.compile),
                       init_seed=int(tr.init_seed), resume="never" if overwrite else str(tr.resume),
                       dvclive=bool(tr.dvclive), log_indices=bool(tr.log_indices), val=bool(tr.val),
                       max_steps_per_epoch=tr.max_steps_per_epoch)
+
+
+def _deit_loop_keys(loop: LoopConfig) -> dict:
+    """The loop keys DeiT's recipe sets, for the run key where they differ from the default: checkpoints written
+    before the keys existed then still resume."""
+    return {k: v for k, v in (("lr_step", loop.lr_step), ("decay_dist_token", loop.decay_dist_token))
+            if v != getattr(LoopConfig, k)}
 
 
 def checked_manifests(cfg: DictConfig, error=ConfigError):
@@ -97,7 +105,7 @@ def train_teacher(cfg: DictConfig) -> dict:
     run_key = {"teacher": str(tcfg.name), "num_classes": train_m.num_classes, "epochs": loop.epochs,
                "batch_size": int(tr.batch_size), "world_size": ctx.world_size, "lr": loop.lr,
                "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
-               "init_seed": loop.init_seed}
+               "init_seed": loop.init_seed, **_deit_loop_keys(loop)}
     start = time.time()
     history, _ = fit(model, task, *loaders, list(range(loop.epochs)), loop, ctx, run_key, name="teacher")
     metrics = {}
@@ -169,7 +177,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
         "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
         # the targets: a resume on a store rebuilt by another teacher (or layout) is refused, naming this field
         "cache_store_key": store.key if cached else None,
-        "total_updates": _total_updates(train_loader, loop)}
+        "total_updates": _total_updates(train_loader, loop), **_deit_loop_keys(loop)}
     log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
              f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "
              f"(lr {loop.lr:.3g}), {run_key['total_updates']} updates, device {ctx.device}")

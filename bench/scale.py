@@ -364,7 +364,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--writers", type=int, nargs="+", default=[1, 2], help="writer process counts, one build each")
     ap.add_argument("--readers", type=int, nargs="+", default=[1, 2], help="reader rank counts")
     ap.add_argument("--s3-n", type=int, default=20_000, help="samples of the S3 stores (0: no S3)")
-    ap.add_argument("--scan-seeds", type=int, default=DEIT_EPOCHS, help="seeds of the markers-only scan store (0: none)")
+    ap.add_argument("--scan-seeds", type=int, default=DEIT_EPOCHS,
+                    help="seeds of the markers-only scan store (0: none)")
     ap.add_argument("--verify-fraction", type=float, default=0.05)
     ap.add_argument("--tmp", default=None, help="where the disk stores go (default: the system's temp dir)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale.json")

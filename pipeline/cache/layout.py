@@ -137,19 +137,21 @@ def array_specs(layout: dict) -> dict:
     specs = {}
     if K > 0:
         specs["topk_values"] = dict(shape=(S, N, K), dtype="float16", chunks=(1, n, K), shards=(G, n, K),
-                                    fill_value=np.nan, compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "rank"))
+                                    fill_value=np.nan, compressors=_blosc("shuffle"),
+                                    dimension_names=("seed", "sample", "rank"))
         specs["topk_indices"] = dict(shape=(S, N, K), dtype=ids, chunks=(1, n, K), shards=(G, n, K),
-                                     fill_value=-1, compressors=_blosc(id_shuffle), dimension_names=("seed", "sample", "rank"))
+                                     fill_value=-1, compressors=_blosc(id_shuffle),
+                                     dimension_names=("seed", "sample", "rank"))
         specs["logsumexp"] = dict(shape=(S, N), dtype="float32", chunks=(1, n), shards=(G, n), fill_value=np.nan,
                                   compressors=_blosc("bitshuffle"), dimension_names=("seed", "sample"))
     specs["argmax"] = dict(shape=(S, N), dtype=ids, chunks=(1, n), shards=(G, n), fill_value=-1,
                            compressors=_blosc(id_shuffle), dimension_names=("seed", "sample"))
     specs["digest"] = dict(shape=(S, N), dtype="uint32", chunks=(1, n), shards=(G, n), fill_value=0,
-                           compressors=None,
-                           dimension_names=("seed", "sample"))
+                           compressors=None, dimension_names=("seed", "sample"))
     if layout["store_logits"]:
         specs["logits"] = dict(shape=(S, N, C), dtype="float16", chunks=(1, n, C), shards=(G, n, C),
-                               fill_value=np.nan, compressors=_blosc("shuffle"), dimension_names=("seed", "sample", "class"))
+                               fill_value=np.nan, compressors=_blosc("shuffle"),
+                               dimension_names=("seed", "sample", "class"))
     specs["done"] = dict(shape=(S, len(layout["shard_counts"])), dtype="bool", chunks=(S, 1), fill_value=False,
                          compressors=[_crc()], dimension_names=("seed", "shard"))
     cols = record_fields(layout)

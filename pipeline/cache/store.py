@@ -4,10 +4,8 @@ The arrays, chunks and codecs are pipeline.cache.layout; provenance records and 
 pipeline.cache.provenance; the targets kept per view pipeline.cache.targets; the writer lease
 pipeline.cache.lease; the integrity checks (checksums, invariants) and the repair pipeline.cache.integrity.
 
-Format version 4 (the only one read or written): the chunks of several seed indices of one shard packed per file
-(Zarr's sharding codec), per-unit checksum records tagged with their unit and store (pipeline.cache.layout), the
-crc32c chunk codec and a store id. Older stores (1: no checksums, 2: untagged records, 3: one file per array per
-unit) are refused by name, with the fix: rebuild with ``overwrite=true``.
+Format version 4 (the only one read or written; pipeline.cache.layout): units packed per file by shard, tagged
+checksum records, the crc32c codec and a store id. Older stores are refused by name: rebuild with overwrite=true.
 """
 
 from __future__ import annotations
@@ -160,8 +158,7 @@ class CacheStore:
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise CacheError(f"{path}: cache format version {version}, this code reads and writes only version "
-                             f"{FORMAT_VERSION} (units packed per file by shard, checksum records tagged with their unit "
-                             f"and store): rebuild it "
+                             f"{FORMAT_VERSION} (units packed per file by shard, tagged checksum records): rebuild it "
                              f"with overwrite=true (python -m pipeline.teacher_cache overwrite=true)")
         # Stores from before the contract was versioned carry no field: they were built under version 1.
         contract = attrs["provenance"].get("contract_version", 1)
@@ -244,8 +241,8 @@ class CacheStore:
         return stored_arrays(logits, self.topk, self.index_dtype, store_logits=self.store_logits)
 
     def write_unit(self, s: int, k: int, logits: np.ndarray, digest: np.ndarray) -> None:
-        """Write unit (seed s, shard k): exactly chunk (s, k) of every array (each write rewrites the file that
-        packs it: pipeline.cache.layout; this process must own shard k's column), then set ``done[s, k]`` last.
+        """Write unit (seed s, shard k), whose shard this process owns: chunk (s, k) of every array (rewriting the
+        file that packs it), then set ``done[s, k]`` last.
 
         ``logits``: float32 [count_k, C] in the shard's sample order; ``digest``: uint32 [count_k].
         The marker is cleared first, so a rewrite that dies midway leaves the unit pending, never half-valid.
@@ -389,9 +386,7 @@ class CacheStore:
         return storage.tree_size(self.path, allocated)
 
     def unit_file(self, name: str, s: int, k: int) -> Path:
-        """The file (object) of array ``name`` that holds unit (s, k)'s chunk, with other seed indices' of shard k
-        (pipeline.cache.layout: one file per seeds_per_file seed indices of a shard; ``done`` and ``checksums``:
-        one per shard)."""
+        """The file (object) of array ``name`` holding unit (s, k)'s chunk, among others of shard k (layout)."""
         arr = self._arrays[name]
         return self.path / name / arr.metadata.encode_chunk_key(file_coords(name, self.layout, s, k))
 

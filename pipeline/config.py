@@ -9,7 +9,7 @@ range checks name the key and the allowed range. Every entry module calls it fir
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import distributed, storage
 from pipeline.cache import lease

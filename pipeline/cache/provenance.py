@@ -17,7 +17,6 @@ from importlib import metadata
 import numpy as np
 
 import pipeline
-from pipeline.errors import ProvenanceMismatch, _fmt  # noqa: F401 - _fmt re-used by the store's summary
 from pipeline.replay import CONTRACT_VERSION
 
 _VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",

@@ -28,7 +28,7 @@ from pipeline.cache.layout import (PER_VIEW, UNIT_TAG, ZARR_CONFIG, array_specs,
 from pipeline.cache.provenance import (MISSING, _VERSION_LIBS, canonical, check_consistent, first_difference,
                                        library_versions, lookup, store_key, without)
 from pipeline.cache.targets import stored_arrays
-from pipeline.errors import CacheError, ProvenanceMismatch, _fmt
+from pipeline.errors import CacheError, ProvenanceMismatch
 from pipeline.replay import CONTRACT_VERSION
 
 FORMAT = "deit-teacher-cache"
@@ -411,27 +411,6 @@ class CacheStore:
             out[name] = b / views if views else math.nan
         out["total"] = sum(out.values()) if views else math.nan
         return {"total": out.pop("total"), **out}
-
-    def summary(self, bytes_table: bool = True) -> str:
-        """Human-readable description: layout, progress, provenance essentials, bytes per view."""
-        mask = self.done_mask()
-        p = self.provenance
-        lines = [
-            f"cache store {self.path}",
-            f"  layout: S={self.num_seeds} seeds x N={self.num_samples} samples ({self.num_shards} shards of "
-            f"{self.shard_size}), C={self.num_classes} classes, K={self.topk}"
-            f"{' (hard-only)' if self.topk == 0 else ''}{', full logits' if self.store_logits else ''}",
-            f"  units done: {int(mask.sum())}/{mask.size}",
-            f"  teacher: {_fmt(p.get('teacher', MISSING))}",
-            f"  data_fingerprint={_fmt(p.get('data_fingerprint', MISSING))} "
-            f"augment_hash={_fmt(p.get('augment_hash', MISSING))} run_seed={_fmt(p.get('run_seed', MISSING))}",
-            f"  versions: {_fmt(p.get('versions', MISSING))}",
-        ]
-        if bytes_table and mask.any():
-            bpv = self.bytes_per_view()
-            lines.append("  bytes/view: " + ", ".join(f"{k}={v:.2f}" for k, v in bpv.items()))
-        lines.append(f"  on disk: {self.nbytes_stored()} bytes")
-        return "\n".join(lines)
 
 
 def _cache_group(path, mode: str):

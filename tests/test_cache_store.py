@@ -154,12 +154,16 @@ def _writer(path, units):
 
 
 @pytest.mark.slow
-def test_two_processes_write_disjoint_units(tmp_path):
+def test_two_processes_write_disjoint_shards(tmp_path):
+    """Two writers, each owning whole shards as stage one's ranks do (a shard's seeds share its files)."""
+    from pipeline.cache.layout import column_owner
+
     path = str(tmp_path / "c.zarr")
     store = make(path)
     units = [(s, k) for s in range(2) for k in range(3)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(path, units[r::2])) for r in range(2)]  # round-robin, like ranks
+    procs = [ctx.Process(target=_writer, args=(path, [u for u in units if column_owner(u[1], 2) == r]))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -1,7 +1,7 @@
 """DeiT's training keys: train.lr_step (cosine stepped per epoch), train.decay_dist_token, augment.mix_pairing.
 
 Under the DeiT recipe (conf/train/deit.yaml, conf/augment/deit.yaml) they do what DeiT does; under the toy recipe
-they keep today's behaviour bit for bit: the toy's augment hash, views, loss trajectory and weights are pinned
+they keep the toy's behaviour bit for bit: the toy's augment hash, views, loss trajectory and weights are pinned
 below at their values from before the keys existed (measured on x86_64, 2 cores, no GPU, torch 1 thread).
 """
 

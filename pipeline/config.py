@@ -174,6 +174,15 @@ class ExportSchema:
 
 
 @dataclass
+class StorageSchema:
+    """Object storage (s3://) requests: pipeline.storage_faults (defaults: obstore's own)."""
+
+    retries: int = MISSING           # retries of one failed request (5xx, dropped connection, timeout)
+    retry_timeout: float = MISSING   # seconds for one request and all its retries
+    timeout: float = MISSING         # seconds for one attempt (a silent endpoint fails after this)
+
+
+@dataclass
 class RunSchema:
     data: DataSchema = MISSING
     augment: AugmentSchema = MISSING
@@ -185,6 +194,7 @@ class RunSchema:
     replay: ReplaySchema = MISSING
     eval: EvalSchema = MISSING
     export: ExportSchema = MISSING
+    storage: StorageSchema = MISSING
     run_seed: int = MISSING
     workdir: str = MISSING
     overwrite: bool = MISSING

@@ -25,6 +25,12 @@ class WriteError(UserError, OSError):
     what was there before is left intact."""
 
 
+class StorageError(UserError, OSError):
+    """Object storage that refuses or fails a request (no credentials, no such bucket, access denied, an endpoint
+    that fails or stays silent past the retry budget): names the URL and what to do. An OSError, so a unit being
+    written stays pending as for a local write error."""
+
+
 class ShardError(UserError, RuntimeError):
     """Invalid, missing, corrupt or mismatching shard data; the message names the file (and key)."""
 

@@ -36,16 +36,15 @@ def _classes(cfg: DictConfig, state_dict: dict) -> tuple[int, list[str] | None]:
 
 def export_student(cfg: DictConfig) -> Path:
     """Write ``export.out`` (replacing a previous export only once the new one is complete); push when asked."""
-    import torch
-
     from pipeline.errors import WriteError
     from pipeline.finished import missing_student
     from pipeline.models.student import export_config, load_student, push_timm, save_timm_folder
+    from pipeline.models.weights import load_weights
 
     ckpt, out = Path(cfg.export.checkpoint), Path(cfg.export.out)
     if not ckpt.is_file():
         raise missing_student(cfg, ckpt)
-    num_classes, names = _classes(cfg, torch.load(ckpt, map_location="cpu", weights_only=True))
+    num_classes, names = _classes(cfg, load_weights(ckpt, what="student checkpoint"))
     model = load_student(cfg.student, num_classes, ckpt)
     model_args, data_config = export_config(cfg.student, num_classes, crop_pct=float(cfg.data.crop_pct),
                                             interpolation=str(cfg.augment.interpolation))

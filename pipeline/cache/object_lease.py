@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 
+from pipeline import storage_faults
 from pipeline.errors import CacheError
 
 log = logging.getLogger("pipeline")
@@ -46,7 +47,7 @@ def _get(path) -> tuple[dict, str | None]:
     except (NotFoundError, FileNotFoundError):
         return {}, None
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot read the writer lease {path}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot read the writer lease: {storage_faults.translate(e, str(path))}") from None
     try:
         return (json.loads(raw) if raw.strip() else {}), etag
     except ValueError:
@@ -80,7 +81,7 @@ def _put(path, record: dict, etag: str | None) -> str | None:
     except (AlreadyExistsError, PreconditionError):
         return None
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot write the writer lease {path}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot write the writer lease: {storage_faults.translate(e, str(path))}") from None
 
 
 class ObjectLease:

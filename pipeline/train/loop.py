@@ -24,6 +24,7 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from pipeline import distributed
+from pipeline.atomic import ensure_dir
 from pipeline.errors import UserError
 from pipeline.logs import progress
 from pipeline.models.student import plain_state_dict, unwrap
@@ -229,7 +230,7 @@ def _restore(model, ema, optimizer, scheduler, cfg: LoopConfig, ctx, run_key: di
     """(start epoch, updates, history) from the newest good checkpoint of this run, or a fresh start."""
     chosen = None
     if ctx.is_main:
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(cfg.out_dir)
         chosen = choose_checkpoint(cfg.out_dir, cfg.resume, log.warning)
     chosen = distributed.broadcast_object(str(chosen) if chosen else None)
     if not chosen:

@@ -35,9 +35,12 @@ def make_shards(cfg: DictConfig) -> dict:
             samples = from_config(data, split)
             out = storage.as_path(data["shards"]) / split  # a local Path, or s3://bucket/prefix (pipeline.storage)
             bar = progress(len(samples), unit="img", desc=f"{data['name']}/{split}")
-            tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
-                                    shard_size=data["shard_size"], num_classes=data["num_classes"],
-                                    class_names=samples.class_names, source=samples.source)
+            try:
+                tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
+                                        shard_size=data["shard_size"], num_classes=data["num_classes"],
+                                        class_names=samples.class_names, source=samples.source)
+            finally:  # closed now, not when the abandoned generator is collected: an error line comes last
+                bar.close()
             staged[split] = (tmp, out, new)
         plans = {split: install_plan(out, new, bool(cfg.overwrite)) for split, (_, out, new) in staged.items()}
         return {split: install_shards(tmp, out, new, bool(cfg.overwrite), plan=plans[split])

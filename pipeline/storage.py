@@ -32,7 +32,7 @@ from pipeline import storage_faults
 from pipeline.errors import ConfigError, StorageError
 
 SCHEMES = ("s3", "gs")
-_STORES: dict = {}  # (pid, scheme, bucket, prefix) -> obstore store (rebuilt after a fork)
+_STORES: dict = {}  # (pid, scheme, bucket, prefix, settings) -> obstore store (rebuilt after a fork)
 _LOCK = threading.Lock()
 _USED: set[int] = set()  # pids that started obstore's (tokio) runtime, which does not survive a fork
 
@@ -76,7 +76,8 @@ def obstore_store(scheme: str, bucket: str, prefix: str = ""):
     settings in force when it is first asked for."""
     from obstore.store import from_url
 
-    key = (os.getpid(), scheme, bucket, prefix)
+    settings = storage_faults.settings()
+    key = (os.getpid(), scheme, bucket, prefix, tuple(settings.values()))
     _USED.add(os.getpid())
     with _LOCK:
         if key not in _STORES:
@@ -84,15 +85,9 @@ def obstore_store(scheme: str, bucket: str, prefix: str = ""):
             url = f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
             if scheme == "s3":
                 storage_faults.check_credentials(url, cfg)
-            options, retry = storage_faults.client_options()
+            options, retry = storage_faults.client_options(settings)
             _STORES[key] = from_url(url, config=cfg, client_options={**client, **options}, retry_config=retry)
         return _STORES[key]
-
-
-def forget_clients() -> None:
-    """Drop the clients built so far: the next request builds one with the current settings."""
-    with _LOCK:
-        _STORES.clear()
 
 
 def _oserror(e: Exception, url: str) -> OSError:

@@ -22,10 +22,8 @@ _IMDS = ("169.254.169.254", "/latest/api/token", "/latest/meta-data")
 
 
 def configure(retries=None, timeout=None, retry_timeout=None) -> None:
-    """Set this process's (and its children's) storage settings; None keeps the default. Clients built before
-    keep theirs: a stage configures first thing."""
-    from pipeline import storage
-
+    """Set this process's (and its children's) storage settings; None keeps the default. A client is built per
+    location and settings (pipeline.storage), so one built before keeps its own."""
     for key, value in (("retries", retries), ("timeout", timeout), ("retry_timeout", retry_timeout)):
         if value is None:
             os.environ.pop(_ENV[key], None)
@@ -34,7 +32,6 @@ def configure(retries=None, timeout=None, retry_timeout=None) -> None:
         if value < low:
             raise ConfigError(f"storage.{key}={value} must be >= {low}")
         os.environ[_ENV[key]] = str(value)
-    storage.forget_clients()
 
 
 def settings() -> dict:
@@ -46,9 +43,8 @@ def settings() -> dict:
     return out
 
 
-def client_options() -> tuple[dict, dict]:
-    """(client_options, retry_config) for obstore's ``from_url``."""
-    s = settings()
+def client_options(s: dict) -> tuple[dict, dict]:
+    """(client_options, retry_config) for obstore's ``from_url`` under settings ``s``."""
     return ({"timeout": timedelta(seconds=s["timeout"])},
             {"max_retries": s["retries"], "retry_timeout": timedelta(seconds=s["retry_timeout"])})
 

@@ -5,7 +5,7 @@
 
 Composes conf/ with the overrides (the one configuration rule) and prints one markdown table. The global batch
 is train.batch_size x NPROC (as stages/launch.sh reads it; else train.nproc) x NNODES. docs/recipe.md and
-docs/economics.md hold the tables of README's documented ImageNet run.
+docs/economics.md hold the tables of the documented ImageNet run (docs/operations.md).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def cached(toy_shards, tmp_path_factory):
 
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()
-    section = text.split("## Use the cache from your own training loop", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Quickstart: your own training loop", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1, "the README section should hold exactly one python block"
     return blocks[0]

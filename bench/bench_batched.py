@@ -63,7 +63,7 @@ def photo_items(size: tuple[int, int], n: int) -> list[tuple[int, bytes, int]]:
 
 def sources(n: int) -> dict:
     """name -> (items, AugmentConfig, num_classes)."""
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     out = {src: (photo_items(wh, n), AugmentConfig(image_size=SIZE), 1000) for src, wh in SOURCES.items()}
     out["toy 32x32 PNG"] = (toy_items(n), AugmentConfig(image_size=32), 10)
@@ -163,7 +163,7 @@ def op_table(items, device) -> dict:
     import torchvision.transforms.v2.functional as F
 
     from pipeline.replay import batched_ops, compare, pixels
-    from pipeline.replay.params import _level_arg
+    from pipeline.replay.view_params import _level_arg
 
     views = torch.stack([F.resize(pixels.decode(pixels.open_image(d))[0], [SIZE, SIZE], antialias=True)
                          for _, d, _ in items[:4]])
@@ -179,7 +179,7 @@ def op_table(items, device) -> dict:
 def end_to_end(items, cfg, num_classes, device, seeds=(0, 1)) -> dict:
     """Per-view mean abs difference of the two backends: full recipe, and crop/flip only (decode scale alone)."""
     from pipeline.replay import batched, compare
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     plain = AugmentConfig(**{**cfg.canonical(), "rand_augment": None, "erase_prob": 0.0, "mix_prob": 0.0})
     out = {}

@@ -23,7 +23,7 @@ import torch
 from bench.bench_replay import BLOCK, SIZE, photo_jpegs
 from bench.common import machine, save_json
 from pipeline.replay import pixels, seeding
-from pipeline.replay.params import AugmentConfig, sample_params
+from pipeline.replay.view_params import AugmentConfig, sample_params
 from pipeline.replay.views import block_views
 
 MODES = ("bilinear", "bicubic")

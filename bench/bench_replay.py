@@ -95,7 +95,7 @@ def row_pil_full(jpegs):
 def row_pil_draft(jpegs, cfg):
     """Decode at the scale ours picks for each sample's crop (full size where no draft applies)."""
     from pipeline.replay import seeding
-    from pipeline.replay.params import sample_params
+    from pipeline.replay.view_params import sample_params
     from pipeline.replay.pixels import open_image
 
     plans = []
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
         ap.error(f"--n must be a positive multiple of {BLOCK}")
 
     torch.set_num_threads(1)
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     cfg = AugmentConfig(image_size=SIZE)
     cfg_nomix = AugmentConfig(image_size=SIZE, mix_prob=0.0)

@@ -69,7 +69,7 @@ def fill_cache(cfg, workers: int = 0) -> None:
     replayed by ``workers`` DataLoader workers; 0: in this process)."""
     from pipeline.cache.provenance import library_versions
     from pipeline.cache.store import CacheStore
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.data.shards import load_manifest
     from pipeline.config import augment_config
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.replay.params import INTERPOLATIONS, MIX_PAIRINGS, AugmentConfig
+from pipeline.replay.view_params import INTERPOLATIONS, MIX_PAIRINGS, AugmentConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ import yaml
 from bench.bench_replay import photo_jpegs
 from pipeline.replay import batched, batched_ops, batched_resize, compare, pixels
 from pipeline.replay.mixing import mix_images
-from pipeline.replay.params import AugmentConfig, _level_arg
+from pipeline.replay.view_params import AugmentConfig, _level_arg
 from pipeline.replay.views import block_views
 
 try:

@@ -18,10 +18,10 @@ import torch
 
 from bench.bench_replay import photo_jpegs
 from pipeline.cache.builder import ReadBack
-from pipeline.data import loader
+from pipeline.replay import loader
 from pipeline.models.teacher import model_input
 from pipeline.replay import batched
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.transfer import cuda_stream
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),

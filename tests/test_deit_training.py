@@ -23,7 +23,7 @@ from pipeline.config import augment_config, validate
 from pipeline.errors import ConfigError
 from pipeline.replay import batched
 from pipeline.replay.mixing import block_mixes
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views
 from pipeline.train.loop import LoopConfig, make_optimizer
 from pipeline.train.runs import train_student

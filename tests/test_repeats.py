@@ -20,9 +20,9 @@ from hydra import compose, initialize_config_dir
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
 from pipeline.data import shards, sources
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import ConfigError, DigestMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.train.schedule import plan_schedule
 
 REPO = Path(__file__).resolve().parents[1]

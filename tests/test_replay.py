@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.replay import seeding
-from pipeline.replay.params import AugmentConfig, sample_params
+from pipeline.replay.view_params import AugmentConfig, sample_params
 from pipeline.replay.pixels import apply, decode, open_image
 from pipeline.replay.digest import view_digest
 from pipeline.replay.mixing import block_partners, sample_mix
@@ -320,7 +320,7 @@ def test_crop_resize_follows_pillow(interpolation):
 def test_every_resampling_of_a_view_follows_the_interpolation():
     """The crop resize, RandAugment's Rotate/ShearX/ShearY and the eval resize all change with
     augment.interpolation; whole-pixel Translate does not (a shifted copy under any kernel)."""
-    from pipeline.replay.params import eval_params
+    from pipeline.replay.view_params import eval_params
     from pipeline.replay.pixels import _apply_op
 
     image = decode(open_image(_photos(1)[0]))[0]

@@ -24,7 +24,7 @@ import zarr
 from hydra import compose, initialize_config_dir
 
 from pipeline.errors import CacheError, ProvenanceMismatch
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import DigestMismatch
 from pipeline.cache.reader import CacheTargets
 from pipeline.errors import ScheduleError
@@ -46,7 +46,7 @@ def make_cfg(overrides: list[str]):
 def _spread_teacher(toy_shards):
     """A randomly initialised regnety_002 whose head is re-drawn on standardised features, so that its argmax
     varies across views (timm's init gives near-equal logits and one class for almost every view)."""
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
     from pipeline.models.teacher import model_input
 
     torch.manual_seed(0)

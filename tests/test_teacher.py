@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.data import shards, sources
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.errors import TeacherError
 from pipeline.models.teacher import (TeacherRunner, create_teacher, model_input, teacher_provenance,
                               weights_sha256)

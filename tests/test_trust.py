@@ -343,7 +343,7 @@ def test_integrity_check_finds_each_kind_of_damage_without_the_teacher(tmp_path)
 
 
 def test_verify_cache_lists_damaged_units_and_the_teacher_recheck_compares_logsumexp(env, tmp_path):
-    from pipeline.cache.verify import verify_cache
+    from pipeline.cache.audit import verify_cache
 
     path = tmp_path / "c.zarr"
     shutil.copytree(env.ref, path)
@@ -650,9 +650,9 @@ def test_a_decode_error_names_shard_and_key(toy_shards, tmp_path):
 @pytest.mark.parametrize("backend", ["per_sample", "batched"])
 def test_the_loader_names_shard_and_key_of_an_image_that_does_not_decode(tmp_path, backend):
     from pipeline.data import sources
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.data.shards import write_shards
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     good = list(sources.toy(0, 32, "train"))
     good[9] = (good[9][0][:50], "png", good[9][2])  # the manifest is right: only a decode can tell

@@ -11,7 +11,7 @@ from pipeline.replay import pixels
 from pipeline.replay.batched import merge_plans, render_plan
 from pipeline.replay.batched_ops import apply_op
 from pipeline.replay.mixing import mix_images
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.pixels import open_image
 
 

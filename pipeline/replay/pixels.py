@@ -18,7 +18,7 @@ from torchvision.transforms.v2.functional._geometry import _affine_grid as _tv_a
 from PIL import Image
 
 from pipeline.replay import seeding
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 
 import simplejpeg
 

@@ -164,7 +164,7 @@ def eval_rule(cfg) -> str:
 
 
 def pool_blocks() -> int:
-    """Blocks of consecutive samples the loader's shuffle pool holds (pipeline.data.loader.ViewLoader)."""
-    from pipeline.data.loader import ViewLoader
+    """Blocks of consecutive samples the loader's shuffle pool holds (pipeline.replay.loader.ViewLoader)."""
+    from pipeline.replay.loader import ViewLoader
 
     return int(inspect.signature(ViewLoader).parameters["pool_blocks"].default)

@@ -19,7 +19,7 @@ from pipeline import distributed
 from pipeline.atomic import atomic_save, atomic_write_text
 from pipeline.cache.reader import MODE_FIELDS, CacheTargets, check_units_done, open_cache
 from pipeline.config import augment_config, split_dir
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, TeacherError
 from pipeline.finished import require_store, write_run_config

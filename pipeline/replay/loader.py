@@ -24,7 +24,7 @@ from pipeline.replay import seeding
 from pipeline.data.images import decode_error, named_decode_errors
 from pipeline.data.shards import Manifest, iter_shard, load_manifest
 from pipeline.replay.batched import merge_plans, plan_block, render_plan
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.transfer import cuda_stream, to_device
 from pipeline.replay.views import block_views, group_views
 

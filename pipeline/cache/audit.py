@@ -67,7 +67,7 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
     """Replay a random subset of committed units (not ``skip``), rerun the teacher, compare with the store."""
     from pipeline import distributed
     from pipeline.cache.provenance import build_provenance
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)

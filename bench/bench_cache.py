@@ -60,7 +60,8 @@ def photo_tree(root: Path, n: int) -> Path:
 def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers: int) -> dict:
     from pipeline import distributed, make_shards
     from pipeline.cache import builder as cache_builder
-    from pipeline.config import augment_config, split_dir
+    from pipeline.config import split_dir
+    from pipeline.replay.view_params import augment_config
     from pipeline.replay.loader import ViewLoader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 

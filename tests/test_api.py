@@ -17,7 +17,8 @@ import pipeline
 from pipeline import CachedViews, distillation_targets
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, validate
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
 from pipeline.replay.loader import ViewLoader
 from pipeline.errors import CacheError, ProvenanceMismatch, ScheduleError
 from pipeline.replay.view_params import AugmentConfig

@@ -123,7 +123,7 @@ def test_same_rows_equal_deit_and_differences_carry_reasons(documented):
     # the headline numbers, independently of the card's own comparison
     assert run.global_batch == 1024 and by["global batch"].same
     assert math.isclose(float(run.cfg.train.lr) * run.global_batch / 512, 1e-3)
-    assert math.isclose(by["learning rate"].ours_value[1], 1e-3)  # the rate runs.py computes, evaluated
+    assert math.isclose(by["learning rate"].ours_value[1], 1e-3)  # the rate student_run.py computes, evaluated
     assert by["optimizer"].ours_value == "AdamW" and by["optimizer eps"].ours_value == 1e-8
     assert bool(run.cfg.train.ema) and float(run.cfg.train.ema_decay) == 0.99996
     assert str(run.cfg.teacher.name) == "regnety_160.deit_in1k" and str(run.cfg.distill.mode) == "hard"

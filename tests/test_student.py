@@ -29,9 +29,10 @@ from pipeline.errors import DigestMismatch
 from pipeline.cache.reader import CacheTargets
 from pipeline.errors import ScheduleError
 from pipeline.train.schedule import plan_schedule, seed_schedule
-from pipeline.config import augment_config
+from pipeline.replay.view_params import augment_config
 from pipeline.train.checkpoint import CHECKPOINT_LAST, CHECKPOINT_PREV, find_checkpoint
-from pipeline.train.runs import METRICS, STUDENT, STUDENT_EMA, TIMING_KEYS, train_student
+from pipeline.train.run_setup import TIMING_KEYS
+from pipeline.train.student_run import METRICS, STUDENT, STUDENT_EMA, train_student
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -35,7 +35,8 @@ from pipeline.cache import lease
 from pipeline.cache.integrity import check_store, repair
 from pipeline.cache.layout import crc32c, unit_tag
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, validate
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
 from pipeline.errors import CacheError, ShardError, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -471,7 +472,7 @@ def test_a_unit_swapped_or_copied_in_from_another_teachers_store_fails_and_a_rer
 def test_a_store_rebuilt_by_another_teacher_under_a_student_stops_it_naming_the_store(env, foreign, tmp_path):
     """Mid-run: the student's hook re-checks the store id after every unit it reads. Resumed: its checkpoint
     records the store's key, so a resume on another teacher's targets is refused naming the field."""
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     path = tmp_path / "c.zarr"
     shutil.copytree(env.ref, path)
@@ -791,7 +792,7 @@ def test_a_full_disk_while_writing_units_is_named_and_the_rerun_resumes(env, tmp
 @pytest.fixture(scope="module")
 def student(env):
     """An uninterrupted tiny student run on the reference cache (distill=hard, checksums verified on every read)."""
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     out = env.tmp / "student"
     metrics = train_student(validate(make_cfg(env.overrides(env.ref, *STUDENT, f"train.out_dir={out}"))))
@@ -800,7 +801,8 @@ def student(env):
 
 def test_a_full_disk_while_saving_a_checkpoint_is_named_and_resume_works(env, student, tmp_path, monkeypatch):
     from pipeline.train.checkpoint import CHECKPOINT_LAST, find_checkpoint
-    from pipeline.train.runs import TIMING_KEYS, train_student
+    from pipeline.train.run_setup import TIMING_KEYS
+    from pipeline.train.student_run import train_student
 
     out = tmp_path / "run"
     cfg = validate(make_cfg(env.overrides(env.ref, *STUDENT, f"train.out_dir={out}")))

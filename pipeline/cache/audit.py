@@ -26,7 +26,8 @@ from pipeline.cache import lease
 from pipeline.cache.integrity import check_store
 from pipeline.cache.provenance import expected_provenance
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, split_dir
+from pipeline.config import split_dir
+from pipeline.replay.view_params import augment_config
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.errors import TeacherError
 from pipeline.logs import progress

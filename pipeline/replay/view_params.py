@@ -14,10 +14,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import INTERPOLATIONS, MIX_PAIRINGS
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
-INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
@@ -45,9 +47,6 @@ class RandAugmentSpec:
             magnitude_max=float(op.magnitude_max or _LEVEL_DENOM),
             prob=float(op.prob),
         )
-
-
-MIX_PAIRINGS = ("pair", "block")
 
 
 @dataclass(frozen=True)
@@ -218,3 +217,9 @@ def eval_params(src_size: tuple[int, int], cfg: AugmentConfig) -> dict:
 
 
 # ---------------------------------------------------------------- pixels (torchvision ops)
+
+
+def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
+    """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
+    aug = cfg.augment if augment is None else augment
+    return AugmentConfig.from_cfg(OmegaConf.to_container(aug, resolve=True), cfg.data.image_size, cfg.data.crop_pct)

@@ -63,7 +63,7 @@ class Run:
 
     @cached_property
     def aug(self):
-        from pipeline.config import augment_config
+        from pipeline.replay.view_params import augment_config
 
         return augment_config(self.cfg)
 

@@ -85,3 +85,110 @@ def test_every_stage_explains_itself_on_help():
         assert "${" not in out and "== Config ==" not in out  # resolved defaults, not Hydra's generic dump
         if stage == "teacher_cache":
             assert "run_seed               3" in out  # the defaults shown follow the overrides given
+
+
+# Rooms, lowest first: a module imports only from its own level or below. The base holds what every room uses
+# (errors, logs, atomic writes, storage, the config schema); the entry level everything else at pipeline/'s top
+# (pipeline/cli.py, pipeline/api.py and the stages).
+BASE = {"pipeline", "pipeline.errors", "pipeline.logs", "pipeline.atomic", "pipeline.storage", "pipeline.version",
+        "pipeline.config", "pipeline.compose", "pipeline.distributed", "pipeline.finished"}
+ROOMS = ("data", "replay", "models", "cache", "train")
+
+
+def _level(module: str) -> int:
+    parts = module.split(".")
+    if module in BASE:
+        return 0
+    if len(parts) > 1 and parts[1] in ROOMS:
+        return 1 + ROOMS.index(parts[1])
+    return 1 + len(ROOMS)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _imports(path: Path, roots=("pipeline", "bench")) -> list[tuple[str, str, int]]:
+    """(module, name or "", line) of every project import in a file, at any depth; ``from m import x`` names the
+    module m.x when x is one."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] in roots]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] in roots:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.append((sub, "", node.lineno) if _module_file(sub) else (node.module, a.name, node.lineno))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): {m for m, _, _ in _imports(p) if _module_file(m)}
+            for p in sorted((REPO / "pipeline").rglob("*.py"))}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), or a module importing itself."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    graph = _graph()
+    assert "pipeline.cache.lease" in graph and graph["pipeline.cache.lease"]  # the walk sees the imports
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]  # and the check sees a circle
+    assert _cycles(graph) == []
+
+
+def test_rooms_import_downward_only():
+    upward = [f"{src} (level {_level(src)}) imports {dst} (level {_level(dst)})"
+              for src, targets in _graph().items() for dst in sorted(targets) if _level(dst) > _level(src)]
+    assert _level("pipeline.config") < _level("pipeline.data.shards") < _level("pipeline.replay.loader") \
+        < _level("pipeline.models.teacher") < _level("pipeline.cache.store") < _level("pipeline.train.loop") \
+        < _level("pipeline.teacher_cache")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_private_names_across_modules():
+    """No module reaches into another's private names (``from m import _x`` or ``m._x``), in pipeline/ and bench/."""
+    found = []
+    for path in sorted([*(REPO / "pipeline").rglob("*.py"), *(REPO / "bench").rglob("*.py")]):
+        imports = _imports(path)
+        found += [f"{path.relative_to(REPO)}:{line}: {m}.{name}" for m, name, line in imports
+                  if name.startswith("_") and not name.startswith("__")]
+        modules = {}  # local name -> project module it is bound to
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
+                                if _module_file(f"{node.module}.{a.name}")})
+            elif isinstance(node, ast.Import):
+                modules.update({a.asname: a.name for a in node.names if a.asname and _module_file(a.name)})
+        found += [f"{path.relative_to(REPO)}:{node.lineno}: {modules[node.value.id]}.{node.attr}"
+                  for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__")]
+    assert not found, "\n".join(found)

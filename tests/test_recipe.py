@@ -25,6 +25,7 @@ from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.train import economics
 from pipeline.train import recipe_card as card
+from pipeline.train.recipe_ingredients import INGREDIENTS
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "ImageNet (or any folder)"
@@ -84,7 +85,7 @@ def _rows(documented, *more: str) -> tuple[list[card.Row], card.Run]:
 
     OmegaConf.resolve(cfg)
     run = card.Run(cfg, card.world_size(cfg, {"NPROC": documented["nproc"]}))
-    return card.rows(run), run
+    return card.rows(run, INGREDIENTS), run
 
 
 def test_docs_commands_print_the_pages_tables(documented):

@@ -135,7 +135,7 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, scale, ratio)
     return [(height - h) // 2, (width - w) // 2, h, w]
 
 
-def _level_arg(name: str, level: float, negate: bool, size: int):
+def level_arg(name: str, level: float, negate: bool, size: int):
     """timm's level_to_arg for the increasing op set; the sign is drawn by the caller, not by `random`."""
     sign = -1.0 if negate else 1.0
     frac = level / _LEVEL_DENOM
@@ -167,7 +167,7 @@ def sample_rand_augment(rng: np.random.Generator, spec: RandAugmentSpec, size: i
         negate = rng.random() > 0.5
         if run:
             level = max(0.0, min(float(mag), spec.magnitude_max))
-            ops.append([name, _level_arg(name, level, negate, size)])
+            ops.append([name, level_arg(name, level, negate, size)])
     return ops
 
 

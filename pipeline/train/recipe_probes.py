@@ -133,7 +133,7 @@ def rand_augment_filter(aug) -> str:
         return "bilinear"
     # torchvision's tensor rotate refuses bicubic; pixels' own bicubic Rotate is checked against it elsewhere
     # (tests/test_replay.py, tests/test_batched.py)
-    return "bicubic" if torch.equal(out, pixels._apply_op(image, "Rotate", 17.0, "bicubic")) else "other"
+    return "bicubic" if torch.equal(out, pixels.apply_op_image(image, "Rotate", 17.0, "bicubic")) else "other"
 
 
 def erase_noise() -> str:

@@ -92,7 +92,7 @@ def run(shards: int, per_shard: int, image_kb: int, units: int, latency_ms: floa
     from pipeline.cache import lease
     from pipeline.cache.store import CacheStore
     from pipeline.data.shards import write_shards
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     server = start_moto()
     try:

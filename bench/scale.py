@@ -58,7 +58,7 @@ def digests(s: int, k: int, count: int) -> np.ndarray:
 
 
 def provenance(mode: str, n: int) -> dict:
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     return {"teacher": {"name": "synthetic", "weights_sha256": "0", "num_classes": CLASSES},
             "data_fingerprint": f"synthetic-{n}", "augment_hash": "bench", "run_seed": 0, "num_classes": CLASSES,

@@ -184,13 +184,13 @@ def test_reduced_size_jpeg_decode_matches_full_decode_closely():
 # ------------------------------------------------------------------------------------------ contract version
 
 # Digests of fixed (run_seed, seed index, sample) views under the DeiT recipe on a 375x500 source. They change
-# only when sampling or draw order changes: then bump pipeline.replay.CONTRACT_VERSION (every cache built before
+# only when sampling or draw order changes: then bump pipeline.replay.contract.CONTRACT_VERSION (every cache built before
 # holds targets of other views) and record the new values here.
 GOLDEN = {(0, 0, 0): 0xB5D65DB6, (0, 1, 7): 0x253882BC, (3, 5, 123456): 0x077A4EDA5, (12345, 99, 1281166): 0x051872F1}
 
 
 def test_golden_digests_pin_the_replay_contract():
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     deit = AugmentConfig(image_size=224)
     for (run_seed, s, i), want in GOLDEN.items():
@@ -209,7 +209,7 @@ def test_stores_of_contract_version_1_are_refused_naming_the_fix(tmp_path):
     import zarr
 
     from pipeline.cache.store import CacheError, CacheStore
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     assert CONTRACT_VERSION == 2
     layout = dict(num_seeds=1, shard_counts=[4], shard_size=4, num_classes=3, topk=2)

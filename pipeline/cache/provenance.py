@@ -16,7 +16,7 @@ from importlib import metadata
 
 import numpy as np
 
-from pipeline.replay import CONTRACT_VERSION
+from pipeline.replay.contract import CONTRACT_VERSION
 from pipeline.version import __version__
 
 VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",

@@ -4,10 +4,5 @@
     pixels   decode + render params on uint8    mixing       mixup/cutmix pairs inside blocks, soft targets
     digest   32-bit name of a view              views        one block of views: everything above together
     loader   shards -> batches of views, for any workers and any rank/world split
-
-CONTRACT_VERSION names the contract: bump it whenever a change alters which params a (run_seed, s, i) draws or
-how they render (draw order, a new draw, a pixel op), since every cache built before is then stale. Stores record
-it and refuse to open under another version (tests/test_replay.py pins golden digests to catch a silent change).
+    contract CONTRACT_VERSION: stores record it, dvc.yaml's stages depend on it; bump it when views change
 """
-
-CONTRACT_VERSION = 2

@@ -36,9 +36,10 @@ def main(argv: list[str]) -> None:
             sys.stdout.write(economics.render(economics.inputs_from(cfg)))
             return
         from pipeline.train import recipe_card as card
+        from pipeline.train.recipe_ingredients import INGREDIENTS
 
         run = card.Run(cfg, card.world_size(cfg))
-        table = card.rows(run)
+        table = card.rows(run, INGREDIENTS)
         sys.stdout.write(card.render(table, run))
         for row in card.drifts(table):
             print(f"recipe: note: {row.name} differs from DeiT ({row.deit}) with no recorded reason", file=sys.stderr)

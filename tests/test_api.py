@@ -17,10 +17,11 @@ import pipeline
 from pipeline import CachedViews, distillation_targets
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, validate
-from pipeline.data.loader import ViewLoader
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import CacheError, ProvenanceMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 S = 2

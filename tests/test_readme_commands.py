@@ -220,7 +220,7 @@ def check_store(path, *, seeds: int, samples: int, topk: int, classes: int, teac
 
 def check_student(out_dir: Path, world_size: int, log: str, agreement: bool) -> dict:
     """A trained student with its metrics; with ``agreement``, measured against the cache's own teacher."""
-    from pipeline.train.runs import METRICS, STUDENT
+    from pipeline.train.student_run import METRICS, STUDENT
 
     metrics = json.loads((out_dir / METRICS).read_text())
     assert (out_dir / STUDENT).is_file() and metrics["world_size"] == world_size, metrics

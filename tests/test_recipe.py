@@ -25,6 +25,7 @@ from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.train import economics
 from pipeline.train import recipe_card as card
+from pipeline.train.recipe_ingredients import INGREDIENTS
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "ImageNet (or any folder)"
@@ -84,7 +85,7 @@ def _rows(documented, *more: str) -> tuple[list[card.Row], card.Run]:
 
     OmegaConf.resolve(cfg)
     run = card.Run(cfg, card.world_size(cfg, {"NPROC": documented["nproc"]}))
-    return card.rows(run), run
+    return card.rows(run, INGREDIENTS), run
 
 
 def test_docs_commands_print_the_pages_tables(documented):
@@ -123,7 +124,7 @@ def test_same_rows_equal_deit_and_differences_carry_reasons(documented):
     # the headline numbers, independently of the card's own comparison
     assert run.global_batch == 1024 and by["global batch"].same
     assert math.isclose(float(run.cfg.train.lr) * run.global_batch / 512, 1e-3)
-    assert math.isclose(by["learning rate"].ours_value[1], 1e-3)  # the rate runs.py computes, evaluated
+    assert math.isclose(by["learning rate"].ours_value[1], 1e-3)  # the rate student_run.py computes, evaluated
     assert by["optimizer"].ours_value == "AdamW" and by["optimizer eps"].ours_value == 1e-8
     assert bool(run.cfg.train.ema) and float(run.cfg.train.ema_decay) == 0.99996
     assert str(run.cfg.teacher.name) == "regnety_160.deit_in1k" and str(run.cfg.distill.mode) == "hard"

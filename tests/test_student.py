@@ -34,7 +34,7 @@ from pipeline.train.checkpoint import CHECKPOINT_LAST, CHECKPOINT_PREV, find_che
 from pipeline.train.runs import METRICS, STUDENT, STUDENT_EMA, TIMING_KEYS, train_student
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "pipeline" / "conf"
 STEPS = 8  # 512 train samples / batch 64
 
 

@@ -109,10 +109,18 @@ def test_the_installed_package_is_the_wheel_and_carries_its_config(installed, tm
 
 
 def test_every_import_is_a_declared_dependency(installed, tmp_path):
-    py, env, _ = installed
+    py, env, site = installed
     proc = subprocess.run([str(py), "-c", IMPORT_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch" in proc.stdout and "zarr" in proc.stdout and "all declared" in proc.stdout, proc.stdout
+    # the check catches an undeclared one: PyYAML is installed here (dev tools bring it) but not declared
+    probe = site / "pipeline" / "_probe.py"
+    probe.write_text("import yaml\n")
+    try:
+        proc = subprocess.run([str(py), "-c", IMPORT_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
+    finally:
+        probe.unlink()
+    assert proc.returncode == 1 and "_probe.py: import yaml (module level)" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
@@ -125,3 +133,26 @@ def test_the_toy_stages_run_from_the_wheel_outside_the_checkout(installed, tmp_p
     assert len(list((tmp_path / "data" / "shards" / "toy" / "train").glob("shard-*.tar"))) == 2
     assert list((tmp_path / "cache").glob("toy-*.zarr"))
     assert (tmp_path / "runs" / "student" / "toy-hard-cache" / "student.pt").is_file()
+
+
+def test_constraints_lock_one_set_inside_the_declared_ranges():
+    """constraints.txt pins exactly one version of declared dependencies, each inside pyproject's range, and CI
+    installs with it (pip's -c)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(r).name.lower(): Requirement(r).specifier
+                for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    pins = [Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert {"torch", "torchvision", "pillow", "simplejpeg"} <= {p.name.lower() for p in pins}
+    for pin in pins:
+        (spec,) = pin.specifier
+        assert spec.operator == "==", pin
+        assert pin.name.lower() in declared, f"{pin} is not a declared dependency"
+        assert spec.version in declared[pin.name.lower()], f"{pin} is outside pyproject's {declared[pin.name]}"
+    for name in ("torch", "torchvision", "pillow"):
+        assert not any(s.operator == "==" for s in declared[name]), f"{name} is pinned in pyproject: range it"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ci.count("pip install -c constraints.txt -e '.[dev]'") == 2 and "pip install -e" not in ci

@@ -48,6 +48,7 @@ class RandAugmentSpec:
 
 
 MIX_PAIRINGS = ("pair", "block")
+IMPLIED = {"mix_pairing": "pair"}  # keys added to the recipe later: absent from the canonical dict at this value
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,9 @@ class AugmentConfig:
     def canonical(self) -> dict:
         d = asdict(self)
         d.pop("ra")
-        if d["mix_pairing"] == "pair":  # the views before the key existed: their hash and stores stay valid
-            d.pop("mix_pairing")
+        for key, value in IMPLIED.items():
+            if d[key] == value:  # the views before the key existed: their hash and stores stay valid
+                d.pop(key)
         return d
 
     def hash(self) -> str:

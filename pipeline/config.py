@@ -36,7 +36,7 @@ class DataSchema:
     val_size: Optional[int] = None    # toy
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
-    allow_empty_classes: Optional[bool] = None  # folder: keep a class folder without images (default: refused)
+    allow_empty_classes: Optional[bool] = None  # folder: keep a class without images in a split (default: refused)
     max_side: Optional[int] = None   # ingest: re-encode images whose longer side exceeds this (None: keep bytes)
     max_side_quality: Optional[int] = None  # JPEG quality of those re-encodes (default 90)
     train_label_noise: Optional[float] = None  # train split: this fraction of labels replaced by another class

@@ -27,13 +27,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from pipeline.cache.provenance import canonical, first_difference
 from pipeline.cache.reader import CacheTargets, check_units_done, open_cache
 from pipeline.cache.store import CacheStore
 from pipeline.cache.targets import FIELDS, TeacherTargets
 from pipeline.replay.loader import Seeds, ViewLoader, unit_seeds
 from pipeline.data.shards import load_manifest
-from pipeline.errors import CacheError, ConfigError, ProvenanceMismatch, ScheduleError
+from pipeline.errors import CacheError, ConfigError, ScheduleError
 from pipeline.replay.view_params import AugmentConfig
 from pipeline.train.losses import soft_teacher_log_probs
 
@@ -72,16 +71,6 @@ def _augment(augment, store: CacheStore, image_size: int | None) -> AugmentConfi
         raise ConfigError(f"augment: {exc}") from None
 
 
-def _check_augment(store: CacheStore, aug: AugmentConfig) -> None:
-    """Name the first augmentation key that differs from the store's (open_cache names only the hash)."""
-    stored = store.provenance.get("augment")
-    if isinstance(stored, Mapping):
-        diff = first_difference(canonical(stored), canonical(aug.canonical()))
-        if diff is not None:
-            field, theirs, ours = diff
-            raise ProvenanceMismatch(store.path, f"augment.{field}", theirs, ours)
-
-
 class CachedViews(IterableDataset):
     """Batches of one epoch of replayed views with their cached teacher targets, for any training loop.
 
@@ -115,9 +104,8 @@ class CachedViews(IterableDataset):
         manifest = load_manifest(self.shards)
         stored = CacheStore.open(self.cache, "r")
         self.augment = _augment(augment, stored, image_size)
-        _check_augment(stored, self.augment)
         self.run_seed = int(stored.provenance.get("run_seed", 0) if run_seed is None else run_seed)
-        # Every other check (writer lease, data fingerprint, augmentation hash, run seed, classes, layout):
+        # Every check (writer lease, data fingerprint, augmentation by key, run seed, classes, layout):
         self.store, self.warnings = open_cache(self.cache, manifest=manifest, aug=self.augment,
                                                run_seed=self.run_seed, mode="hard")
         self.fields = tuple(f for f in FIELDS if f in self.store.fields)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import INTERPOLATIONS, MIX_PAIRINGS
+from pipeline.config_rules import INTERPOLATIONS, MIX_PAIRINGS
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
@@ -47,6 +47,9 @@ class RandAugmentSpec:
             magnitude_max=float(op.magnitude_max or _LEVEL_DENOM),
             prob=float(op.prob),
         )
+
+
+IMPLIED = {"mix_pairing": "pair"}  # keys added to the recipe later: absent from the canonical dict at this value
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,9 @@ class AugmentConfig:
     def canonical(self) -> dict:
         d = asdict(self)
         d.pop("ra")
-        if d["mix_pairing"] == "pair":  # the views before the key existed: their hash and stores stay valid
-            d.pop("mix_pairing")
+        for key, value in IMPLIED.items():
+            if d[key] == value:  # the views before the key existed: their hash and stores stay valid
+                d.pop(key)
         return d
 
     def hash(self) -> str:

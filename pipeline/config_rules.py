@@ -36,7 +36,8 @@ OTHER = {"teacher.input_size": ">= 1", "student.img_size": ">= 1", "student.patc
          "cache.seeds_per_pass": ">= 1", "cache.topk": ">= 0", "cache.batch_size": ">= 1",
          "cache.num_workers": ">= 0", "cache.nproc": ">= 1", "cache.verify_fraction": "[0, 1]",
          "cache.tolerance": ">= 0", "train.repeats": ">= 1", "train.eval_batch_size": ">= 1", "train.nproc": ">= 1",
-         "run_seed": ">= 0", "num_threads": ">= 0"}
+         "run_seed": ">= 0", "num_threads": ">= 0", "storage.retries": ">= 0", "storage.retry_timeout": "> 0",
+         "storage.timeout": "> 0"}
 CHOICES = {"data.source": ("toy", "fashion_mnist", "folder"), "distill.mode": ("none", "hard", "soft"),
            "distill.source": ("cache", "online"), "replay.backend": ("per_sample", "batched"),
            "augment.mix_pairing": MIX_PAIRINGS, "augment.interpolation": INTERPOLATIONS,

@@ -14,7 +14,7 @@ import os
 import re
 from datetime import timedelta
 
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import StorageError
 
 DEFAULTS = {"retries": 10, "retry_timeout": 180.0, "timeout": 30.0}
 _ENV = {k: f"PIPELINE_STORAGE_{k.upper()}" for k in DEFAULTS}
@@ -22,15 +22,12 @@ _IMDS = ("169.254.169.254", "/latest/api/token", "/latest/meta-data")
 
 
 def configure(retries=None, timeout=None, retry_timeout=None) -> None:
-    """Set this process's (and its children's) storage settings; None keeps the default. A client is built per
-    location and settings (pipeline.storage), so one built before keeps its own."""
+    """Set this process's (and its children's) storage settings (ranges: pipeline.config_rules); None keeps the
+    default. A client is built per location and settings (pipeline.storage): one built before keeps its own."""
     for key, value in (("retries", retries), ("timeout", timeout), ("retry_timeout", retry_timeout)):
         if value is None:
             os.environ.pop(_ENV[key], None)
             continue
-        low = 0 if key == "retries" else 0.001
-        if value < low:
-            raise ConfigError(f"storage.{key}={value} must be >= {low}")
         os.environ[_ENV[key]] = str(value)
 
 

@@ -118,6 +118,9 @@ CASES = [  # (override, what the one line must say)
     ("replay.backend=gpu", "replay.backend='gpu' is not one of ('per_sample', 'batched')"),
     ("run_seed=-1", "run_seed=-1 must be >= 0"),
     ("num_threads=-1", "num_threads=-1 must be >= 0"),
+    ("storage.retries=-1", "storage.retries=-1 must be >= 0"),
+    ("storage.retry_timeout=0", "storage.retry_timeout=0.0 must be > 0"),
+    ("storage.timeout=nan", "storage.timeout=nan must be a finite number > 0"),
 ]
 
 

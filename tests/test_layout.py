@@ -119,8 +119,7 @@ def test_every_stage_explains_itself_on_help():
 # (errors, logs, atomic writes, storage, the config schema); the entry level everything else at pipeline/'s top
 # (pipeline/cli.py, pipeline/api.py and the stages).
 BASE = {"pipeline", "pipeline.errors", "pipeline.logs", "pipeline.atomic", "pipeline.storage", "pipeline.storage_faults",
-        "pipeline.version",
-        "pipeline.config", "pipeline.config_rules", "pipeline.compose", "pipeline.distributed", "pipeline.finished"}
+        "pipeline.version", "pipeline.config", "pipeline.config_rules", "pipeline.compose", "pipeline.distributed", "pipeline.finished"}
 ROOMS = ("data", "replay", "models", "cache", "train")
 
 

@@ -139,6 +139,7 @@ class CacheSchema:
     num_workers: int = MISSING
     nproc: int = MISSING
     verify_fraction: float = MISSING
+    resume_check: str = MISSING      # sample | full
     tolerance: float = MISSING
     cycle: bool = MISSING
     device: str = MISSING
@@ -194,6 +195,7 @@ class RunSchema:
 LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
            "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
+           "cache.resume_check": ("sample", "full"),
            "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
            "augment.interpolation": INTERPOLATIONS}
 AT_LEAST = {  # key -> smallest allowed value

@@ -245,6 +245,15 @@ def tree_size(path, allocated: bool = False) -> int:
     return total
 
 
+def relative_files(path) -> set[str]:
+    """Every file (object) under a directory or prefix, as "/"-separated paths relative to it (one listing)."""
+    if isinstance(path, ObjectPath):
+        prefix = path.key + "/" if path.key else ""
+        return {key[len(prefix):] for key, _ in path.walk_objects()}
+    root = str(path)
+    return {os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, fs in os.walk(root) for f in fs}
+
+
 def zarr_store(path, mode: str):
     """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore."""
     if not isinstance(path, ObjectPath):

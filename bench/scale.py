@@ -15,14 +15,16 @@ Per store (local disk, and a local S3 server: moto, 127.0.0.1, at ``--s3-n`` sam
   through pipeline.cache.reader.CacheTargets: commit marker, crc32c codec, tagged checksum record of the mode's
   fields; every digest compared with the written one, as the loader does);
 - open: what stage two's start-up reads (lease probe, group and array metadata, provenance check);
-- resume scan: ``pending_units`` (one read of ``done``); the integrity pass resume runs over done units
-  (pipeline.cache.integrity) per unit; verify: that check on a random ``--verify-fraction`` of the units;
+- resume: the scan ``pending_units`` (one read of ``done``); resume's default check (pipeline.cache.integrity:
+  every done unit's checksum record, tag and files, and the bytes of a sample); the full check of a unit's bytes
+  (verify_cache, cache.resume_check=full) per unit, on a random ``--verify-fraction`` of the units;
 - files (objects) and bytes per seed, and per (seed, shard) unit.
 
-``--scan-seeds`` (300): a hard-only store of that many seeds at N whose markers are all set: the resume scan
+``--scan-seeds`` (300): a hard-only store of that many seeds at N whose markers and tagged checksum records are
+all set and whose files exist (empty: no targets are computed): the resume scan and resume's metadata check
 measured at ImageNet scale (384,600 units at full N). Other numbers for S=300 are derived: files from the layout's
-file shapes (checked against the measured store's count), bytes from the measured bytes per view, the integrity
-pass from the measured time per unit; the JSON says which numbers are measured and which derived.
+file shapes (checked against the measured store's count), bytes from the measured bytes per view, the bytes checks
+from the measured time per unit; the JSON says which numbers are measured and which derived.
 """
 
 from __future__ import annotations
@@ -218,6 +220,34 @@ def check_time(path, fraction: float, seed: int = 0) -> dict:
     return {"units": len(pick), "seconds": dt, "ms_per_unit": dt / len(pick) * 1e3}
 
 
+def resume_check_time(path) -> dict:
+    """Resume's default check (pipeline.cache.integrity.check_store with the resume's sample), on a fresh open."""
+    from pipeline.cache import integrity
+    from pipeline.cache.store import CacheStore
+
+    t0 = time.perf_counter()
+    report = integrity.check_store(CacheStore.open(path, "r"), sample=integrity.RESUME_SAMPLE)
+    dt = time.perf_counter() - t0
+    if report["damaged"]:
+        raise RuntimeError(f"{path}: damaged unit(s) in a fresh build: {report['damaged'][:1]}")
+    return {"units": report["units_done"], "bytes_checked": report["units_checked"], "seconds": dt}
+
+
+def metadata_time(path) -> dict:
+    """Resume's metadata check alone (every done unit's record, tag and files), on a fresh open."""
+    from pipeline.cache import integrity
+    from pipeline.cache.store import CacheStore
+
+    t0 = time.perf_counter()
+    store = CacheStore.open(path, "r")
+    suspects = integrity.metadata_suspects(store, store.done_mask())
+    dt = time.perf_counter() - t0
+    if suspects:
+        raise RuntimeError(f"{path}: {len(suspects)} unit(s) fail the metadata check, e.g. {min(suspects)}")
+    units = store.num_seeds * store.num_shards
+    return {"units": units, "seconds": dt, "us_per_unit": dt / units * 1e6}
+
+
 def files(path, seeds: int, shards: int) -> dict:
     """Files (objects) and bytes of the store, per seed index and per unit; metadata (zarr.json) counted apart."""
     from pipeline import storage
@@ -239,12 +269,25 @@ def files(path, seeds: int, shards: int) -> dict:
 
 
 def mark_all_done(path, n: int, seeds: int) -> None:
-    """A hard-only store of ``seeds`` x shards units whose markers are all set (the chunks stay unwritten): what
-    resume scans after a finished build. Markers are set in one batched write; only the scan is timed."""
+    """A hard-only store of ``seeds`` x shards units whose markers and tagged checksum records are all set and
+    whose files exist (empty: the targets stay uncomputed): what resume's scan and metadata check read after a
+    finished build. Records and markers are set in batched writes; only the scan and the check are timed."""
     from pipeline.cache import lease
+    from pipeline.cache.layout import file_coords, seeds_per_file, unit_tag
 
     store, _ = create(path, "hard", n, seeds)
-    store._arrays["done"][...] = True  # bench only: the markers of a finished build, without computing it
+    records = np.ones(store._arrays["checksums"].shape, np.uint32)  # bench only: a finished build's records ...
+    for s in range(seeds):
+        records[s, :, -1] = [unit_tag(store.key, s, k) for k in range(store.num_shards)]
+    store._arrays["checksums"][...] = records
+    for name in store.fields:  # ... its files (empty) ...
+        arr = store._arrays[name]
+        for s in range(0, seeds, seeds_per_file(seeds)):
+            for k in range(store.num_shards):
+                f = Path(path) / name / arr.metadata.encode_chunk_key(file_coords(name, store.layout, s, k))
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.touch()
+    store._arrays["done"][...] = True  # ... and its markers, without computing it
     lease.release(path)
 
 
@@ -264,6 +307,7 @@ def measure(root, mode: str, n: int, seeds: int, writers: list[int], readers: li
         res["read"][r] = read(path, mode, r)
     res["open"] = open_time(path, n, mode)
     res["scan"] = scan_time(path)
+    res["resume_check"] = resume_check_time(path)
     res["check"] = check_time(path, fraction)
     res["files"] = files(path, seeds, res["shards"])
     return res
@@ -283,13 +327,17 @@ def layout_files(mode: str, n: int, seeds: int) -> int:
 
 def imagenet(res: dict, mode: str, seeds: int = DEIT_EPOCHS) -> dict:
     """S=300 at ImageNet-1k's N, derived (not measured): files from the layout (checked against the measured
-    store by ``layout_files_match``), bytes from the measured bytes per view, the integrity pass from the measured
-    time per unit (the resume scan is measured at scale instead: ``--scan-seeds``)."""
+    store by ``layout_files_match``), bytes from the measured bytes per view, the full check (every unit's bytes)
+    and the sample of resume's default check from the measured time per unit (the resume scan and the metadata
+    check are measured at scale instead: ``--scan-seeds``)."""
+    from pipeline.cache.integrity import RESUME_SAMPLE
+
     units = seeds * len(shard_counts(IMAGENET_N))
     files = layout_files(mode, IMAGENET_N, seeds)
     return {"derived": True, "seeds": seeds, "units": units, "chunk_files": files, "files_per_unit": files / units,
             "GB": res["files"]["bytes_per_seed"] / res["N"] * IMAGENET_N * seeds / 1e9,
             "integrity_pass_s": res["check"]["ms_per_unit"] * units / 1e3,
+            "resume_sample_s": res["check"]["ms_per_unit"] * RESUME_SAMPLE / 1e3,
             "layout_files_match": layout_files(mode, res["N"], res["seeds"]) == res["files"]["chunk_files"]}
 
 
@@ -303,6 +351,7 @@ def run(args) -> dict:
         if args.scan_seeds:
             mark_all_done(f"{tmp}/scan.zarr", args.n, args.scan_seeds)
             out["disk_scan"] = scan_time(f"{tmp}/scan.zarr")
+            out["disk_scan"]["metadata"] = metadata_time(f"{tmp}/scan.zarr")
     if args.s3_n:
         from bench.bench_storage_s3 import _server
 
@@ -334,6 +383,10 @@ def rows(res: dict) -> list[str]:
             out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | open / resume scan / check | "
                        f"{r['open']['best_s']:.3f} s / {r['scan']['seconds']:.3f} s ({r['scan']['units']:,} units, "
                        f"{r['scan']['us_per_unit']:.0f} us each) / {r['check']['ms_per_unit']:.1f} ms per unit |")
+            rc = r["resume_check"]
+            out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | resume's default check | "
+                       f"{rc['seconds']:.2f} s ({rc['units']:,} units' records and files, the bytes of "
+                       f"{rc['bytes_checked']}) |")
             out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | files, bytes | "
                        f"{f['files_per_unit']:.2f} files per unit, {f['files_per_seed']:,.0f} per seed, "
                        f"{f['bytes_per_seed'] / 1e6:.1f} MB per seed |")
@@ -341,11 +394,15 @@ def rows(res: dict) -> list[str]:
                 d = r["imagenet_S300"]
                 out.append(f"| {backend} | {mode} | ImageNet-1k x S=300 (derived) | files, GB, resume | "
                            f"{d['chunk_files']:,.0f} files ({d['files_per_unit']:.2f} per unit), {d['GB']:.1f} GB, "
-                           f"resume's integrity pass {d['integrity_pass_s'] / 3600:.1f} h |")
+                           f"full check {d['integrity_pass_s'] / 3600:.1f} h, resume's sample "
+                           f"{d['resume_sample_s']:.1f} s |")
     if "disk_scan" in res:
         d = res["disk_scan"]
-        out.append(f"| disk | hard | markers only, {d['units']:,} units | resume scan | {d['seconds']:.2f} s "
+        out.append(f"| disk | hard | markers, {d['units']:,} units | resume scan | {d['seconds']:.2f} s "
                    f"({d['us_per_unit']:.1f} us per unit) |")
+        m = d["metadata"]
+        out.append(f"| disk | hard | records and files, {m['units']:,} units | resume's metadata check | "
+                   f"{m['seconds']:.2f} s ({m['us_per_unit']:.1f} us per unit) |")
     return out
 
 

@@ -13,7 +13,10 @@ these invariants of the teacher targets:
 
 :func:`check_store` reports every damaged unit and every unit not committed (``python -m pipeline.verify_cache``:
 "ok" means complete and intact); :func:`repair` clears the commit marker of each damaged unit, naming it in the
-log, so stage one recomputes it.
+log, so stage one recomputes it. A resume checks the metadata of every done unit (its record, tag and files:
+one batched read and one listing) and the bytes of a sample (``cache.resume_check=full``: of every unit), so that
+it costs seconds, not hours, at ImageNet scale (docs/scale.md); damage inside an unsampled unit's bytes is left to
+the reader, which verifies every unit it reads against its record, and to verify_cache.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pipeline.errors import CacheError
 from pipeline.logs import progress
 
 log = logging.getLogger("pipeline")
-REPAIR = "re-run stage one (python -m pipeline.teacher_cache) to repair it"
+REPAIR = ("re-run stage one with every unit re-checked (python -m pipeline.teacher_cache cache.resume_check=full) "
+          "to repair it")
 FP16_ULP = 2.0 ** -11  # half an ulp of float16, relative
 RESUME_SAMPLE = 64  # committed units whose bytes a resume re-checks (cache.resume_check=sample); all when fewer
 

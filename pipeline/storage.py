@@ -250,8 +250,12 @@ def relative_files(path) -> set[str]:
     if isinstance(path, ObjectPath):
         prefix = path.key + "/" if path.key else ""
         return {key[len(prefix):] for key, _ in path.walk_objects()}
-    root = str(path)
-    return {os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, fs in os.walk(root) for f in fs}
+    root = os.path.join(str(path), "")  # with its separator, cut off each directory os.walk yields below it
+    out = set()
+    for d, _, fs in os.walk(root):
+        rel = d[len(root):].replace(os.sep, "/")
+        out.update(f"{rel}/{f}" if rel else f for f in fs)
+    return out
 
 
 def zarr_store(path, mode: str):

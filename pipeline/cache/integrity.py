@@ -228,19 +228,16 @@ def metadata_suspects(store, done: np.ndarray) -> set[tuple[int, int]]:
     """Committed units whose metadata is wrong: no checksum record, a record tagged for another unit or another
     store (a unit copied over this one), or a file of theirs missing. Reads the records in one batch and lists the
     store once (no chunk of targets is read): milliseconds per thousand units."""
+    seeds, shards = np.nonzero(done)
     try:
-        records = np.asarray(store._arrays["checksums"][...])
+        records = np.asarray(store._arrays["checksums"][...])[seeds, shards]
     except Exception:  # noqa: BLE001 - a damaged record file: its units are suspects, found one by one
-        records = None
-    out = set()
-    for s, k in zip(*np.nonzero(done)):
-        s, k = int(s), int(k)
-        if records is None:
-            bad = _record(store, s, k)[1] is not None
-        else:
-            bad = not records[s, k].any() or int(records[s, k, -1]) != unit_tag(store.key, s, k)
-        if bad:
-            out.add((s, k))
+        out = {(int(s), int(k)) for s, k in zip(seeds, shards) if _record(store, int(s), int(k))[1] is not None}
+    else:
+        tags = np.fromiter((unit_tag(store.key, s, k) for s, k in zip(seeds.tolist(), shards.tolist())),
+                           np.uint32, len(seeds))
+        bad = ~records.any(axis=1) | (records[:, -1] != tags)
+        out = {(int(s), int(k)) for s, k in zip(seeds[bad], shards[bad])}
     return out | _missing_files(store, done)
 
 

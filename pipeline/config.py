@@ -140,6 +140,7 @@ class CacheSchema:
     num_workers: int = MISSING
     nproc: int = MISSING
     verify_fraction: float = MISSING
+    resume_check: str = MISSING      # sample | full
     tolerance: float = MISSING
     cycle: bool = MISSING
     device: str = MISSING

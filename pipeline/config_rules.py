@@ -40,6 +40,7 @@ OTHER = {"teacher.input_size": ">= 1", "student.img_size": ">= 1", "student.patc
          "storage.timeout": "> 0"}
 CHOICES = {"data.source": ("toy", "fashion_mnist", "folder"), "distill.mode": ("none", "hard", "soft"),
            "distill.source": ("cache", "online"), "replay.backend": ("per_sample", "batched"),
+           "cache.resume_check": ("sample", "full"),
            "augment.mix_pairing": MIX_PAIRINGS, "augment.interpolation": INTERPOLATIONS,
            "train.lr_step": LR_STEPS}
 LOOPS, AUGMENTS = ("train", "teacher.train"), ("augment", "teacher.train.augment")

@@ -256,6 +256,19 @@ def tree_size(path, allocated: bool = False) -> int:
     return total
 
 
+def relative_files(path) -> set[str]:
+    """Every file (object) under a directory or prefix, as "/"-separated paths relative to it (one listing)."""
+    if isinstance(path, ObjectPath):
+        prefix = path.key + "/" if path.key else ""
+        return {key[len(prefix):] for key, _ in path.walk_objects()}
+    root = os.path.join(str(path), "")  # with its separator, cut off each directory os.walk yields below it
+    out = set()
+    for d, _, fs in os.walk(root):
+        rel = d[len(root):].replace(os.sep, "/")
+        out.update(f"{rel}/{f}" if rel else f for f in fs)
+    return out
+
+
 def zarr_store(path, mode: str):
     """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore."""
     if not isinstance(path, ObjectPath):

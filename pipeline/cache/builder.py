@@ -133,7 +133,7 @@ def build_cache(cfg: DictConfig) -> dict:
                           num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
                           shard_size=manifest.shard_size, num_classes=manifest.num_classes,
                           topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
-                          overwrite=bool(cfg.overwrite))
+                          overwrite=bool(cfg.overwrite), resume_check=str(cfg.cache.resume_check))
     distributed.barrier()
     store = CacheStore.open(path, mode="r+")
     # Rank 0 holds the writer lease; every other rank (on any node) commits only while rank 0 still holds it.

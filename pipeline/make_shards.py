@@ -5,6 +5,9 @@
     python -m pipeline.make_shards data=folder data.root=/path/to/tree data.num_classes=100
     python -m pipeline.make_shards data=imagenet data.root=/data/imagenet data.max_side=512   # pre-resized JPEGs
 
+Beside the splits goes timm's ``_info.json`` (split sizes and shard names): timm opens the shards by name,
+``timm.data.create_dataset("wds/<name>", root=<data.shards>, split="train")``.
+
 Re-running with the same input verifies and keeps the shards ("up to date"); a different shard set is refused
 unless ``overwrite=true``. Every input image is decoded in full once (folder sources; 16-bit and float images are
 stored as 8-bit PNGs, pipeline.data.images), and every split is written and checked before any is installed:
@@ -27,6 +30,7 @@ def make_shards(cfg: DictConfig) -> dict:
 
     from pipeline.data.shards import install_plan, install_shards, stage_shards
     from pipeline.data.sources import SPLITS, from_config
+    from pipeline.data.wds_info import write_info
 
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
     staged = {}  # split -> (temporary directory, destination, manifest)
@@ -40,8 +44,10 @@ def make_shards(cfg: DictConfig) -> dict:
                                     class_names=samples.class_names, source=samples.source)
             staged[split] = (tmp, out, new)
         plans = {split: install_plan(out, new, bool(cfg.overwrite)) for split, (_, out, new) in staged.items()}
-        return {split: install_shards(tmp, out, new, bool(cfg.overwrite), plan=plans[split])
+        done = {split: install_shards(tmp, out, new, bool(cfg.overwrite), plan=plans[split])
                 for split, (tmp, out, new) in staged.items()}
+        write_info(storage.as_path(data["shards"]), data["name"], done)  # timm: create_dataset("wds/<name>", root=)
+        return done
     finally:
         for tmp, _, _ in staged.values():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,8 @@ Layout of one split (docs/design.md, section 1)::
     <shards>/<split>/manifest.json
 
 Each sample is two tar members: ``<key>.<ext>`` (the encoded image, e.g. png/jpg) and ``<key>.cls`` (the label
-as an ASCII integer). ``key`` is the global index zero-padded to ``key_width`` digits (no dots: WebDataset
+as an ASCII integer), plus ``<key>.json`` (``{"filename": "<class>/<file>"}``) where the source has file names
+(timm's layout: the reader passes the sidecar by). ``key`` is the global index zero-padded to ``key_width`` digits (no dots: WebDataset
 cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same input gives
 byte-identical shards and the same fingerprint.
 """
@@ -37,6 +38,20 @@ MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-{:05d}.tar"
 IMAGE_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp"}
 _MTIME = 0  # fixed tar member mtime: re-runs are byte-identical
+
+
+def umask() -> int:
+    """This process's umask (read from /proc where it can be: setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def key_of(index: int, width: int) -> str:
@@ -205,7 +220,7 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
                check_hash: bool = True) -> Iterator[tuple[int, str, bytes, int]]:
     """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
     keys are exactly ``entry.first .. entry.first+count-1`` in order, each sample has a ``cls`` field with an
-    integer label in ``[0, num_classes)`` and exactly one image field; the tar reads to its end. With
+    integer label in ``[0, num_classes)``, exactly one image field and at most a ``json`` sidecar; the tar reads to its end. With
     ``check_hash`` (every stage) the bytes are hashed as they stream by and the sha256 must equal the manifest's
     ``entry.sha256``, checked *before the last sample is yielded*: no consumer ever holds every sample of a shard
     that differs from its manifest. No decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key
@@ -234,6 +249,7 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
             raise ShardError(f"{path}: key {key}: label {raw[:20]!r} is not an integer") from None
         if not 0 <= label < manifest.num_classes:
             raise ShardError(f"{path}: key {key}: label {label} out of range [0, {manifest.num_classes})")
+        fields.pop("json", None)  # metadata sidecar (original file name): not part of the sample
         if len(fields) != 1 or next(iter(fields)) not in exts:
             raise ShardError(f"{path}: key {key}: expected one image field ({'/'.join(sorted(exts))}), "
                              f"found {sorted(fields)}")
@@ -302,10 +318,11 @@ def verify_shards(manifest: Manifest, deep: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.PathLike, *, shard_size: int,
+def write_shards(samples: Iterable[tuple], out_dir: str | os.PathLike, *, shard_size: int,
                  num_classes: int, class_names: list[str], source: dict, overwrite: bool = False,
                  n: int | None = None, split: str | None = None) -> Manifest:
-    """Write ``samples`` (``(image_bytes, ext, label)``; global index = position) as shards in ``out_dir``.
+    """Write ``samples`` (``(image_bytes, ext, label)`` or ``(image_bytes, ext, label, meta)``, meta a dict stored as
+    the sample's ``.json``; global index = position) as shards in ``out_dir``.
 
     The shards go to a temporary directory beside ``out_dir`` first. If ``out_dir`` already holds shards with
     the same fingerprint they are verified (sha256) and kept ("up to date"); a different shard set is refused
@@ -341,6 +358,7 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         local = None if storage.is_url(out_dir) else out_dir.parent  # object storage: staged in local /tmp
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=local))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; installed by rename, it is the split's folder
     except OSError as e:
         raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
     try:
@@ -361,7 +379,7 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
         name, count = SHARD_PATTERN.format(first // shard_size), min(shard_size, n - first)
         # `with` closes the tar before its file on an abort too (left to the GC, Python 3.12 prints a traceback)
         with open(tmp / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=_MTIME) as writer:
-            for i, (data, ext, label) in zip(range(first, first + count), it):
+            for i, (data, ext, label, *meta) in zip(range(first, first + count), it):
                 key = key_of(i, width)
                 norm = IMAGE_EXTS.get(str(ext).lower().lstrip("."))
                 if norm is None:
@@ -374,7 +392,10 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
                 if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
                     raise ShardError(f"key {key}: image is not non-empty bytes ({type(data).__name__})")
                 exts.add(norm)
-                writer.write({"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")})
+                sample = {"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")}
+                if meta and meta[0]:  # e.g. the original file name, as timm's shards keep it
+                    sample["json"] = json.dumps(meta[0], sort_keys=True).encode()
+                writer.write(sample)
                 done = i + 1
         if done != first + count:
             raise ShardError(f"{tmp}: the source yielded {done} samples, announced {n}")

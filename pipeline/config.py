@@ -22,13 +22,15 @@ from pipeline.replay.params import INTERPOLATIONS, MIX_PAIRINGS, AugmentConfig
 @dataclass
 class DataSchema:
     name: str = MISSING
-    source: str = MISSING            # toy | fashion_mnist | folder
+    source: str = MISSING            # toy | fashion_mnist | folder | published
     shards: str = MISSING
     num_classes: int = MISSING
     image_size: int = MISSING
     shard_size: int = MISSING
     crop_pct: float = MISSING
-    root: Optional[str] = None       # fashion_mnist, folder (None: not used by this source)
+    root: Optional[str] = None       # fashion_mnist, folder, published (None: not used by this source)
+    train_shards: Optional[str] = None  # published: URLs or brace patterns instead of <root>/_info.json
+    val_shards: Optional[str] = None
     seed: Optional[int] = None       # toy, folder
     train_size: Optional[int] = None  # toy
     val_size: Optional[int] = None    # toy
@@ -193,7 +195,7 @@ class RunSchema:
 
 LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
-           "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
+           "data.source": ("toy", "fashion_mnist", "folder", "published"), "replay.backend": ("per_sample", "batched"),
            "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
            "augment.interpolation": INTERPOLATIONS}
 AT_LEAST = {  # key -> smallest allowed value

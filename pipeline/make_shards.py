@@ -5,6 +5,11 @@
     python -m pipeline.make_shards data=folder data.root=/path/to/tree data.num_classes=100
     python -m pipeline.make_shards data=imagenet data.root=/data/imagenet data.max_side=512   # pre-resized JPEGs
 
+``data=published`` reads published WebDataset shards in place (a folder, s3://, http(s)://, hf://datasets/...;
+pipeline.data.published) and writes only our manifests, each shard's location, size and hash (docs/data.md)::
+
+    python -m pipeline.make_shards data=published data.root=hf://datasets/<owner>/<repo> data.num_classes=<C>
+
 Beside the splits goes timm's ``_info.json`` (split sizes and shard names): timm opens the shards by name,
 ``timm.data.create_dataset("wds/<name>", root=<data.shards>, split="train")``.
 
@@ -30,14 +35,19 @@ def make_shards(cfg: DictConfig) -> dict:
 
     from pipeline.data.shards import install_plan, install_shards, stage_shards
     from pipeline.data.sources import SPLITS, from_config
+    from pipeline.data.published import index_split
     from pipeline.data.wds_info import write_info
 
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
     staged = {}  # split -> (temporary directory, destination, manifest)
     try:
         for split in SPLITS:
-            samples = from_config(data, split)
             out = storage.as_path(data["shards"]) / split  # a local Path, or s3://bucket/prefix (pipeline.storage)
+            if data["source"] == "published":  # read in place: only our manifest is written
+                tmp, new = index_split(data, split, out)
+                staged[split] = (tmp, out, new)
+                continue
+            samples = from_config(data, split)
             bar = progress(len(samples), unit="img", desc=f"{data['name']}/{split}")
             tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
                                     shard_size=data["shard_size"], num_classes=data["num_classes"],
@@ -46,7 +56,8 @@ def make_shards(cfg: DictConfig) -> dict:
         plans = {split: install_plan(out, new, bool(cfg.overwrite)) for split, (_, out, new) in staged.items()}
         done = {split: install_shards(tmp, out, new, bool(cfg.overwrite), plan=plans[split])
                 for split, (tmp, out, new) in staged.items()}
-        write_info(storage.as_path(data["shards"]), data["name"], done)  # timm: create_dataset("wds/<name>", root=)
+        if data["source"] != "published":  # a published set has its own
+            write_info(storage.as_path(data["shards"]), data["name"], done)  # timm: create_dataset("wds/<name>")
         return done
     finally:
         for tmp, _, _ in staged.values():
@@ -65,7 +76,7 @@ def _counted(samples, bar):
             bar.update(1)
 
 
-KEYS = ('data.name', 'data.source', 'data.root', 'data.shards', 'data.num_classes', 'data.shard_size', 'data.image_size',
+KEYS = ('data.name', 'data.source', 'data.root', 'data.train_shards', 'data.val_shards', 'data.shards', 'data.num_classes', 'data.shard_size', 'data.image_size',
         'data.max_side', 'overwrite')
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,170 @@ def test_folder_shards_keep_file_names(tmp_path):
     assert seen == 6
     got = _timm_samples(tmp_path / "shards", "tree", "train")
     assert [label for _, label in got] == [label for _, label in _our_samples(m)]
+
+
+# ------------------------------------------------------------------------------- published shards, in place
+PUB_TRAIN, PUB_VAL, PUB_SHARD = 20, 6, 8  # train shards of 8, 8, 4 samples
+OWNER, REPO_NAME = "someone", "pubtoy"
+
+
+def _publish(root):
+    """A shard set in timm's published layout: ``<key>.jpg`` + ``.cls`` + ``.json`` under the publisher's keys,
+    ``train/`` and ``validation/`` shards and an ``_info.json``. Returns {split: [(jpg bytes, label)]}."""
+    import io
+
+    import webdataset as wds
+
+    expected, splits = {}, {}
+    for split, ours, n in (("train", "train", PUB_TRAIN), ("validation", "val", PUB_VAL)):
+        (root / split).mkdir(parents=True)
+        samples, names, lengths = [], [], []
+        for i, (png, _, label) in enumerate(sources.toy(7, n, ours)):
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(png)).save(buf, format="JPEG", quality=90)
+            samples.append((buf.getvalue(), label))
+        for k, first in enumerate(range(0, n, PUB_SHARD)):
+            name = f"{split}/pubtoy-{split}-{k:04d}.tar"
+            with wds.TarWriter(str(root / name)) as w:
+                for i, (jpg, label) in enumerate(samples[first:first + PUB_SHARD], first):
+                    w.write({"__key__": f"n{label:02d}_{split}_{i:04d}", "jpg": jpg, "cls": str(label).encode(),
+                             "json": json.dumps({"filename": f"img_{i}.JPEG", "label": label}).encode()})
+            names.append(name)
+            lengths.append(min(PUB_SHARD, n - first))
+        splits[split] = {"name": split, "num_samples": n, "filenames": names, "shard_lengths": lengths}
+        expected[ours] = samples
+    (root / "_info.json").write_text(json.dumps({"name": "pubtoy", "splits": splits}))
+    return expected
+
+
+def _fingerprint(root, split):
+    from pipeline.data.shards import fingerprint_of, sha256_file
+
+    files = sorted((root / split).glob("*.tar"))
+    n = PUB_TRAIN if split == "train" else PUB_VAL
+    return fingerprint_of([sha256_file(f) for f in files], n, 10)
+
+
+def _tree_state(root):
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+class _Hub:
+    """``http.server`` on 127.0.0.1 serving a Hub-shaped tree, ``/datasets/<repo>/resolve/<rev>/<path>``, with an
+    ETag per file (size and mtime, as common servers make it)."""
+
+    def __init__(self, top):
+        import functools
+        import http.server
+        import threading
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def end_headers(self):
+                p = Path(self.translate_path(self.path))
+                if p.is_file():
+                    st = p.stat()
+                    self.send_header("ETag", f'"{st.st_size:x}-{st.st_mtime_ns:x}"')
+                super().end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      functools.partial(Handler, directory=str(top)))
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self):
+        """This environment with HF_ENDPOINT at this server and HF_HUB_OFFLINE unset (for the stages it runs)."""
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        return {**env, "HF_ENDPOINT": self.endpoint, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """The published set on local disk (``local``) and behind a Hub-shaped HTTP server (``hub``)."""
+    import shutil
+    from types import SimpleNamespace
+
+    top = tmp_path_factory.mktemp("hub")
+    local = top / "local"
+    expected = _publish(local)
+    served = top / "srv" / "datasets" / OWNER / REPO_NAME / "resolve" / "main"
+    shutil.copytree(local, served)
+    hub = _Hub(top / "srv")
+    yield SimpleNamespace(local=local, served=served, hub=hub, expected=expected,
+                          url=f"hf://datasets/{OWNER}/{REPO_NAME}")
+    hub.server.shutdown()
+
+
+def _index(tmp_path, root, *extra, env=None, name="idx"):
+    return _cli("data=published", f"data.root={root}", "data.num_classes=10", f"data.shards={tmp_path / name}",
+                f"workdir={tmp_path}", *extra, env=env)
+
+
+def _samples_of(m):
+    return [(i, data, label) for k in range(m.num_shards) for i, _, data, label in m.iter_shard(k)]
+
+
+def test_published_shards_indexed_in_place(published, tmp_path):
+    before = _tree_state(published.local)
+    r = _index(tmp_path, published.local)
+    assert r.returncode == 0, r.stderr
+    assert _tree_state(published.local) == before  # nothing rewritten, nothing added
+    for split in ("train", "val"):
+        m = load_manifest(tmp_path / "idx" / split)
+        files = sorted((published.local / ("validation" if split == "val" else split)).glob("*.tar"))
+        assert [s.url for s in m.shards] == [str(f) for f in files]
+        assert [s.size for s in m.shards] == [f.stat().st_size for f in files]
+        assert m.fingerprint == _fingerprint(published.local, "validation" if split == "val" else split)
+        assert sorted(p.name for p in (tmp_path / "idx" / split).iterdir()) == ["manifest.json"]
+        got = _samples_of(m)  # global index = position in shard order; the publisher's keys are kept
+        assert [(i, d, lab) for i, d, lab in got] == [(i, d, lab) for i, (d, lab) in
+                                                       enumerate(published.expected[split])]
+    assert [s.count for s in load_manifest(tmp_path / "idx" / "train").shards] == [8, 8, 4]
+    again = _index(tmp_path, published.local)
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stderr
+
+
+def test_published_shards_on_the_hub_and_over_http(published, tmp_path):
+    r = _index(tmp_path, published.url, env=published.hub.env(), name="hf")
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(tmp_path / "hf" / "train")
+    assert m.fingerprint == _fingerprint(published.local, "train")  # the same bytes, wherever they are read
+    assert m.shards[0].url == f"{published.url}/train/pubtoy-train-0000.tar" and m.shards[0].etag
+    pattern = "'train/pubtoy-train-{0000..0002}.tar'"  # quoted: Hydra reads {...} as a dict otherwise
+    r = _index(tmp_path, f"{published.hub.endpoint}/datasets/{OWNER}/{REPO_NAME}/resolve/main",
+               f"data.train_shards={pattern}", "data.val_shards=validation/pubtoy-validation-0000.tar",
+               env=published.hub.env(), name="http")
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(tmp_path / "http" / "train").fingerprint == m.fingerprint
+    offline = _index(tmp_path, published.url, env={**published.hub.env(), "HF_HUB_OFFLINE": "1"}, name="off")
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE" in offline.stderr, offline.stderr
+    assert len(offline.stderr.strip().splitlines()) == 1 and not (tmp_path / "off").exists()
+
+
+def test_a_published_shard_changed_on_its_server_is_refused_by_name(published, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.errors import ShardError
+
+    served = published.served.parent / "changed"  # its own revision: the module's other tests keep main
+    shutil.copytree(published.served, served)
+    url = f"hf://datasets/{OWNER}/{REPO_NAME}@changed"
+    r = _index(tmp_path, url, env=published.hub.env())
+    assert r.returncode == 0, r.stderr
+    for k, v in published.hub.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    m = load_manifest(tmp_path / "idx" / "train")
+    assert len(list(m.iter_shard(1))) == 8
+    shard = served / "train" / "pubtoy-train-0001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # same size, other bytes: a new ETag
+    time.sleep(0.01)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"pubtoy-train-0001\.tar: ETag .* the shard changed since its manifest"):
+        next(m.iter_shard(1))
+    shard.write_bytes(bytes(data) + bytes(1024))  # a longer file (still a valid tar)
+    with pytest.raises(ShardError, match=r"pubtoy-train-0001\.tar: size \d+ bytes, the manifest's \d+"):
+        next(m.iter_shard(1))

@@ -331,7 +331,8 @@ def from_config(data_cfg, split: str) -> SampleSet:
     elif kind == "folder":
         s = folder(data_root(data_cfg), split, data_cfg.get("seed", 0), bool(data_cfg.get("allow_empty_classes")))
     else:
-        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder)")
+        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder; published shards "
+                          f"are indexed, not read as samples: pipeline.data.published)")
     limit = data_cfg.get(f"{split}_limit")
     if limit is not None:
         s = prefix(s, int(limit), f"data.{split}_limit")

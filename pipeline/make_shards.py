@@ -76,8 +76,8 @@ def _counted(samples, bar):
             bar.update(1)
 
 
-KEYS = ('data.name', 'data.source', 'data.root', 'data.train_shards', 'data.val_shards', 'data.shards', 'data.num_classes', 'data.shard_size', 'data.image_size',
-        'data.max_side', 'overwrite')
+KEYS = ('data.name', 'data.source', 'data.root', 'data.train_shards', 'data.val_shards', 'data.shards',
+        'data.num_classes', 'data.shard_size', 'data.image_size', 'data.max_side', 'overwrite')
 
 if __name__ == "__main__":
     cli.run("make_shards", main, __doc__, KEYS)

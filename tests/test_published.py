@@ -271,3 +271,44 @@ def test_a_published_shard_changed_on_its_server_is_refused_by_name(published, t
     shard.write_bytes(bytes(data) + bytes(1024))  # a longer file (still a valid tar)
     with pytest.raises(ShardError, match=r"pubtoy-train-0001\.tar: size \d+ bytes, the manifest's \d+"):
         next(m.iter_shard(1))
+
+
+def test_published_shards_in_a_bucket(published, s3, tmp_path):
+    from pipeline import storage
+
+    storage.upload_tree(published.local, storage.as_path(f"{s3}/published"))
+    r = _index(tmp_path, f"{s3}/published")
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(tmp_path / "idx" / "train")
+    assert m.fingerprint == _fingerprint(published.local, "train")
+    assert m.shards[2].url == f"{s3}/published/train/pubtoy-train-0002.tar" and m.shards[2].count == 4
+    assert [lab for _, _, lab in _samples_of(m)] == [lab for _, lab in published.expected["train"]]
+
+
+@pytest.mark.slow
+def test_stages_one_and_two_on_published_shards_from_the_hub(published, tmp_path):
+    """teacher_cache and train_student replay the published shards read from the (local) Hub: the cache keys on
+    the manifest's fingerprint as for our own shards, and the student trains from it."""
+    env = published.hub.env()
+    r = _index(tmp_path, published.url, env=env)
+    assert r.returncode == 0, r.stderr
+    common = ["data=published", f"data.root={published.url}", "data.num_classes=10", "data.image_size=32",
+              f"data.shards={tmp_path / 'idx'}", f"workdir={tmp_path}", f"cache.path={tmp_path / 'pub.zarr'}",
+              "teacher=regnety_002", "teacher.checkpoint=null", "teacher.input_size=32", "cache.num_seeds=1",
+              "cache.num_workers=0", "cache.batch_size=8", "num_threads=1", "augment.mix_block=4"]
+    out = {}
+    for module, extra in (("teacher_cache", []),
+                          ("train_student", ["train.epochs=1", "train.batch_size=8", "train.num_workers=1",
+                                             "++student.kwargs.depth=1"])):  # a DataLoader worker reads the Hub
+        proc = subprocess.run([sys.executable, "-m", f"pipeline.{module}", *common, *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{module}:\n{proc.stderr[-3000:]}"
+        out[module] = proc.stdout
+    assert "20 views written" in out["teacher_cache"], out["teacher_cache"]
+    from pipeline.cache.store import CacheStore
+
+    store = CacheStore.open(tmp_path / "pub.zarr")
+    assert store.done_mask().all()
+    assert store.provenance["data_fingerprint"] == _fingerprint(published.local, "train")
+    (run,) = (tmp_path / "runs" / "student").iterdir()
+    assert (run / "checkpoint-last.pt").is_file()

@@ -125,7 +125,9 @@ def index_split(data: dict, split: str, out_dir) -> tuple:
     urls, lengths, info = split_shards(data, split)
     num_classes = int(data["num_classes"])
     names = info.get("class_names")
-    class_names = [str(c) for c in names] if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
+    if not (names and len(names) == num_classes):  # timm's _info.json may name the classes; else their ids
+        names = range(num_classes)
+    class_names = [str(c) for c in names]
     shards, exts, first = [], set(), 0
     with progress(sum(lengths) if lengths else None, unit="img", desc=f"{data['name']}/{split} (index)") as bar:
         for k, url in enumerate(urls):

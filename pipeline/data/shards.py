@@ -8,9 +8,10 @@ Layout of one split (docs/design.md, section 1)::
 
 Each sample is two tar members: ``<key>.<ext>`` (the encoded image, e.g. png/jpg) and ``<key>.cls`` (the label
 as an ASCII integer), plus ``<key>.json`` (``{"filename": "<class>/<file>"}``) where the source has file names
-(timm's layout: the reader passes the sidecar by). ``key`` is the global index zero-padded to ``key_width`` digits (no dots: WebDataset
-cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same input gives
-byte-identical shards and the same fingerprint.
+(timm's layout: the reader passes the sidecar by). ``key`` is the global index zero-padded to ``key_width``
+digits (no dots: WebDataset cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same
+input gives byte-identical shards and the same fingerprint. A published set (pipeline.data.published) has only
+the manifest here: each shard entry names where the shard is read in place (``url``), with its size and ETag.
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
                check_hash: bool = True) -> Iterator[tuple[int, str, bytes, int]]:
     """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
     keys are exactly ``entry.first .. entry.first+count-1`` in order, each sample has a ``cls`` field with an
-    integer label in ``[0, num_classes)``, exactly one image field and at most a ``json`` sidecar; the tar reads to its end. With
+    integer label in ``[0, num_classes)``, exactly one image field and at most a ``json`` sidecar (a published
+    set's own keys are taken as they are: pipeline.data.published); the tar reads to its end. With
     ``check_hash`` (every stage) the bytes are hashed as they stream by and the sha256 must equal the manifest's
     ``entry.sha256``, checked *before the last sample is yielded*: no consumer ever holds every sample of a shard
     that differs from its manifest. No decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key

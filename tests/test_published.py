@@ -243,7 +243,7 @@ def test_published_shards_on_the_hub_and_over_http(published, tmp_path):
     assert load_manifest(tmp_path / "http" / "train").fingerprint == m.fingerprint
     offline = _index(tmp_path, published.url, env={**published.hub.env(), "HF_HUB_OFFLINE": "1"}, name="off")
     assert offline.returncode == 2 and "HF_HUB_OFFLINE" in offline.stderr, offline.stderr
-    assert len(offline.stderr.strip().splitlines()) == 1 and not (tmp_path / "off").exists()
+    assert "Traceback" not in offline.stderr and not (tmp_path / "off").exists()
 
 
 def test_a_published_shard_changed_on_its_server_is_refused_by_name(published, tmp_path, monkeypatch):
@@ -358,3 +358,38 @@ def test_docs_data_commands(published, tmp_path):
     hub, web_m = (load_manifest(tmp_path / "data/shards" / d / "train") for d in ("pubtoy", "pubtoy-web"))
     assert hub.fingerprint == web_m.fingerprint == _fingerprint(published.local, "train")
     assert hub.shards[0].url.startswith("hf://datasets/someone/pubtoy/") and web_m.shards[0].url.startswith(web)
+
+
+@pytest.mark.parametrize("case", ["no_info", "uneven", "lengths", "label", "server_down"])
+def test_published_set_refused_by_name(published, tmp_path, case):
+    """Each fault: exit 2, one line naming the file (and key), and no manifest folder left behind."""
+    import shutil
+
+    root, extra, env = published.local, [], None
+    if case == "no_info":
+        root = tmp_path / "bare"
+        shutil.copytree(published.local / "train", root / "train")
+        want = f"{root}/_info.json or {root}/_info.yaml: no such file"
+    elif case == "uneven":  # a 4-sample shard before an 8-sample one
+        extra = ["data.train_shards='train/pubtoy-train-0002.tar,train/pubtoy-train-0000.tar'"]  # quoted for Hydra
+        want = "pubtoy-train-0000.tar: holds 8 samples"
+    elif case == "lengths":
+        root = tmp_path / "lying"
+        shutil.copytree(published.local, root)
+        info = json.loads((root / "_info.json").read_text())
+        info["splits"]["train"]["shard_lengths"][1] = 7
+        (root / "_info.json").write_text(json.dumps(info))
+        want = "pubtoy-train-0001.tar: holds 8 samples, _info.json says 7"
+    elif case == "label":  # labels 0..9 against 3 classes
+        want = "out of range [0, 3)"
+    else:
+        root, env = published.url, {**published.hub.env(), "HF_ENDPOINT": "http://127.0.0.1:9"}
+        want = "_info.json: cannot read"
+    r = _cli("data=published", f"data.root={root}", f"data.num_classes={3 if case == 'label' else 10}", *extra,
+             f"data.shards={tmp_path / 'idx'}", f"workdir={tmp_path}", env=env)
+    errors = [line for line in r.stderr.splitlines() if "error" in line]  # the rest: the progress bar
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0].startswith("make_shards: error: ") and want in errors[0], r.stderr
+    if case == "label":
+        assert "pubtoy-train-0000.tar: key n" in r.stderr  # the shard and the publisher's key
+    assert not (tmp_path / "idx").exists()

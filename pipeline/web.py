@@ -80,7 +80,7 @@ class WebPath:
         url, headers = self.url, {}
         if url.lower().startswith("hf://"):
             if _offline():
-                raise OSError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
+                raise ConfigError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
             url, headers = _hf_resolve(self.url)
         try:
             return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
@@ -107,9 +107,6 @@ class WebPath:
     def is_dir(self) -> bool:
         return False  # HTTP has no listing: a split is found through its manifest or _info.json
 
-    def exists(self) -> bool:
-        return self.is_file()
-
     def fetch(self) -> Fetched:
         with self._request("GET") as r:
             try:
@@ -129,10 +126,11 @@ class WebPath:
         return self.fetch()
 
     def _read_only(self, *_, **__):
-        raise ConfigError(f"{self.url}: http(s):// and hf:// locations are read-only here; write to a local "
-                          f"folder or s3://")
+        raise ConfigError(f"{self.url}: http(s):// and hf:// are read-only locations for published shards; write "
+                          f"shards or a cache store to a local folder or s3://")
 
-    mkdir = write_bytes = write_text = rmtree = _read_only
+    # exists(): asked only before writing (a store, a split folder); answered without a request
+    mkdir = write_bytes = write_text = rmtree = exists = _read_only
 
 
 def _hf_parts(url: str) -> tuple[str, str, str]:

@@ -393,3 +393,20 @@ def test_published_set_refused_by_name(published, tmp_path, case):
     if case == "label":
         assert "pubtoy-train-0000.tar: key n" in r.stderr  # the shard and the publisher's key
     assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("stage,location", [("make_shards", "data.shards=https://127.0.0.1:9/shards"),
+                                            ("teacher_cache", "cache.path=hf://datasets/someone/pubtoy/c.zarr"),
+                                            ("train_student", "cache.path=http://127.0.0.1:9/c.zarr")])
+def test_http_and_hf_locations_are_read_only(toy_shards, tmp_path, stage, location):
+    """Shards and cache stores are written to a folder or s3:// only: an http(s):// or hf:// destination is one
+    line naming it, before any request (HF_HUB_OFFLINE=1 here: none could be made)."""
+    args = [f"workdir={tmp_path}", "teacher.checkpoint=null"] if stage != "make_shards" else [f"workdir={tmp_path}"]
+    if stage != "make_shards":
+        args.append(f"data.shards={toy_shards.root}")
+    proc = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args, location], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert location.split("=", 1)[1] in errors[0] and "read-only locations for published shards" in errors[0]
+    assert not (tmp_path / "https:").exists() and not (tmp_path / "data").exists()

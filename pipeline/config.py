@@ -23,13 +23,15 @@ from pipeline.errors import ConfigError
 @dataclass
 class DataSchema:
     name: str = MISSING
-    source: str = MISSING            # toy | fashion_mnist | folder
+    source: str = MISSING            # toy | fashion_mnist | folder | published
     shards: str = MISSING
     num_classes: int = MISSING
     image_size: int = MISSING
     shard_size: int = MISSING
     crop_pct: float = MISSING
-    root: Optional[str] = None       # fashion_mnist, folder (None: not used by this source)
+    root: Optional[str] = None       # fashion_mnist, folder, published (None: not used by this source)
+    train_shards: Optional[str] = None  # published: URLs or brace patterns instead of <root>/_info.json
+    val_shards: Optional[str] = None
     seed: Optional[int] = None       # toy, folder
     train_size: Optional[int] = None  # toy
     val_size: Optional[int] = None    # toy

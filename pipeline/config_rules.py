@@ -38,7 +38,7 @@ OTHER = {"teacher.input_size": ">= 1", "student.img_size": ">= 1", "student.patc
          "cache.tolerance": ">= 0", "train.repeats": ">= 1", "train.eval_batch_size": ">= 1", "train.nproc": ">= 1",
          "run_seed": ">= 0", "num_threads": ">= 0", "storage.retries": ">= 0", "storage.retry_timeout": "> 0",
          "storage.timeout": "> 0"}
-CHOICES = {"data.source": ("toy", "fashion_mnist", "folder"), "distill.mode": ("none", "hard", "soft"),
+CHOICES = {"data.source": ("toy", "fashion_mnist", "folder", "published"), "distill.mode": ("none", "hard", "soft"),
            "distill.source": ("cache", "online"), "replay.backend": ("per_sample", "batched"),
            "cache.resume_check": ("sample", "full"),
            "augment.mix_pairing": MIX_PAIRINGS, "augment.interpolation": INTERPOLATIONS,

@@ -9,7 +9,8 @@ through ``zarr.storage.ObjectStore`` on the same client (:func:`zarr_store`).
 Endpoint and credentials: the standard AWS variables ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` (an ``http://`` endpoint is allowed, e.g. a
 local MinIO/moto). ``gs://`` uses obstore's GCS backend with its own environment (``GOOGLE_SERVICE_ACCOUNT`` ...):
-supported by the library, untested here. ``hf://`` is refused: obstore has no Hugging Face backend.
+supported by the library, untested here. ``http(s)://`` and ``hf://datasets/...`` are read-only
+(:class:`pipeline.web.WebPath`: published shards and manifests, read in place).
 
 Errors (pipeline.storage_faults): a missing object is ``FileNotFoundError``; no credentials, no such bucket, access
 denied, an endpoint that fails or stays silent past the retry budget (the config's ``storage`` keys) a
@@ -30,6 +31,7 @@ from types import SimpleNamespace
 
 from pipeline import storage_faults
 from pipeline.errors import ConfigError, StorageError
+from pipeline.web import SCHEMES as WEB_SCHEMES, WebPath, is_web
 
 SCHEMES = ("s3", "gs")
 _STORES: dict = {}  # (pid, scheme, bucket, prefix, settings) -> obstore store (rebuilt after a fork)
@@ -46,16 +48,18 @@ def worker_context(*locations, num_workers: int = 1) -> str | None:
 
 
 def is_url(p) -> bool:
-    if isinstance(p, ObjectPath):
+    if isinstance(p, (ObjectPath, WebPath)):
         return True
     s = os.fspath(p) if isinstance(p, os.PathLike) else p
-    return isinstance(s, str) and "://" in s and s.split("://", 1)[0].lower() in SCHEMES + ("hf",)
+    return isinstance(s, str) and "://" in s and s.split("://", 1)[0].lower() in SCHEMES + WEB_SCHEMES
 
 
 def as_path(p) -> Path | ObjectPath:
     """A local ``Path`` (exactly as before) or an :class:`ObjectPath` for a URL."""
-    if isinstance(p, ObjectPath):
+    if isinstance(p, (ObjectPath, WebPath)):
         return p
+    if is_web(str(p)):
+        return WebPath(str(p))
     return ObjectPath(str(p)) if is_url(p) else Path(p)
 
 
@@ -233,10 +237,12 @@ def open_binary(path, siblings=()):
     reads them with a regular stride (1 in stage one's single process, the world size across its ranks), the
     next ones along that stride are fetched in background threads meanwhile; an irregular order (stage two's
     shuffled shards) fetches nothing ahead rather than fetching what will not be read."""
-    if not isinstance(path, ObjectPath):
+    if not isinstance(path, (ObjectPath, WebPath)):
         return open(path, "rb")
     data = READ_AHEAD.take(path)
     READ_AHEAD.schedule(READ_AHEAD.next_along(path, list(siblings)))
+    if isinstance(path, WebPath):  # with its ETag (checked against the manifest's)
+        return path.fetch() if data is None else data
     return io.BytesIO(path.read_bytes() if data is None else data)
 
 
@@ -357,7 +363,7 @@ class ReadAhead:
         self._last = (None, None, None, None)  # (pid, first sibling, index of the last open, its stride)
 
     def schedule(self, paths) -> None:
-        paths = [p for p in paths if isinstance(p, ObjectPath)]
+        paths = [p for p in paths if isinstance(p, (ObjectPath, WebPath))]
         if not paths:
             return
         with _LOCK:
@@ -367,7 +373,7 @@ class ReadAhead:
                 if p not in self._pending:
                     while len(self._pending) >= self.depth:  # a guess that was never read: drop the oldest
                         self._pending.pop(next(iter(self._pending))).cancel()
-                    self._pending[p] = self._pool.submit(p.read_bytes)
+                    self._pending[p] = self._pool.submit(p.fetch if isinstance(p, WebPath) else p.read_bytes)
 
     def next_along(self, path: ObjectPath, siblings: list) -> list:
         """The siblings after ``path`` along this process's stride, once two consecutive opens agree on it."""

@@ -321,8 +321,8 @@ def test_folder_source(tmp_path):
     order = [by_bytes[d][0] for d, _ in got]
     assert order != sorted(order, key=lambda p: (p.parent.name, p.name))  # not class-sorted
     assert len({lab for _, lab in got[:6]}) > 1  # class-mixed blocks
-    assert [d for d, _, _ in sources.folder(tmp_path / "tree", "train", seed=0)] == [d for d, _ in got]
-    assert [d for d, _, _ in sources.folder(tmp_path / "tree", "train", seed=1)] != [d for d, _ in got]
+    assert [d for d, *_ in sources.folder(tmp_path / "tree", "train", seed=0)] == [d for d, _ in got]
+    assert [d for d, *_ in sources.folder(tmp_path / "tree", "train", seed=1)] != [d for d, _ in got]
     v = sources.folder(tmp_path / "tree", "val", seed=0)
     assert len(v) == 6 and v.class_names == s.class_names
 

@@ -715,7 +715,7 @@ def test_sixteen_bit_and_float_images_render_like_their_8bit_versions(tmp_path):
     assert Image.open(d / "b16.png").mode == "I;16"
     naive = np.asarray(Image.open(d / "b16.png").convert("RGB"))
     assert naive.mean() > 250  # what the replay would render from the 16-bit bytes as they are
-    samples = [data for data, _, _ in sources.folder(tmp_path / "tree", "train")]
+    samples = [data for data, *_ in sources.folder(tmp_path / "tree", "train")]
     buf = io.BytesIO()
     Image.fromarray(grey.astype(np.float32) / 255.0).save(buf, format="TIFF")  # a float image (mode F) in [0, 1]
     data, ext = normalised(buf.getvalue(), "tif", "float.tif")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.cache import held_leases, object_lease
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 
 log = logging.getLogger("pipeline")
 
@@ -48,6 +48,9 @@ _COVERED: dict[str, dict] = {}  # leases of other processes (rank 0) this proces
 
 def lease_path(store) -> Path:
     store = storage.as_path(store)  # a Path, or an ObjectPath for s3://... (pipeline.cache.object_lease)
+    if isinstance(store, storage.WebPath):  # every stage takes or probes the lease first: refused here, by name
+        raise ConfigError(f"{store}: http(s):// and hf:// are read-only locations for published shards; a cache "
+                          f"store lives in a local folder or on s3://")
     return store.parent / f"{store.name}{SUFFIX}"
 
 

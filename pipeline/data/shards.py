@@ -7,9 +7,11 @@ Layout of one split (docs/design.md, section 1)::
     <shards>/<split>/manifest.json
 
 Each sample is two tar members: ``<key>.<ext>`` (the encoded image, e.g. png/jpg) and ``<key>.cls`` (the label
-as an ASCII integer). ``key`` is the global index zero-padded to ``key_width`` digits (no dots: WebDataset
-cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same input gives
-byte-identical shards and the same fingerprint.
+as an ASCII integer), plus ``<key>.json`` (``{"filename": "<class>/<file>"}``) where the source has file names
+(timm's layout: the reader passes the sidecar by). ``key`` is the global index zero-padded to ``key_width``
+digits (no dots: WebDataset cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same
+input gives byte-identical shards and the same fingerprint. A published set (pipeline.data.published) has only
+the manifest here: each shard entry names where the shard is read in place (``url``), with its size and ETag.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import webdataset as wds
 from webdataset import tariterators as wds_tar
 
 from pipeline import storage
+from pipeline.atomic import umask
 from pipeline.data.images import check_decodes
 from pipeline.errors import ShardError, WriteError
 
@@ -50,6 +53,13 @@ class ShardInfo:
     first: int
     count: int
     sha256: str
+    # published shards, read in place (pipeline.data.published): where, and what the server said when indexed
+    url: str = ""
+    size: int | None = None
+    etag: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None)}
 
 
 @dataclass
@@ -72,8 +82,14 @@ class Manifest:
     def num_shards(self) -> int:
         return len(self.shards)
 
+    @property
+    def own_keys(self) -> bool:
+        """Keys are our zero-padded global indices (False: a published set's own keys, kept as they are)."""
+        return self.source.get("kind") != "published"
+
     def shard_path(self, k: int) -> Path:
-        return self.split_dir / self.shards[k].name
+        url = self.shards[k].url
+        return storage.as_path(url) if url else self.split_dir / self.shards[k].name
 
     def shard_of(self, index: int) -> int:
         """The shard holding global sample ``index``."""
@@ -103,7 +119,7 @@ class Manifest:
             "image_exts": list(self.image_exts),
             "source": self.source,
             "fingerprint": self.fingerprint,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [s.to_json() for s in self.shards],
             **self.extra,
         }
 
@@ -145,7 +161,8 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
             shard_size=int(d["shard_size"]),
             image_exts=[str(e) for e in d["image_exts"]],
             source=dict(d["source"]),
-            shards=[ShardInfo(str(s["name"]), int(s["first"]), int(s["count"]), str(s["sha256"]))
+            shards=[ShardInfo(str(s["name"]), int(s["first"]), int(s["count"]), str(s["sha256"]), str(s.get("url", "")),
+                              None if s.get("size") is None else int(s["size"]), s.get("etag"))
                     for s in d["shards"]],
             fingerprint=str(d["fingerprint"]),
             extra={k: v for k, v in d.items() if k not in known},
@@ -204,6 +221,40 @@ class _Hashing:
         return str(self.path)
 
 
+def parse_sample(path, key: str, fields: dict, num_classes: int) -> tuple[bytes, int]:
+    """``(image_bytes, label)`` of one sample's tar members ``{ext: bytes}``: a ``cls`` integer label in
+    ``[0, num_classes)``, exactly one image field, at most a ``json`` sidecar; else a ShardError naming the key."""
+    raw = fields.pop("cls", None)
+    if raw is None:
+        raise ShardError(f"{path}: key {key}: missing cls (label) field")
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ShardError(f"{path}: key {key}: label {raw[:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise ShardError(f"{path}: key {key}: label {label} out of range [0, {num_classes})")
+    fields.pop("json", None)  # metadata sidecar (original file name): not part of the sample
+    if len(fields) != 1 or next(iter(fields)) not in IMAGE_EXTS:
+        raise ShardError(f"{path}: key {key}: expected one image field ({'/'.join(sorted(set(IMAGE_EXTS.values())))}), "
+                         f"found {sorted(fields)}")
+    return next(iter(fields.values())), label
+
+
+def _check_unchanged(path, entry: ShardInfo, f) -> None:
+    """A published shard's size and ETag against the manifest's, before a byte is parsed (the sha256 is checked
+    as it streams): a shard replaced on its server is refused by name, not half-read."""
+    if entry.size is None and entry.etag is None:
+        return
+    size = len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
+    etag = getattr(f, "etag", None)
+    why = (f"size {size} bytes, the manifest's {entry.size}" if entry.size is not None and size != entry.size else
+           f"ETag {etag}, the manifest's {entry.etag}" if entry.etag and etag and etag != entry.etag else None)
+    if why:
+        f.close()
+        raise ShardError(f"{path}: {why}: the shard changed since its manifest was made; index it again "
+                         f"(python -m pipeline.make_shards, overwrite=true) and rebuild what was computed from it")
+
+
 def _tar_members(path: Path, fileobj) -> Iterator[tuple[str, bytes]]:
     # webdataset's streaming tar expansion; errors are re-raised and named by iter_shard.
     for member in wds_tar.tar_file_iterator(fileobj, handler=wds.reraise_exception):
@@ -214,7 +265,8 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
                check_hash: bool = True) -> Iterator[tuple[int, str, bytes, int]]:
     """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
     keys are exactly ``entry.first .. entry.first+count-1`` in order, each sample has a ``cls`` field with an
-    integer label in ``[0, num_classes)`` and exactly one image field; the tar reads to its end. With
+    integer label in ``[0, num_classes)``, exactly one image field and at most a ``json`` sidecar (a published
+    set's own keys are taken as they are: pipeline.data.published); the tar reads to its end. With
     ``check_hash`` (every stage) the bytes are hashed as they stream by and the sha256 must equal the manifest's
     ``entry.sha256``, checked *before the last sample is yielded*: no consumer ever holds every sample of a shard
     that differs from its manifest. No decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key
@@ -222,7 +274,6 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
 
     ``fileobj`` (optional): an open binary stream of the shard (e.g. from fsspec); ``path`` then only names it.
     """
-    exts = set(IMAGE_EXTS.values())
     j = 0
     last = None
 
@@ -232,22 +283,11 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
             raise ShardError(f"{path}: key {key}: more samples than the manifest's count {entry.count}")
         index = entry.first + j
         expected = key_of(index, manifest.key_width)
-        if key != expected:
+        if key != expected and manifest.own_keys:
             raise ShardError(f"{path}: key {key}: expected key {expected} (sample {j} of the shard)")
-        raw = fields.pop("cls", None)
-        if raw is None:
-            raise ShardError(f"{path}: key {key}: missing cls (label) field")
-        try:
-            label = int(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise ShardError(f"{path}: key {key}: label {raw[:20]!r} is not an integer") from None
-        if not 0 <= label < manifest.num_classes:
-            raise ShardError(f"{path}: key {key}: label {label} out of range [0, {manifest.num_classes})")
-        if len(fields) != 1 or next(iter(fields)) not in exts:
-            raise ShardError(f"{path}: key {key}: expected one image field ({'/'.join(sorted(exts))}), "
-                             f"found {sorted(fields)}")
+        data, label = parse_sample(path, key, fields, manifest.num_classes)
         j += 1
-        return index, key, next(iter(fields.values())), label
+        return index, key, data, label
 
     own = fileobj is None
     try:
@@ -255,6 +295,12 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
         f = storage.open_binary(path, ahead) if own else fileobj  # ahead along this process's stride
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
+    except OSError as exc:
+        if entry.url:  # a published shard's server: named, stage exits 2 (a local read error stays a traceback)
+            raise ShardError(f"{path}: cannot read: {exc}") from None
+        raise
+    if own:
+        _check_unchanged(path, entry, f)
     try:
         key, fields = None, {}
         f = _Hashing(f, path, check_hash)
@@ -311,10 +357,11 @@ def verify_shards(manifest: Manifest, deep: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.PathLike, *, shard_size: int,
+def write_shards(samples: Iterable[tuple], out_dir: str | os.PathLike, *, shard_size: int,
                  num_classes: int, class_names: list[str], source: dict, overwrite: bool = False,
                  n: int | None = None, split: str | None = None) -> Manifest:
-    """Write ``samples`` (``(image_bytes, ext, label)``; global index = position) as shards in ``out_dir``.
+    """Write ``samples`` (``(image_bytes, ext, label)`` or ``(image_bytes, ext, label, meta)``, meta a dict stored as
+    the sample's ``.json``; global index = position) as shards in ``out_dir``.
 
     The shards go to a temporary directory beside ``out_dir`` first. If ``out_dir`` already holds shards with
     the same fingerprint they are verified (sha256) and kept ("up to date"); a different shard set is refused
@@ -346,12 +393,7 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
     if len(class_names) != num_classes:
         raise ShardError(f"{out_dir}: {len(class_names)} class names for num_classes={num_classes}")
     width = max(6, len(str(n - 1)))
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        local = None if storage.is_url(out_dir) else out_dir.parent  # object storage: staged in local /tmp
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=local))
-    except OSError as e:
-        raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
+    tmp = staging_dir(out_dir)
     try:
         return tmp, _write_into(tmp, samples, n, width, shard_size, num_classes, class_names, source,
                                 split or out_dir.name)
@@ -362,6 +404,19 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def staging_dir(out_dir) -> Path:
+    """A new temporary directory beside ``out_dir`` (in local /tmp for object storage), made as the user's umask
+    would make ``out_dir``: installed by rename, it becomes the split's folder. An OSError is a WriteError."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        local = None if storage.is_url(out_dir) else out_dir.parent
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=local))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
+    except OSError as e:
+        raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
+    return tmp
+
+
 def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_names, source, split) -> Manifest:
     shards: list[ShardInfo] = []
     exts: set[str] = set()
@@ -370,7 +425,7 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
         name, count = SHARD_PATTERN.format(first // shard_size), min(shard_size, n - first)
         # `with` closes the tar before its file on an abort too (left to the GC, Python 3.12 prints a traceback)
         with open(tmp / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=_MTIME) as writer:
-            for i, (data, ext, label) in zip(range(first, first + count), it):
+            for i, (data, ext, label, *meta) in zip(range(first, first + count), it):
                 key = key_of(i, width)
                 norm = IMAGE_EXTS.get(str(ext).lower().lstrip("."))
                 if norm is None:
@@ -383,7 +438,10 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
                 if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
                     raise ShardError(f"key {key}: image is not non-empty bytes ({type(data).__name__})")
                 exts.add(norm)
-                writer.write({"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")})
+                sample = {"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")}
+                if meta and meta[0]:  # e.g. the original file name, as timm's shards keep it
+                    sample["json"] = json.dumps(meta[0], sort_keys=True).encode()
+                writer.write(sample)
                 done = i + 1
         if done != first + count:
             raise ShardError(f"{tmp}: the source yielded {done} samples, announced {n}")
@@ -409,6 +467,9 @@ def install_plan(out_dir: Path, new: Manifest, overwrite: bool) -> Manifest | No
             old = load_manifest(out_dir)
         except ShardError as exc:
             old, why = None, str(exc)
+        if old is not None and old.fingerprint == new.fingerprint and not new.own_keys:
+            # a published set's index: its shards were just hashed; kept unless they now live elsewhere
+            return old if [e.url for e in old.shards] == [e.url for e in new.shards] else None
         if old is not None and old.fingerprint == new.fingerprint:
             try:
                 verify_shards(old, deep=False)

@@ -1,7 +1,8 @@
 """Sample sources: deterministic streams of ``(image_bytes, ext, label)`` that the shard writer numbers.
 
 Each source function returns a :class:`SampleSet`: a sized, re-iterable, pure description of a split.
-Iterating it yields ``(image_bytes: bytes, ext: str, label: int)`` in the order that fixes the global
+Iterating it yields ``(image_bytes: bytes, ext: str, label: int)``, or with a fourth item, a dict the shard keeps
+as the sample's ``.json`` (``folder``: the original file name), in the order that fixes the global
 sample indices (docs/design.md, section 1). Orders are class-mixed (mixup pairs partners inside blocks of
 consecutive indices): ``toy`` is random by construction, Fashion-MNIST's file order is already mixed, and
 ``folder`` applies a seeded permutation to its sorted file list.
@@ -23,7 +24,7 @@ from pipeline.data.images import capped, encode_png, normalised  # noqa: F401 - 
 from pipeline.data.shards import IMAGE_EXTS
 from pipeline.errors import ConfigError, MissingInput, ShardError
 
-Sample = tuple[bytes, str, int]
+Sample = tuple  # (bytes, str, int) or (bytes, str, int, dict)
 
 TOY_CLASSES = [
     "stripes_h", "stripes_v", "checker", "grid", "rings",
@@ -232,7 +233,8 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
     that split. A symlink that does not resolve is refused by name. The global order is a permutation, seeded by
     ``seed``, of the file list sorted by (class, file name). Every file is decoded in full once as it is read (a
     truncated or corrupt one is a ShardError naming it); bytes are kept as they are (JPEG stays JPEG) unless the
-    image is not 8-bit (16-bit, float): then an 8-bit PNG is stored (pipeline.data.images.normalised).
+    image is not 8-bit (16-bit, float): then an 8-bit PNG is stored (pipeline.data.images.normalised). Each
+    sample carries its file name, ``{"filename": "<class>/<file>"}`` (the shard's ``.json`` sidecar).
     """
     _split_id(split)
     root = Path(root)
@@ -262,7 +264,7 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
         for j in order:
             path, ext, label = files[j]
             data, ext = normalised(path.read_bytes(), ext, str(path))  # decoded in full once
-            yield data, ext, label
+            yield data, ext, label, {"filename": f"{path.parent.name}/{path.name}"}
 
     return SampleSet(
         len(files), classes, {"kind": "folder", "root": str(root), "split": split, "seed": int(seed)}, iterate
@@ -304,8 +306,8 @@ def max_side(samples: SampleSet, side: int, quality: int) -> SampleSet:
     name = samples.source.get("name", samples.source.get("kind"))
 
     def iterate() -> Iterator[Sample]:
-        for j, (data, ext, label) in enumerate(samples):
-            yield (*capped(data, ext, side, quality, f"{name} sample {j} (data.max_side={side})"), label)
+        for j, (data, ext, label, *meta) in enumerate(samples):
+            yield (*capped(data, ext, side, quality, f"{name} sample {j} (data.max_side={side})"), label, *meta)
 
     return SampleSet(len(samples), samples.class_names,
                      {**samples.source, "max_side": int(side), "max_side_quality": int(quality)}, iterate)
@@ -321,11 +323,11 @@ def label_noise(samples: SampleSet, rate: float, seed: int) -> SampleSet:
         raise ConfigError(f"data.train_label_noise must be in [0, 1), got {rate}")
 
     def iterate() -> Iterator[Sample]:
-        for i, (data, ext, label) in enumerate(samples):
+        for i, (data, ext, label, *meta) in enumerate(samples):
             rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, i, _NOISE_STREAM])))
             if rng.random() < rate:
                 label = (int(label) + 1 + int(rng.integers(c - 1))) % c
-            yield data, ext, label
+            yield data, ext, label, *meta
 
     return SampleSet(len(samples), samples.class_names, {**samples.source, "label_noise": rate}, iterate)
 
@@ -357,7 +359,8 @@ def from_config(data_cfg, split: str) -> SampleSet:
     elif kind == "folder":
         s = folder(data_root(data_cfg), split, data_cfg.get("seed", 0), bool(data_cfg.get("allow_empty_classes")))
     else:
-        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder)")
+        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder; published shards "
+                          f"are indexed, not read as samples: pipeline.data.published)")
     limit = data_cfg.get(f"{split}_limit")
     if limit is not None:
         s = prefix(s, int(limit), f"data.{split}_limit")

@@ -216,7 +216,8 @@ class ViewLoader:
 
     def _batches(self, units, sizes: list[int], shuffle_seed) -> Iterator[dict]:
         stream = UnitStream(self.source, units, shuffle_seed)
-        context = storage.worker_context(self.manifest.split_dir, getattr(self.source.extras, "path", None),
+        context = storage.worker_context(self.manifest.split_dir, self.manifest.shard_path(0),  # published: its own
+                                         getattr(self.source.extras, "path", None),
                                          num_workers=self.num_workers)  # object storage: no fork (pipeline.storage)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.num_workers else None,

@@ -149,6 +149,7 @@ class CacheSchema:
 class TrainSchema(LoopSchema):
     seed_schedule: Optional[list[int]] = MISSING
     repeats: int = MISSING
+    repeat_mode: str = "local"      # local | ranks (DeiT's RASampler layout, pipeline.data.deal)
     eval_batch_size: Optional[int] = MISSING
     bf16: bool = MISSING
     nproc: int = MISSING
@@ -195,7 +196,7 @@ LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
            "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
            "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
-           "augment.interpolation": INTERPOLATIONS}
+           "augment.interpolation": INTERPOLATIONS, "train.repeat_mode": ("local", "ranks")}
 AT_LEAST = {  # key -> smallest allowed value
     "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
     "data.train_limit": 1, "data.val_limit": 1, "data.max_side": 16, "data.max_side_quality": 1, "augment.mix_block": 2, "student.img_size": 1,

@@ -106,8 +106,17 @@ def _ra_filter(run: Run):
     return f"{name} (pixels.apply, probed)", name
 
 
+def _repeat_mode(run: Run) -> str:
+    return str(run.tr.get("repeat_mode") or "local")
+
+
 def _repeats(run: Run):
     r = int(run.tr.get("repeats") or 1)
+    if _repeat_mode(run) == "ranks" and r > 1:
+        ranks = min(r, run.world)
+        return (f"train.repeats={r}, train.repeat_mode=ranks: {r} copies of each image in one step on {ranks} "
+                f"rank(s), copy c of block t (epochs {r}t..{r}t+{r - 1}) under seed {r}t+c; epoch = N views "
+                f"(pipeline/data/deal.py)", (r, f"{ranks} ranks, epoch N, per block of {r} epochs"))
     return (f"train.repeats={r}: {r} view(s) per sample per epoch on one rank, epoch = {r} x N views",
             (r, "one rank, epoch r x N"))
 
@@ -117,11 +126,14 @@ def _fresh_views(run: Run):
     from pipeline.train.schedule import plan_schedule
 
     c, tr = run.cfg.cache, run.tr
-    r = int(tr.get("repeats") or 1)
+    r, ranks = int(tr.get("repeats") or 1), _repeat_mode(run) == "ranks"
     try:
-        plan = plan_schedule(int(tr.epochs), int(c.num_seeds), tr.seed_schedule, bool(c.cycle), repeats=r)
+        plan = plan_schedule(int(tr.epochs), int(c.num_seeds), tr.seed_schedule, bool(c.cycle), repeats=r,
+                             repeat_mode=_repeat_mode(run))
     except ScheduleError as exc:
         return f"refused: {exc}", False
+    if ranks and r > 1:  # the epochs of a block share its seeds, each drawing other images: one entry per block
+        plan = plan[::r]
     flat = [s for e in plan for s in (e if isinstance(e, list) else [e])]
     fresh = len(set(flat)) == len(flat)
     reads = len(flat) / len(set(flat))
@@ -130,6 +142,9 @@ def _fresh_views(run: Run):
 
 
 def _order(run: Run):
+    if _repeat_mode(run) == "ranks":
+        return (f"a permutation per block of epochs: shards shuffled, windows of {probe.pool_blocks()} mixup blocks "
+                f"shuffled, samples shuffled inside a window (pipeline/data/deal.py)", "shard-local")
     return (f"each rank reads whole shards; blocks shuffled in a pool of {probe.pool_blocks()} blocks",
             "shard-local")
 
@@ -222,13 +237,19 @@ INGREDIENTS: list[Ingredient] = [
       "information either (pipeline/replay/pixels.py erase_fill)"),
     I("repeated augmentation", "3 copies of each image on 3 ranks in the same step; epoch = N views",
       (3, "3 ranks, epoch N"), "main.py:105-107, main.py:215-217; samplers.py:16, 35, 48, 55; paper Tables 8, 9",
-      _repeats, "train.repeats=r renders r views per sample on one rank and makes the epoch r x N views; DeiT's "
-      "RASampler layout (copies across ranks, epoch N views) is " + CODE_WORK),
+      _repeats, "train.repeat_mode=ranks deals DeiT's layout, but each block of 3 epochs draws one permutation "
+      "and each epoch takes a third of it (every image once per block, without replacement; DeiT draws an "
+      "independent third every epoch), so that copy c of block t is the view under seed 3t+c and S = epochs "
+      "seeds hold every view fresh; a step holds whole images (world x batch // 3 of them: 1023 copies of 1024 "
+      "slots at 8 x 128), where DeiT lets an image's copies straddle two steps"),
     I("fresh views every epoch", "yes: views drawn online", True, "datasets.py:82-91 (random transforms per load)",
       _fresh_views, "stage one costs one teacher pass per cached seed: fewer seeds than epochs trade repeated views "
-      "for a cheaper cache (docs/economics.md); cache.num_seeds = epochs x repeats gives fresh views"),
+      "for a cheaper cache (docs/economics.md); cache.num_seeds = epochs x repeats (train.repeat_mode=ranks: "
+      "= epochs) gives fresh views"),
     I("sample order", "a global random permutation per epoch", "global", "samplers.py:41-43", _order,
-      "shards are read sequentially (webdataset): each rank reads whole shards, every sample once per epoch"),
+      "shards are read sequentially (webdataset): each rank reads whole shards, every sample once per epoch; "
+      "under train.repeat_mode=ranks the permutation shuffles shards, then windows of mixup blocks in a shard, "
+      "then samples in a window, and each rank streams the shards of its epoch's part"),
     I("eval transform", "shorter side to 224/0.875 = 256, centre crop 224, bicubic", (0.875, "bicubic"),
       "main.py:174; datasets.py:101-105", _eval, "eval renders with augment.interpolation: bicubic is " + CODE_WORK),
     I("eval prediction", "average of both heads", "average of both heads", "models.py:59",

@@ -159,6 +159,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
     train_loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
                               num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
                               world_size=ctx.world_size, pin_memory=cuda, repeats=_repeats(cfg),
+                              repeat_mode=_repeat_mode(cfg),
                               backend=cfg.replay.backend, device=ctx.device,
                               extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
@@ -204,6 +205,11 @@ def _repeats(cfg) -> int:
     return int(cfg.train.get("repeats") or 1)
 
 
+def _repeat_mode(cfg) -> str:
+    """train.repeat_mode (local when a config predates the key)."""
+    return str(cfg.train.get("repeat_mode") or "local")
+
+
 def _schedule(cfg, mode, source, cached, manifest, aug):
     """(store or None, seed index per epoch, or with train.repeats = r > 1 the list of its r seed indices);
     refusals name the field or seed."""
@@ -217,13 +223,15 @@ def _schedule(cfg, mode, source, cached, manifest, aug):
             log.warning(f"warning: {note}")
         _check_backend(store, cfg.replay)
         schedule = plan_schedule(epochs, store.num_seeds, explicit, cycle, what=f"the cache {store.path}",
-                                 repeats=repeats)
+                                 repeats=repeats, repeat_mode=_repeat_mode(cfg))
         check_units_done(store, _flat(schedule))
     else:
         schedule = plan_schedule(epochs, int(cfg.cache.num_seeds), explicit, cycle,
                                  what=f"cache.num_seeds (no cache read in distill.mode={mode} source={source})",
-                                 repeats=repeats)
-    if len(set(_flat(schedule))) < len(_flat(schedule)):
+                                 repeats=repeats, repeat_mode=_repeat_mode(cfg))
+    # ranks: the epochs of a block share its seed indices (each draws other images); a block's are what repeat
+    read = schedule[::repeats] if _repeat_mode(cfg) == "ranks" and repeats > 1 else schedule
+    if len(set(_flat(read))) < len(_flat(read)):
         log.info(f"note: seed schedule {schedule} repeats views (cache.cycle=true)")
     return store, schedule
 

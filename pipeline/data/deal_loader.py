@@ -3,8 +3,9 @@ deal's order and step sizes.
 
 A rank's views come from the shards of its epoch, each read once front to back: a unit is (seed indices, shard)
 with the local position of every view of it the deal gave this rank (-1: another rank's). A worker renders the
-unit's mixup blocks (a view's partner is in its block, so the whole block is rendered) and keeps the dealt rows;
-this process puts units back in deal order (a shard's views are contiguous in it) and cuts the steps.
+dealt views of the unit (per_sample: only they and their mixup partners are decoded and rendered; batched: whole
+blocks, rendered here, then the dealt rows kept); this process puts units back in deal order (a shard's views
+are contiguous in it) and cuts the steps.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class DealStream(IterableDataset):
 
     def _blocks(self, seeds, shard, pos) -> Iterator[dict]:
         first = self.source.manifest.shards[shard].first
-        for batch in self.source.unit_blocks(seeds, shard, None):
+        # per_sample: render only the dealt views (and their mixup partners); batched renders whole blocks
+        keep = (None if self.source.backend == "batched" else
+                {s: set((np.flatnonzero(pos[j] >= 0) + first).tolist()) for j, s in enumerate(seeds)})
+        for batch in self.source.unit_blocks(seeds, shard, None, keep):
             position = torch.from_numpy(pos[seeds.index(int(batch["seed"][0])), batch["index"].numpy() - first])
             keep = position >= 0
             if not bool(keep.any()):

@@ -53,12 +53,15 @@ class ViewSource:
     extras: Extras | None = None
     backend: str = "per_sample"  # or "batched": plan here (bytes + params), render in the consumer (replay.backend)
 
-    def unit_blocks(self, seeds: Seeds, shard: int, rng: np.random.Generator | None = None):
+    def unit_blocks(self, seeds: Seeds, shard: int, rng: np.random.Generator | None = None,
+                    keep: dict[int, set[int]] | None = None):
         """Yield collated blocks of the unit's views; with rng, blocks and samples come in shuffled order.
 
         seeds: one seed index, or a tuple of them: then each block is decoded once and rendered under every seed
         index in turn (one collated block per seed index, in tuple order), with the extras of each view's own
-        seed index (one extras call per (seed, shard))."""
+        seed index (one extras call per (seed, shard)).
+        keep (per_sample backend): seed index -> the global indices whose views to render (others are skipped,
+        and so is a block's seed index without any)."""
         group = unit_seeds(seeds)
         entry = self.manifest.shards[shard]
         path = self.manifest.shard_path(shard)
@@ -70,7 +73,9 @@ class ViewSource:
             starts = [starts[k] for k in rng.permutation(len(starts))]
         for start in starts:
             block = items[start:start + g]
-            for seed_index, batch in zip(group, self._render(block, group, rng)):
+            for seed_index, batch in zip(group, self._render(block, group, rng, keep)):
+                if batch is None:
+                    continue
                 if rows is not None:
                     pos = batch["index"].numpy() - entry.first
                     for name, arr in rows[seed_index].items():
@@ -82,7 +87,7 @@ class ViewSource:
                 yield batch
 
 
-    def _render(self, block, group: tuple[int, ...], rng):
+    def _render(self, block, group: tuple[int, ...], rng, keep=None):
         """One collated batch per seed index of ``group``: rendered views (per_sample), or plans whose pixels the
         consumer renders (batched; ``perm`` orders them as the per-sample path would)."""
         kw = dict(run_seed=self.run_seed, cfg=self.cfg, num_classes=self.manifest.num_classes, train=self.train)
@@ -94,9 +99,13 @@ class ViewSource:
                 yield collate_plan(plan, seed_index, perm)
             return
         with named_decode_errors(self.manifest, block):  # an image that does not decode: shard and key
-            rendered = (group_views(block, seed_indices=group, **kw) if len(group) > 1
-                        else [block_views(block, seed_index=group[0], **kw)])
+            rendered = (group_views(block, seed_indices=group, keep=keep, **kw) if len(group) > 1
+                        else [block_views(block, seed_index=group[0],
+                                          keep=None if keep is None else keep.get(group[0], set()), **kw)])
         for seed_index, views in zip(group, rendered):
+            if not views:
+                yield None
+                continue
             if rng is not None:
                 views = [views[k] for k in rng.permutation(len(views))]
             yield collate(views, seed_index)

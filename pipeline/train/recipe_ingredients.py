@@ -137,7 +137,8 @@ def _fresh_views(run: Run):
     flat = [s for e in plan for s in (e if isinstance(e, list) else [e])]
     fresh = len(set(flat)) == len(flat)
     reads = len(flat) / len(set(flat))
-    return (f"cache.num_seeds={c.num_seeds} for {tr.epochs} epochs x {r}: {len(set(flat))} distinct seeds, "
+    per = f"in blocks of {r} epochs sharing {r} seeds" if ranks and r > 1 else f"x {r}"
+    return (f"cache.num_seeds={c.num_seeds} for {tr.epochs} epochs {per}: {len(set(flat))} distinct seeds, "
             f"each view read {'once' if fresh else f'{reads:.3g} times'}"), fresh
 
 

@@ -14,6 +14,11 @@ from pipeline.train.recipe_card import DEIT_TEACHER_URL, Ingredient, Run
 DEIT_STUDENTS = ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
                  "deit_base_distilled_patch16_224")
 CODE_WORK = "code work (training code, not config)"
+# Eval views of scikit-image's photos (224 px, crop_pct 0.875, bicubic, PNG) against DeiT's transform
+# (torchvision Resize(256, bicubic) then CenterCrop(224) on the PIL image): (mean, max) |difference| in uint8
+# levels; tests/test_recipe.py measures them again.
+EVAL_GAP = {"astronaut 512x512": (0.01, 9), "coffee 400x600": (0.02, 13), "chelsea 300x451": (3.73, 48),
+            "rocket 427x640": (2.07, 94)}
 
 
 def _key(path: str):
@@ -152,7 +157,8 @@ def _order(run: Run):
 
 def _eval(run: Run):
     pct, interp = float(run.cfg.data.crop_pct), str(run.aug.interpolation)
-    return f"data.crop_pct={pct}, augment.interpolation={interp}", (pct, interp)
+    return (f"data.crop_pct={pct}, augment.interpolation={interp}: the centre box (shorter side x {pct}) resized "
+            f"once (pipeline/replay/params.py eval_params)", (pct, interp, "one box resize"))
 
 
 def _ema(run: Run):
@@ -251,8 +257,12 @@ INGREDIENTS: list[Ingredient] = [
       "shards are read sequentially (webdataset): each rank reads whole shards, every sample once per epoch; "
       "under train.repeat_mode=ranks the permutation shuffles shards, then windows of mixup blocks in a shard, "
       "then samples in a window, and each rank streams the shards of its epoch's part"),
-    I("eval transform", "shorter side to 224/0.875 = 256, centre crop 224, bicubic", (0.875, "bicubic"),
-      "main.py:174; datasets.py:101-105", _eval, "eval renders with augment.interpolation: bicubic is " + CODE_WORK),
+    I("eval transform", "shorter side to 224/0.875 = 256, centre crop 224, bicubic",
+      (0.875, "bicubic", "resize, then centre crop"), "main.py:174; datasets.py:101-105", _eval,
+      "one resize of the centre box (as the train crops) instead of resizing the whole image and cropping: the box "
+      "lands up to half a source pixel apart and DeiT's truncated longer side shifts the aspect slightly; mean "
+      "(max) absolute difference in uint8 levels on scikit-image photos: " + ", ".join(
+          f"{name} {mean:.2f} ({top})" for name, (mean, top) in EVAL_GAP.items())),
     I("eval prediction", "average of both heads", "average of both heads", "models.py:59",
       lambda r: (f"{probe.eval_rule(r.cfg)} (timm, probed)", probe.eval_rule(r.cfg))),
     I("EMA", "on, decay 0.99996; non-EMA model reported, EMA kept", (True, 0.99996),

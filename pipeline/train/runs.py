@@ -23,7 +23,7 @@ from pipeline.data.loader import ViewLoader
 from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, TeacherError
 from pipeline.finished import require_store, write_run_config
-from pipeline.models.student import create_student, plain_state_dict, unwrap
+from pipeline.models.student import create_student, init_student, plain_state_dict, unwrap
 from pipeline.models.teacher import check_input, create_teacher, load_runner, teacher_provenance, weights_sha256
 from pipeline.train.losses import create_loss
 from pipeline.train.loop import LoopConfig, fit
@@ -149,7 +149,10 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
     teacher = _teacher(cfg, mode, online, num_classes, ctx.device, store)
 
     torch.manual_seed(int(tr.init_seed))
-    model = create_student(cfg.student, num_classes).to(ctx.device)
+    model = create_student(cfg.student, num_classes)
+    if tr.get("init"):
+        init_student(model, str(tr.init))
+    model = model.to(ctx.device)
     global_batch = int(tr.batch_size) * ctx.world_size
     loop = loop_config(tr, "train", float(tr.lr) * global_batch / 512.0, Path(tr.out_dir))
     task = DistillationTask(create_loss(cfg.distill, num_classes), cfg.student.mean, cfg.student.std, ctx.device,
@@ -178,7 +181,8 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
         "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
         # the targets: a resume on a store rebuilt by another teacher (or layout) is refused, naming this field
         "cache_store_key": store.key if cached else None,
-        "total_updates": _total_updates(train_loader, loop), **_deit_loop_keys(loop)}
+        "total_updates": _total_updates(train_loader, loop), **_deit_loop_keys(loop),
+        **({"init": str(tr.init)} if tr.get("init") else {})}
     log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
              f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "
              f"(lr {loop.lr:.3g}), {run_key['total_updates']} updates, device {ctx.device}")

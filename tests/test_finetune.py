@@ -97,7 +97,7 @@ def test_finetune_end_to_end_on_the_cpu(tmp_path):
     evaluated = stage("evaluate", *ft)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = json.loads((run / "eval.json").read_text())
-    assert 0 <= result["val_acc"] <= 1
+    assert 0 <= result["acc"] <= 1 and 0 <= result["acc_dist"] <= 1, result
 
     wrong = stage("train_student", *ft, f"train.init={tmp_path / 'none.pt'}", "train.out_dir=" + str(tmp_path / "x"))
     assert wrong.returncode == 2 and "train.init=" in wrong.stderr and "none.pt" in wrong.stderr, wrong.stderr

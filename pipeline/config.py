@@ -1,6 +1,6 @@
 """The configuration schema and what the stages read from the composed config, in one place.
 
-conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
+pipeline/conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
 of their own. `validate(cfg)` merges the composed config into the schema, so a misspelled or unknown key, a
 missing mandatory value (``???``) or a value of the wrong type fails before any work, naming the key; then
 range checks name the key and the allowed range. Every entry module calls it first (pipeline.cli).
@@ -16,7 +16,6 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.replay.params import INTERPOLATIONS, MIX_PAIRINGS, AugmentConfig
 
 
 @dataclass
@@ -60,7 +59,7 @@ class AugmentSchema:
 
 @dataclass
 class LoopSchema:
-    """conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
+    """pipeline/conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
 
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -149,7 +148,7 @@ class CacheSchema:
 class TrainSchema(LoopSchema):
     seed_schedule: Optional[list[int]] = MISSING
     repeats: int = MISSING
-    repeat_mode: str = "local"      # local | ranks (DeiT's RASampler layout, pipeline.data.deal)
+    repeat_mode: str = "local"      # local | ranks (DeiT's RASampler layout, pipeline.replay.deal)
     init: Optional[str] = None       # a student state dict to start from (+finetune=deit_384: a 224 px run's)
     eval_batch_size: Optional[int] = MISSING
     bf16: bool = MISSING
@@ -194,6 +193,8 @@ class RunSchema:
 
 
 LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
+INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
+MIX_PAIRINGS = ("pair", "block")  # augment.mix_pairing (pipeline.replay.mixing)
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
            "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
            "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
@@ -258,12 +259,6 @@ def unset_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
-    """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
-    aug = cfg.augment if augment is None else augment
-    return AugmentConfig.from_cfg(OmegaConf.to_container(aug, resolve=True), cfg.data.image_size, cfg.data.crop_pct)
-
-
 def split_dir(cfg: DictConfig, split: str) -> Path:
     """Shards of one split: ``<data.shards>/<split>``."""
     from pipeline import storage
@@ -272,8 +267,8 @@ def split_dir(cfg: DictConfig, split: str) -> Path:
 
 
 def checked(value: Any, *, _root_: DictConfig) -> Any:
-    """``${pipeline_checked:<value>}`` (conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
-    in passes `validate`. Resolving conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
+    """``${pipeline_checked:<value>}`` (pipeline/conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
+    in passes `validate`. Resolving pipeline/conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
     composition, before DVC writes params.yaml or runs a stage (DVC imports hydra_plugins/, which registers this),
     and so does `python -m pipeline.params`. Inside `validate` (a schema-typed copy) it returns ``value`` as is."""
     if OmegaConf.get_type(_root_) is not RunSchema:

@@ -1,4 +1,4 @@
-"""DeiT's repeated augmentation under replay (train.repeat_mode=ranks, pipeline/data/deal.py): the deal as pure
+"""DeiT's repeated augmentation under replay (train.repeat_mode=ranks, pipeline/replay/deal.py): the deal as pure
 functions, the loader that renders it, the seed schedule in blocks, and real torchrun ranks (world 2 and 3) that
 log (step, sample, seed index) of every view they trained on.
 
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import deal, shards, sources
-from pipeline.data.loader import ViewLoader
+from pipeline.data import shards, sources
+from pipeline.replay import deal
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import ConfigError, DigestMismatch, ScheduleError
 from pipeline.replay.params import AugmentConfig
 from pipeline.train.schedule import plan_schedule

@@ -63,7 +63,7 @@ def _student(run: Run):
 def _lr(run: Run):
     expr, value = probe.student_lr(run.tr, run.global_batch)
     shown = f"{expr} = {value:g}" if value is not None else expr
-    return (f"train.lr={float(run.tr.lr):g}, global_batch={run.global_batch}: {shown} (pipeline/train/runs.py)",
+    return (f"train.lr={float(run.tr.lr):g}, global_batch={run.global_batch}: {shown} (pipeline/train/student_run.py)",
             (float(run.tr.lr), value))
 
 
@@ -121,7 +121,7 @@ def _repeats(run: Run):
         ranks = min(r, run.world)
         return (f"train.repeats={r}, train.repeat_mode=ranks: {r} copies of each image in one step on {ranks} "
                 f"rank(s), copy c of block t (epochs {r}t..{r}t+{r - 1}) under seed {r}t+c; epoch = N views "
-                f"(pipeline/data/deal.py)", (r, f"{ranks} ranks, epoch N, per block of {r} epochs"))
+                f"(pipeline/replay/deal.py)", (r, f"{ranks} ranks, epoch N, per block of {r} epochs"))
     return (f"train.repeats={r}: {r} view(s) per sample per epoch on one rank, epoch = {r} x N views",
             (r, "one rank, epoch r x N"))
 
@@ -150,7 +150,7 @@ def _fresh_views(run: Run):
 def _order(run: Run):
     if _repeat_mode(run) == "ranks":
         return (f"a permutation per block of epochs: shards shuffled, windows of {probe.pool_blocks()} mixup blocks "
-                f"shuffled, samples shuffled inside a window (pipeline/data/deal.py)", "shard-local")
+                f"shuffled, samples shuffled inside a window (pipeline/replay/deal.py)", "shard-local")
     return (f"each rank reads whole shards; blocks shuffled in a pool of {probe.pool_blocks()} blocks",
             "shard-local")
 
@@ -162,7 +162,7 @@ def _eval(run: Run):
 
 
 def _ema(run: Run):
-    from pipeline.train.runs import STUDENT, STUDENT_EMA
+    from pipeline.train.student_run import STUDENT, STUDENT_EMA
 
     shown = (f"train.ema={run.tr.ema}, decay {run.tr.ema_decay}; reported: {STUDENT} (val_acc), EMA kept "
              f"in {STUDENT_EMA} (val_ema_acc)")

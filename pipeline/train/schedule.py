@@ -9,7 +9,7 @@ the r seed indices of slots e*r ... e*r + r - 1 (default ``t mod S`` for slot t,
 same refusals and cycling over the e*r + r slots. The r seed indices of an epoch must be distinct (a sample's r
 views in one epoch are different views), so r > S is refused even with ``cache.cycle=true``.
 
-DeiT's layout (``train.repeat_mode=ranks``, pipeline.data.deal): epochs come in blocks of r that share the r
+DeiT's layout (``train.repeat_mode=ranks``, pipeline.replay.deal): epochs come in blocks of r that share the r
 seed indices of one block of slots (block t = e // r reads slots t*r ... t*r + r - 1; each epoch of the block
 draws other images), so fresh views need S = r * ceil(epochs / r) seeds, about one per epoch.
 """

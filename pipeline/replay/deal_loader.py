@@ -1,4 +1,4 @@
-"""Batches of a dealt epoch (pipeline.data.deal): exactly the (sample, seed index) views a rank was dealt, in the
+"""Batches of a dealt epoch (pipeline.replay.deal): exactly the (sample, seed index) views a rank was dealt, in the
 deal's order and step sizes.
 
 A rank's views come from the shards of its epoch, each read once front to back: a unit is (seed indices, shard)
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data.loader import ViewSource, render_blocks
+from pipeline.replay.block_render import render_blocks
 
 Unit = tuple[tuple[int, ...], int, np.ndarray]  # (seed indices, shard, positions [seed, sample of shard])
 
@@ -43,7 +43,7 @@ def plan_units(manifest, steps: list[list[tuple[int, int]]]) -> list[Unit]:
 class DealStream(IterableDataset):
     """Units split across DataLoader workers (unit u goes to worker u mod W); one item per unit."""
 
-    def __init__(self, source: ViewSource, units: list[Unit]):
+    def __init__(self, source, units: list[Unit]):  # source: a loader's ViewSource
         self.source, self.units = source, units
 
     def __iter__(self) -> Iterator[dict]:

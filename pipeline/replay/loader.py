@@ -19,14 +19,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
-from pipeline.errors import ConfigError, DigestMismatch, ShardError
-from pipeline.data import deal
+from pipeline.errors import ConfigError, DigestMismatch
+from pipeline.replay import deal
+from pipeline.replay.deal_loader import dealt_batches
 from pipeline.replay import seeding
-from pipeline.data.images import decode_error, named_decode_errors
+from pipeline.data.images import named_decode_errors
 from pipeline.data.shards import Manifest, iter_shard, load_manifest
-from pipeline.replay.batched import merge_plans, plan_block, render_plan
-from pipeline.replay.params import AugmentConfig
-from pipeline.replay.transfer import cuda_stream, to_device
+from pipeline.replay.batched import plan_block
+from pipeline.replay.block_render import collate_plan, render_blocks
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views, group_views
 
 BACKENDS = ("per_sample", "batched")
@@ -111,56 +112,6 @@ class ViewSource:
             yield collate(views, seed_index)
 
 
-def collate_plan(plan: dict, seed_index: int, perm: np.ndarray) -> dict:
-    """collate() of a block's plan: the same fields in ``perm`` order; the pixels come later (render_blocks)."""
-    order = torch.from_numpy(np.asarray(perm, dtype=np.int64))
-    return {"index": torch.tensor(plan["index"], dtype=torch.int64)[order], "target": plan["target"][order],
-            "label": torch.tensor(plan["label"], dtype=torch.int64)[order],
-            "digest": torch.tensor(plan["digest"], dtype=torch.int64)[order],
-            "seed": torch.full((len(order),), seed_index, dtype=torch.int64), "plan": plan, "order": order}
-
-
-def render_blocks(blocks: list[dict], device: torch.device, manifest: Manifest) -> None:
-    """Render the pixels of batched-backend blocks in place, all in one render_plan call on ``device`` (on CUDA
-    from a side stream, so rendering the next batch overlaps the current step's kernels)."""
-    todo = [b for b in blocks if "plan" in b]
-    if not todo:
-        return
-    plans = [b.pop("plan") for b in todo]
-    # every block's batch order as one gather over the pool's render (offset by the blocks before it)
-    starts = np.cumsum([0] + [len(b["index"]) for b in todo])
-    order = torch.cat([b.pop("order") + int(start) for b, start in zip(todo, starts)])
-    try:
-        images = _render_plans(plans, device, order)
-    except ShardError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - an image that does not decode: name its shard and key
-        for plan in plans:
-            items = list(zip(plan["index"], plan["data"], plan["label"]))
-            named = decode_error(manifest.shard_path(manifest.shard_of(items[0][0])), items, manifest.key_width)
-            if named is not None:
-                raise named from exc
-        raise
-    for block, start, end in zip(todo, starts, starts[1:]):
-        block["image"] = images[start:end]
-
-
-def _render_plans(plans: list[dict], device: torch.device, order: torch.Tensor) -> torch.Tensor:
-    """The merged plans rendered on `device`, then gathered into `order`; every copy is queued, none waited for."""
-    if device.type == "cuda":
-        # The side stream does not wait for the main one: a render reads only host bytes and numbers, so it runs
-        # while the step queued before it (backward, optimiser) still runs. Only the step that reads the pixels
-        # waits for them (main.wait_stream), and record_stream keeps the caching allocator from handing their
-        # memory to the side stream again before the main stream is done with it.
-        side, main = cuda_stream(device, "render"), torch.cuda.current_stream(device)
-        with torch.cuda.stream(side):
-            images = render_plan(merge_plans(plans), device)[to_device(order, device)]
-        main.wait_stream(side)
-        images.record_stream(main)
-        return images
-    return render_plan(merge_plans(plans), device)[order]
-
-
 def collate(views: list[dict], seed_index: int) -> dict:
     return {
         "index": torch.tensor([v["index"] for v in views], dtype=torch.int64),
@@ -237,7 +188,7 @@ class ViewLoader:
             raise ConfigError(f"train.repeats={repeats} must be >= 1")
         if repeat_mode not in REPEAT_MODES:
             raise ConfigError(f"train.repeat_mode={repeat_mode!r} is unknown; expected one of {REPEAT_MODES}")
-        self.dealt = repeat_mode == "ranks"  # DeiT's copies across ranks (pipeline.data.deal)
+        self.dealt = repeat_mode == "ranks"  # DeiT's copies across ranks (pipeline.replay.deal)
         self.shuffle, self.rank, self.world_size = shuffle, int(rank), int(world_size)
         self.pool_blocks, self.pin_memory = pool_blocks, pin_memory
         if self.manifest.num_shards < self.world_size:
@@ -270,8 +221,6 @@ class ViewLoader:
             raise ConfigError(f"epoch {epoch}: seed indices {list(seeds)} for train.repeats={self.repeats}: need "
                               f"{self.repeats} distinct seed indices")
         if self.dealt:
-            from pipeline.data.deal_loader import dealt_batches  # it builds on this module
-
             return dealt_batches(self, self.deal(epoch, seeds))
         unit = seeds if self.repeats > 1 else seeds[0]
         shards = self.rank_shards(epoch)

@@ -22,7 +22,7 @@ from pipeline.data import shards, sources
 from pipeline.replay import deal
 from pipeline.replay.loader import ViewLoader
 from pipeline.errors import ConfigError, DigestMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.train.schedule import plan_schedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -215,11 +215,12 @@ def test_eval_transform_gap_is_what_the_card_states():
     from PIL import Image
     from torchvision import transforms as T
 
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
     from pipeline.replay.views import block_views
     from pipeline.train.recipe_ingredients import EVAL_GAP
 
-    cfg = AugmentConfig.from_cfg(yaml.safe_load((REPO / "conf" / "augment" / "deit.yaml").read_text()), 224, 0.875)
+    deit_yaml = REPO / "pipeline" / "conf" / "augment" / "deit.yaml"
+    cfg = AugmentConfig.from_cfg(yaml.safe_load(deit_yaml.read_text()), 224, 0.875)
     deit = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
     for name, (mean, top) in EVAL_GAP.items():
         photo = getattr(skimage.data, name.split()[0])()

@@ -96,7 +96,8 @@ class CachedViews(IterableDataset):
     def __init__(self, shards, cache, *, augment=None, image_size: int | None = None,
                  epoch_seeds: Sequence[Seeds] | None = None, seed_index: Seeds | None = None, batch_size: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle: bool = True, epoch: int = 0,
-                 run_seed: int | None = None, pool_blocks: int = 8, pin_memory: bool = False, device="cpu"):
+                 run_seed: int | None = None, pool_blocks: int = 8, pin_memory: bool = False, device="cpu",
+                 repeat_mode: str = "local"):
         super().__init__()
         if seed_index is not None and epoch_seeds is not None:
             raise ConfigError("pass seed_index or epoch_seeds, not both")
@@ -126,7 +127,8 @@ class CachedViews(IterableDataset):
                                  world_size=int(world_size),
                                  extras=CacheTargets(self.cache, self.fields, self.store.store_id),
                                  pool_blocks=pool_blocks, pin_memory=pin_memory, repeats=self.repeats,
-                                 backend=self.store.provenance.get("replay_backend", "per_sample"), device=device)
+                                 backend=self.store.provenance.get("replay_backend", "per_sample"), device=device,
+                                 repeat_mode=repeat_mode)
         self.epoch = int(epoch)
 
     def set_epoch(self, epoch: int) -> None:

@@ -153,6 +153,8 @@ class CacheSchema:
 class TrainSchema(LoopSchema):
     seed_schedule: Optional[list[int]] = MISSING
     repeats: int = MISSING
+    repeat_mode: str = "local"      # local | ranks (DeiT's RASampler layout, pipeline.replay.deal)
+    init: Optional[str] = None       # a student state dict to start from (+finetune=deit_384: a 224 px run's)
     eval_batch_size: Optional[int] = MISSING
     bf16: bool = MISSING
     nproc: int = MISSING

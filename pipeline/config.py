@@ -171,6 +171,7 @@ class ExportSchema:
     checkpoint: str = MISSING        # the student state dict to export
     out: str = MISSING               # folder: model.safetensors + config.json (timm's Hub format)
     push_to: Optional[str] = MISSING  # Hugging Face Hub repo id, or None (no upload)
+    model: str = "student"           # what to export: the student (export.checkpoint) or the teacher (teacher.checkpoint)
 
 
 @dataclass
@@ -195,7 +196,7 @@ LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
            "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
            "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
-           "augment.interpolation": INTERPOLATIONS}
+           "augment.interpolation": INTERPOLATIONS, "export.model": ("student", "teacher")}
 AT_LEAST = {  # key -> smallest allowed value
     "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
     "data.train_limit": 1, "data.val_limit": 1, "data.max_side": 16, "data.max_side_quality": 1, "augment.mix_block": 2, "student.img_size": 1,

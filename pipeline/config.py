@@ -171,7 +171,7 @@ class ExportSchema:
     checkpoint: str = MISSING        # the student state dict to export
     out: str = MISSING               # folder: model.safetensors + config.json (timm's Hub format)
     push_to: Optional[str] = MISSING  # Hugging Face Hub repo id, or None (no upload)
-    model: str = "student"           # what to export: the student (export.checkpoint) or the teacher (teacher.checkpoint)
+    model: str = "student"           # student (export.checkpoint) or teacher (teacher.checkpoint)
 
 
 @dataclass

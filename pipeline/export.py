@@ -1,6 +1,6 @@
-"""`python -m pipeline.export`: the trained student (or teacher) as a timm model folder: `model.safetensors` + `config.json`
-in timm's own Hub format (architecture, kwargs such as img_size/patch_size/depth, num_classes, class names, the
-eval preprocessing: input_size, mean, std, crop_pct). timm then rebuilds it with no kwargs retyped:
+"""`python -m pipeline.export`: the trained student (or teacher) as a timm model folder: `model.safetensors` +
+`config.json` in timm's own Hub format (architecture, kwargs such as img_size/patch_size/depth, num_classes, class
+names, the eval preprocessing: input_size, mean, std, crop_pct). timm then rebuilds it with no kwargs retyped:
 
     python -m pipeline.export                              # the run configured in conf/ -> export.out
     python -m pipeline.export distill=soft                 # the soft student (export.checkpoint follows train.out_dir)

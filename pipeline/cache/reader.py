@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pipeline.cache import lease
 from pipeline.cache.provenance import expected_provenance
 from pipeline.cache.store import CacheStore, store_id_on_disk
+from pipeline.cache.targets import MODE_FIELDS
 from pipeline.errors import CacheError, ScheduleError
 
-MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
 
 
 def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 FIELDS = ("argmax", "topk_values", "topk_indices", "logsumexp")
+# What each distillation mode reads (stage two's distill.mode, the timm tasks' distill_type)
+MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
 
 
 @dataclass

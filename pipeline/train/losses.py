@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
-from pipeline.cache.reader import MODE_FIELDS
-from pipeline.cache.targets import TeacherTargets
+from pipeline.cache.targets import MODE_FIELDS, TeacherTargets
 from pipeline.errors import ConfigError
 
 MODES = tuple(MODE_FIELDS)  # none, hard, soft

@@ -19,7 +19,7 @@ from pipeline import distributed
 from pipeline.atomic import atomic_save, atomic_write_text
 from pipeline.cache.reader import MODE_FIELDS, CacheTargets, check_units_done, open_cache
 from pipeline.config import augment_config, split_dir
-from pipeline.data.loader import ViewLoader
+from pipeline.data.loader import run_loader
 from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, TeacherError
 from pipeline.finished import require_store, write_run_config
@@ -90,10 +90,8 @@ def train_teacher(cfg: DictConfig) -> dict:
     cuda = ctx.device.type == "cuda"
     train_m, _ = checked_manifests(cfg, TeacherError)
     aug, run_seed = teacher_augment(cfg), int(cfg.run_seed) + TEACHER_SEED_OFFSET
-    loaders = [ViewLoader(split_dir(cfg, split), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
-                          num_workers=int(tr.num_workers), train=split == "train", shuffle=split == "train",
-                          rank=ctx.rank, world_size=ctx.world_size, pin_memory=cuda, backend=cfg.replay.backend,
-                          device=ctx.device) for split in ("train", "val")]
+    loaders = [run_loader(cfg, split, aug, run_seed=run_seed, batch_size=tr.batch_size, num_workers=tr.num_workers,
+                          ctx=ctx, shuffle=split == "train") for split in ("train", "val")]
     task = ClassificationTask(tcfg.mean, tcfg.std, ctx.device, bf16=cuda and bool(tcfg.bf16), size=tcfg.input_size,
                               channels_last=cuda and bool(tcfg.channels_last))
     torch.manual_seed(int(tr.init_seed))  # weight init only; the views never touch global RNGs
@@ -156,18 +154,15 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
                             bf16=cuda and bool(tr.bf16), source=source if mode != "none" else None, teacher=teacher,
                             topk=min(int(cfg.cache.topk), num_classes),
                             val_teacher=ValTeacher(teacher) if teacher is not None and loop.val else None)
-    train_loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
-                              num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
-                              world_size=ctx.world_size, pin_memory=cuda, repeats=_repeats(cfg),
-                              backend=cfg.replay.backend, device=ctx.device,
+    train_loader = run_loader(cfg, "train", aug, run_seed=run_seed, batch_size=tr.batch_size,
+                              num_workers=tr.num_workers, ctx=ctx, shuffle=True, repeats=_repeats(cfg),
                               extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
     val_loader = None
     if loop.val and (val_world > 1 or ctx.is_main):
-        val_loader = ViewLoader(split_dir(cfg, "val"), aug, run_seed=run_seed,
-                                batch_size=int(tr.eval_batch_size or tr.batch_size), num_workers=int(tr.num_workers),
-                                train=False, rank=ctx.rank if val_world > 1 else 0, world_size=val_world,
-                                pin_memory=cuda, backend=cfg.replay.backend, device=ctx.device)
+        val_loader = run_loader(cfg, "val", aug, run_seed=run_seed, batch_size=tr.eval_batch_size or tr.batch_size,
+                                num_workers=tr.num_workers, ctx=ctx, rank=ctx.rank if val_world > 1 else 0,
+                                world_size=val_world)
     run_key = {
         "student": str(cfg.student.name),
         "student_kwargs": json.dumps(OmegaConf.to_container(cfg.student, resolve=True), sort_keys=True),

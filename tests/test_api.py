@@ -297,3 +297,34 @@ def test_api_doc_runs(tmp_path):
     assert re.search(r"val accuracy [01]\.\d+ on 64 views", out.stdout), out.stdout
     assert re.search(r"resnet10t: 2 steps, kd_loss [0-9.]+", out.stdout), out.stdout
     assert "teacher regnety_002: 10 classes, input (3, 32, 32)" in out.stdout, out.stdout
+
+
+def test_cached_task_prepare_distributed_wraps_the_student(cached, toy_shards):
+    """timm's prepare_distributed contract: the student in DDP (a real one-process gloo group), same loss."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline import CachedTokenDistillationTask
+
+    _, path = cached
+    batch = next(iter(CachedViews(toy_shards.root / "train", path, batch_size=8, seed_index=0,
+                                  transform=lambda x: x.float() / 255)))
+    torch.manual_seed(0)
+    student = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=1)
+    task = CachedTokenDistillationTask(student, path, verbose=False)
+    before = task(batch["image"], batch)["loss"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        assert task.prepare_distributed() is task
+        assert isinstance(task.trainable_module, DistributedDataParallel)
+        after = task(batch["image"], batch)
+        torch.testing.assert_close(after["loss"], before, rtol=0, atol=0)
+        after["loss"].backward()
+        assert student.head_dist.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

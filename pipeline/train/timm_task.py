@@ -83,6 +83,19 @@ class CachedDistillationTask(TrainingTask):
             _logger.info(f"{self.name}: cache {store.path}, distill_type={distill_type}, temperature={temperature}, "
                          f"task_weight={self.task_loss_weight}, distill_weight={self.distill_loss_weight}")
 
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> CachedDistillationTask:
+        """timm's: the student in DistributedDataParallel (there is no teacher to leave out)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """timm's: the student compiled, used for training and eval alike."""
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = self.trainable_module
+        return self.trainable_module
+
     def heads(self, output) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

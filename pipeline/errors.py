@@ -42,8 +42,8 @@ class ProvenanceMismatch(CacheError):
 
     def __init__(self, path, field: str, store_value, config_value, fix: str = ""):
         self.path, self.field, self.store_value, self.config_value = str(path), field, store_value, config_value
-        super().__init__(f"{path}: provenance field '{field}' differs: store has {_fmt(store_value)}, "
-                         f"config has {_fmt(config_value)}" + (f" ({fix})" if fix else ""))
+        super().__init__(f"{path}: provenance field '{field}' differs: store has {as_text(store_value)}, "
+                         f"config has {as_text(config_value)}" + (f" ({fix})" if fix else ""))
 
 
 class TeacherError(UserError, RuntimeError):
@@ -58,5 +58,6 @@ class CheckpointError(UserError, ValueError):
     """A training checkpoint that does not belong to this run, or a resume target that does not exist."""
 
 
-def _fmt(v) -> str:
+def as_text(v) -> str:
+    """A provenance value in a message: a string as it is, anything else as JSON."""
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)

@@ -8,8 +8,9 @@
 Re-running with the same input verifies and keeps the shards ("up to date"); a different shard set is refused
 unless ``overwrite=true``. Every input image is decoded in full once (folder sources; 16-bit and float images are
 stored as 8-bit PNGs, pipeline.data.images), and every split is written and checked before any is installed:
-errors (bad input, a corrupt or truncated image, an empty class folder without data.allow_empty_classes=true,
-a refused overwrite, a full disk) exit with status 2 naming the file, and install nothing.
+errors (bad input, a corrupt or truncated image, a symlink that does not resolve, an empty class folder or one
+missing from val without data.allow_empty_classes=true, a refused overwrite, a full disk) exit with status 2
+naming the file, and install nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def make_shards(cfg: DictConfig) -> dict:
 
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
     staged = {}  # split -> (temporary directory, destination, manifest)
+    splits = {split: from_config(data, split) for split in SPLITS}  # both listed (and checked) before any decode
     try:
-        for split in SPLITS:
-            samples = from_config(data, split)
+        for split, samples in splits.items():
             out = storage.as_path(data["shards"]) / split  # a local Path, or s3://bucket/prefix (pipeline.storage)
             bar = progress(len(samples), unit="img", desc=f"{data['name']}/{split}")
             tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,

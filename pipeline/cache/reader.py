@@ -2,8 +2,8 @@
 cached rows to replayed views.
 
 - :func:`open_cache`: no writer may hold the store's lease (stage one running: CacheError naming it); provenance
-  (data fingerprint, augmentation hash, run seed, class count) must match the config (ProvenanceMismatch names the
-  field and both values), the shard layout must match the manifest and the mode's fields must be stored.
+  (data fingerprint, augmentation, run seed, class count) must match the config (ProvenanceMismatch names the
+  field and both values; every augmentation key that differs), the shard layout must match the manifest and the mode's fields must be stored.
   Library-version differences come back as warnings.
 - :func:`check_units_done`: every unit the schedule reads must be committed.
 - :class:`CacheTargets`: the loader's ``extras`` hook. Picklable; opens the store lazily once per process
@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 
 from pipeline.cache import lease
-from pipeline.cache.provenance import expected_provenance
+from pipeline.cache.provenance import check_augment, expected_provenance
 from pipeline.cache.store import CacheStore, store_id_on_disk
 from pipeline.cache.targets import MODE_FIELDS
 from pipeline.errors import CacheError, ScheduleError
@@ -36,6 +36,7 @@ def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
     """Open and check the store for a run in ``mode``; returns (store, library-version warnings)."""
     lease.refuse_if_written(path, "train_student")
     store = CacheStore.open(path, "r")
+    check_augment(store.path, store.provenance.get("augment"), aug)  # names the keys; the hash check, only that
     warnings = store.check_compatible(expected_provenance(manifest, aug, run_seed))
     if store.shard_size != manifest.shard_size or store.shard_counts != [s.count for s in manifest.shards]:
         raise CacheError(f"{store.path}: shard layout (shard_size {store.shard_size}, {store.num_shards} shards) "

@@ -60,9 +60,8 @@ def photo_tree(root: Path, n: int) -> Path:
 def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers: int) -> dict:
     from pipeline import distributed, make_shards
     from pipeline.cache import builder as cache_builder
-    from pipeline.config import split_dir
     from pipeline.replay.view_params import augment_config
-    from pipeline.replay.loader import ViewLoader
+    from pipeline.replay.loader import run_loader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     work.mkdir(parents=True, exist_ok=True)
@@ -73,8 +72,7 @@ def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers
             f"cache.num_seeds={seeds}", f"cache.num_workers={workers}", "cache.batch_size=128", *overrides]
     cfg = config(work, base)
     make_shards.make_shards(cfg)
-    loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=cfg.run_seed,
-                        batch_size=128, num_workers=0)
+    loader = run_loader(cfg, "train", augment_config(cfg), batch_size=128)
     units = [(s, k) for s in range(seeds) for k in range(loader.manifest.num_shards)]
     batches = [b["image"] for b in loader.units(units)]  # the very batches stage one sees, rendered untimed
     threads = distributed.set_threads(0, workers)

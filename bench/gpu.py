@@ -72,9 +72,9 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
     """teacher_cache end to end (views rendered by `backend`) against the pure teacher forward on the very batches
     it sees (measured here unless `pure` is given: the views, hence the forward, are the same for both backends)."""
     from pipeline.cache.builder import build_cache
-    from pipeline.config import split_dir, validate
+    from pipeline.config import validate
     from pipeline.replay.view_params import augment_config
-    from pipeline.replay.loader import ViewLoader
+    from pipeline.replay.loader import run_loader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     cfg = validate(compose([f"data.shards={root}", "data.num_classes=1000", "data.image_size=224",
@@ -84,8 +84,7 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
                             f"cache.batch_size={batch}", f"cache.num_workers={workers}", f"cache.device={device}",
                             f"workdir={work}", "overwrite=true", *extra]))
     if pure is None:
-        loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=0, batch_size=batch,
-                            num_workers=workers)
+        loader = run_loader(cfg, "train", augment_config(cfg), run_seed=0, batch_size=batch, num_workers=workers)
         batches = [b["image"] for b in loader.units([(0, k) for k in range(loader.manifest.num_shards)])]
         runner = TeacherRunner(create_teacher(cfg.teacher, 1000), cfg.teacher, torch.device(device))
         runner(batches[0])  # warm-up (and compilation, when asked)

@@ -177,6 +177,7 @@ class ExportSchema:
     checkpoint: str = MISSING        # the student state dict to export
     out: str = MISSING               # folder: model.safetensors + config.json (timm's Hub format)
     push_to: Optional[str] = MISSING  # Hugging Face Hub repo id, or None (no upload)
+    model: str = "student"           # student (export.checkpoint) or teacher (teacher.checkpoint)
 
 
 @dataclass

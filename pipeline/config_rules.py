@@ -42,7 +42,8 @@ CHOICES = {"data.source": ("toy", "fashion_mnist", "folder", "published"), "dist
            "distill.source": ("cache", "online"), "replay.backend": ("per_sample", "batched"),
            "cache.resume_check": ("sample", "full"),
            "augment.mix_pairing": MIX_PAIRINGS, "augment.interpolation": INTERPOLATIONS,
-           "train.lr_step": LR_STEPS, "train.repeat_mode": ("local", "ranks")}
+           "train.lr_step": LR_STEPS, "train.repeat_mode": ("local", "ranks"),
+           "export.model": ("student", "teacher")}
 LOOPS, AUGMENTS = ("train", "teacher.train"), ("augment", "teacher.train.augment")
 
 

@@ -63,7 +63,8 @@ ELSEWHERE = {
     ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
 }
 # Other fenced blocks that are code: the python example (run verbatim by tests/test_api.py).
-OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py"}
+OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py",
+              ("The API for your own training loop", "python"): "tests/test_api.py::test_api_doc_runs"}
 
 
 # ------------------------------------------------------------------------------------------ the blocks

@@ -26,7 +26,7 @@ from pipeline.cache.provenance import build_provenance
 from pipeline.cache.store import CacheStore
 from pipeline.config import split_dir
 from pipeline.replay.view_params import augment_config
-from pipeline.replay.loader import ViewLoader
+from pipeline.replay.loader import run_loader
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.errors import UserError
 from pipeline.logs import progress
@@ -124,9 +124,8 @@ def build_cache(cfg: DictConfig) -> dict:
     runner.check(aug.image_size)
     if ctx.is_main:
         warn_if_random(cfg.teacher, cfg.data.source)
-    loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=int(cfg.run_seed), batch_size=int(cfg.cache.batch_size),
-                        num_workers=int(cfg.cache.num_workers), train=True,
-                        pin_memory=ctx.device.type == "cuda", backend=cfg.replay.backend, device=ctx.device)
+    loader = run_loader(cfg, "train", aug, batch_size=cfg.cache.batch_size, num_workers=cfg.cache.num_workers,
+                        ctx=ctx)  # units(): every rank names its own units, the rank split is not used
     path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
         CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),

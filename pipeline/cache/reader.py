@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pipeline.cache import lease
 from pipeline.cache.provenance import check_augment, expected_provenance
 from pipeline.cache.store import CacheStore, store_id_on_disk
+from pipeline.cache.targets import MODE_FIELDS
 from pipeline.errors import CacheError, ScheduleError
 
-MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
 
 
 def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
@@ -42,13 +42,17 @@ def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
         raise CacheError(f"{store.path}: shard layout (shard_size {store.shard_size}, {store.num_shards} shards) "
                          f"differs from the train manifest (shard_size {manifest.shard_size}, "
                          f"{manifest.num_shards} shards)")
-    fields = MODE_FIELDS[mode]
-    missing = [f for f in fields if f not in store.fields]
+    require_store_fields(store, mode)
+    return store, warnings
+
+
+def require_store_fields(store: CacheStore, mode: str, what: str = "distill.mode") -> None:
+    """Refuse a store that lacks the fields ``mode`` reads (a soft loss on a hard-labels-only store)."""
+    missing = [f for f in MODE_FIELDS[mode] if f not in store.fields]
     if missing:
-        raise CacheError(f"{store.path}: distill.mode={mode} needs {'/'.join(missing)}, but the store holds "
+        raise CacheError(f"{store.path}: {what}={mode} needs {'/'.join(missing)}, but the store holds "
                          f"{list(store.fields)} (built with cache.topk={store.topk}"
                          f"{': hard labels only' if store.topk == 0 else ''}); rebuild with cache.topk > 0")
-    return store, warnings
 
 
 def check_units_done(store: CacheStore, seeds: Sequence[int]) -> None:

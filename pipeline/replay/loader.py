@@ -286,6 +286,23 @@ class ViewLoader:
             raise RuntimeError("loader produced more samples than planned")
 
 
+def run_loader(cfg, split: str, aug: AugmentConfig, *, batch_size: int, num_workers: int = 0, ctx=None,
+               run_seed: int | None = None, **kwargs) -> ViewLoader:
+    """The ViewLoader of a configured run over ``<data.shards>/<split>``: training views for "train", the
+    deterministic eval views otherwise; ``run_seed`` (default ``cfg.run_seed``) and ``replay.backend`` from the
+    config; rank, world size, device and pinned memory from ``ctx`` (a pipeline.distributed.Context; None: one
+    process, CPU). Every other ViewLoader argument (shuffle, extras, repeats, a val split's own rank/world_size,
+    ...) passes through unchanged and wins over these defaults."""
+    from pipeline.config import split_dir
+
+    kw = {"train": split == "train", "backend": str(cfg.replay.backend)}
+    if ctx is not None:
+        kw.update(rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, pin_memory=ctx.device.type == "cuda")
+    kw.update(kwargs)
+    return ViewLoader(split_dir(cfg, split), aug, run_seed=int(cfg.run_seed if run_seed is None else run_seed),
+                      batch_size=int(batch_size), num_workers=int(num_workers), **kw)
+
+
 def _shutdown(blocks) -> None:
     """Stop DataLoader workers now, not when the garbage collector gets to an iterator abandoned mid-epoch.
 

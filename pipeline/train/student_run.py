@@ -17,12 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import distributed
 from pipeline.atomic import atomic_save, atomic_write_text
 from pipeline.cache.reader import MODE_FIELDS, CacheTargets, check_units_done, open_cache
-from pipeline.config import split_dir
 from pipeline.errors import CacheError, ConfigError
 from pipeline.finished import require_store, write_run_config
 from pipeline.models.student import create_student, init_student, plain_state_dict, unwrap
 from pipeline.models.teacher import load_runner, teacher_provenance
-from pipeline.replay.loader import ViewLoader
+from pipeline.replay.loader import run_loader
 from pipeline.replay.view_params import augment_config
 from pipeline.train.loop import LoopConfig, fit
 from pipeline.train.losses import create_loss
@@ -65,19 +64,16 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
                             bf16=cuda and bool(tr.bf16), source=source if mode != "none" else None, teacher=teacher,
                             topk=min(int(cfg.cache.topk), num_classes),
                             val_teacher=ValTeacher(teacher) if teacher is not None and loop.val else None)
-    train_loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
-                              num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
-                              world_size=ctx.world_size, pin_memory=cuda, repeats=int(cfg.train.repeats),
+    train_loader = run_loader(cfg, "train", aug, run_seed=run_seed, batch_size=tr.batch_size,
+                              num_workers=tr.num_workers, ctx=ctx, shuffle=True, repeats=int(cfg.train.repeats),
                               repeat_mode=_repeat_mode(cfg),
-                              backend=cfg.replay.backend, device=ctx.device,
                               extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
     val_loader = None
     if loop.val and (val_world > 1 or ctx.is_main):
-        val_loader = ViewLoader(split_dir(cfg, "val"), aug, run_seed=run_seed,
-                                batch_size=int(tr.eval_batch_size or tr.batch_size), num_workers=int(tr.num_workers),
-                                train=False, rank=ctx.rank if val_world > 1 else 0, world_size=val_world,
-                                pin_memory=cuda, backend=cfg.replay.backend, device=ctx.device)
+        val_loader = run_loader(cfg, "val", aug, run_seed=run_seed, batch_size=tr.eval_batch_size or tr.batch_size,
+                                num_workers=tr.num_workers, ctx=ctx, rank=ctx.rank if val_world > 1 else 0,
+                                world_size=val_world)
     run_key = {
         "student": str(cfg.student.name),
         "student_kwargs": json.dumps(OmegaConf.to_container(cfg.student, resolve=True), sort_keys=True),

@@ -45,12 +45,12 @@ def store_augment(store: CacheStore) -> AugmentConfig:
     aug = store.provenance.get("augment")
     if not isinstance(aug, Mapping):
         raise CacheError(f"{store.path}: the store's provenance records no augmentation; pass augment=... "
-                         f"(the conf/augment keys it was built with) and image_size")
+                         f"(the pipeline/conf/augment keys it was built with) and image_size")
     return AugmentConfig(**dict(aug))
 
 
 def _augment(augment, store: CacheStore, image_size: int | None) -> AugmentConfig:
-    """``augment`` (None, an AugmentConfig, or a dict of conf/augment keys) as an AugmentConfig."""
+    """``augment`` (None, an AugmentConfig, or a dict of pipeline/conf/augment keys) as an AugmentConfig."""
     if augment is None:
         aug = store_augment(store)
         return aug if image_size is None else dataclasses.replace(aug, image_size=int(image_size))
@@ -58,7 +58,7 @@ def _augment(augment, store: CacheStore, image_size: int | None) -> AugmentConfi
         return augment if image_size is None else dataclasses.replace(augment, image_size=int(image_size))
     if not isinstance(augment, Mapping):
         raise ConfigError(f"augment={augment!r}: expected None (the store's), an AugmentConfig or a dict of "
-                          f"conf/augment keys")
+                          f"pipeline/conf/augment keys")
     d = dict(augment)
     stored = store.provenance.get("augment") or {}
     size = d.pop("image_size", None) if image_size is None else int(image_size)
@@ -93,7 +93,7 @@ class CachedViews(IterableDataset):
 
     ``shards``: the split directory (``<data.shards>/train``) the cache was built from; ``cache``: the Zarr store.
     ``augment``: None (default: the store's own, from its provenance), an AugmentConfig, or a dict of
-    conf/augment keys; ``image_size`` replaces the view size. ``run_seed`` defaults to the store's.
+    pipeline/conf/augment keys; ``image_size`` replaces the view size. ``run_seed`` defaults to the store's.
     Which seed index an epoch reads: ``seed_index`` (every epoch the same; a tuple of r distinct ones = repeated
     augmentation, every sample r times), else ``epoch_seeds[epoch]`` (each entry an index or an r-tuple), else
     seed index ``epoch`` (epochs beyond the cached S are refused: pass ``epoch_seeds`` to re-use views).

@@ -1,6 +1,6 @@
 """The configuration schema and what the stages read from the composed config, in one place.
 
-conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
+pipeline/conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
 of their own. `validate(cfg)` merges the composed config into the schema, so a misspelled or unknown key, a
 missing mandatory value (``???``) or a value of the wrong type fails before any work, naming the key; then
 range checks name the key and the allowed range. Every entry module calls it first (pipeline.cli).
@@ -59,7 +59,7 @@ class AugmentSchema:
 
 @dataclass
 class LoopSchema:
-    """conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
+    """pipeline/conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
 
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -265,8 +265,8 @@ def split_dir(cfg: DictConfig, split: str) -> Path:
 
 
 def checked(value: Any, *, _root_: DictConfig) -> Any:
-    """``${pipeline_checked:<value>}`` (conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
-    in passes `validate`. Resolving conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
+    """``${pipeline_checked:<value>}`` (pipeline/conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
+    in passes `validate`. Resolving pipeline/conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
     composition, before DVC writes params.yaml or runs a stage (DVC imports hydra_plugins/, which registers this),
     and so does `python -m pipeline.params`. Inside `validate` (a schema-typed copy) it returns ``value`` as is."""
     if OmegaConf.get_type(_root_) is not RunSchema:

@@ -1,7 +1,7 @@
 """`python -m pipeline.evaluate`: the final student on val (class head, distillation head, their average,
 agreement with the teacher), gathered with the other stages' metrics into one summary and a printed table.
 
-    python -m pipeline.evaluate                         # the run configured in conf/
+    python -m pipeline.evaluate                         # the run configured in pipeline/conf/
     python -m pipeline.evaluate distill=soft            # the soft student (train.out_dir follows distill.mode)
     python -m pipeline.evaluate --params params.yaml    # what `dvc repro` runs
 

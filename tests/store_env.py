@@ -37,7 +37,7 @@ STUDENT = ["train.epochs=2", "train.batch_size=64", "train.max_steps_per_epoch=2
 
 
 def make_cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -27,7 +27,7 @@ except ImportError:  # layout before the pipeline/ restructuring
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "augment"
+CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "augment"
 DEIT = AugmentConfig(image_size=224)  # the DeiT recipe: bicubic crop resize and RandAugment geometry
 DEIT_BILINEAR = AugmentConfig(image_size=224, interpolation="bilinear")
 INTERPOLATIONS = ("bilinear", "bicubic")

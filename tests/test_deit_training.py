@@ -1,6 +1,6 @@
 """DeiT's training keys: train.lr_step (cosine stepped per epoch), train.decay_dist_token, augment.mix_pairing.
 
-Under the DeiT recipe (conf/train/deit.yaml, conf/augment/deit.yaml) they do what DeiT does; under the toy recipe
+Under the DeiT recipe (pipeline/conf/train/deit.yaml, pipeline/conf/augment/deit.yaml) they do what DeiT does; under the toy recipe
 they keep the toy's behaviour bit for bit: the toy's augment hash, views, loss trajectory and weights are pinned
 below at their values from before the keys existed (measured on x86_64, 2 cores, no GPU, torch 1 thread).
 """
@@ -30,7 +30,7 @@ from pipeline.train.loop import LoopConfig, make_optimizer
 from pipeline.train.student_run import train_student
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "pipeline" / "conf"
 
 # The toy recipe before these keys existed (commit b2eba3a): augment hash, sha256 of a block's views (images,
 # targets, digests) under seed indices 0 and 1, and the first run below (losses of its 8 updates, weights).

@@ -153,7 +153,7 @@ def test_loader_units_grouped_equal_per_seed(tmp_path):
 
 
 def make_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

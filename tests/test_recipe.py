@@ -1,9 +1,9 @@
-"""DeiT's recipe card and the economics table, on the README's documented ImageNet run.
+"""DeiT's recipe card and the economics table, on the documented ImageNet run (docs/operations.md).
 
-After the README's run or the recipe changes, `python tests/test_recipe.py --regenerate` rewrites the tables of
+After the documented run or the recipe changes, `python tests/test_recipe.py --regenerate` rewrites the tables of
 docs/recipe.md and docs/economics.md (between their markers) with the output of the pages' own commands.
 
-The run is read from README.md at test time (its `R="..."` line and the overrides its stage commands add), the
+The run is read from docs/operations.md at test time (its `R="..."` line and the overrides its stage commands add), the
 commands of docs/recipe.md and docs/economics.md run as written, and their output must be the tables the pages
 show. Every row the card marks "same" must equal DeiT's value, every "differs" row must carry a reason; a drift
 (train.lr changed) must show as a row without one. The command writes nothing.
@@ -39,7 +39,7 @@ def _section_block(text: str, heading: str) -> str:
 
 
 def _stage_overrides(block: str, stage: str) -> tuple[str | None, list[str]]:
-    """(NPROC, overrides after $R) of the README line that runs ``stage`` (None, [] without one)."""
+    """(NPROC, overrides after $R) of the documented line that runs ``stage`` (None, [] without one)."""
     line = next((ln for ln in block.splitlines() if f"{stage} $R" in ln), None)
     if line is None:
         return None, []
@@ -55,8 +55,8 @@ def documented():
 
 def documented_run() -> dict:
     """R, the overrides the stage commands add, and NPROC of stage two (its line's, else the block's export),
-    from README.md."""
-    block = _section_block((REPO / "README.md").read_text(), SECTION)
+    from docs/operations.md."""
+    block = _section_block((REPO / "docs" / "operations.md").read_text(), SECTION)
     r = re.search(r'^R="(.*?)"', block, re.S | re.M).group(1)
     r = " ".join(r.replace("\\\n", " ").split())
     _, stage_one = _stage_overrides(block, "teacher_cache")
@@ -89,9 +89,9 @@ def _rows(documented, *more: str) -> tuple[list[card.Row], card.Run]:
 
 
 def test_docs_commands_print_the_pages_tables(documented):
-    """docs/recipe.md's and docs/economics.md's commands, run as written with the README's R (from the repo root,
-    as the README runs commands), print exactly the tables the pages show; the card's command adds the
-    README stage commands' overrides and their NPROC."""
+    """docs/recipe.md's and docs/economics.md's commands, run as written with the documented R (from the repo root,
+    as the docs run commands), print exactly the tables the pages show; the card's command adds the
+    documented stage commands' overrides and their NPROC."""
     (recipe_cmd,) = _docs_commands("docs/recipe.md")
     (econ_cmd,) = _docs_commands("docs/economics.md")
     assert recipe_cmd.startswith(f"NPROC={documented['nproc']} "), recipe_cmd
@@ -101,7 +101,7 @@ def test_docs_commands_print_the_pages_tables(documented):
         assert out.returncode == 0, out.stderr
         assert "no recorded reason" not in out.stderr, out.stderr
         assert out.stdout.strip() and out.stdout in (REPO / page).read_text(), (
-            f"{page} is not the output of `{cmd}` with the README's R; regenerate it. Output:\n{out.stdout}")
+            f"{page} is not the output of `{cmd}` with the documented R; regenerate it. Output:\n{out.stdout}")
 
 
 def _equal(ours, deit) -> bool:

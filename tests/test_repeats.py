@@ -178,7 +178,7 @@ def test_schedule_in_slots_refusals_named():
 
 
 def make_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

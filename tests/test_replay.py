@@ -282,7 +282,7 @@ def test_recipes_name_their_interpolation_and_the_config_checks_it(tmp_path):
 
     import yaml
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "augment"
+    conf = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "augment"
     assert yaml.safe_load((conf / "deit.yaml").read_text())["interpolation"] == "bicubic"
     assert yaml.safe_load((conf / "toy.yaml").read_text())["interpolation"] == "bilinear"
     assert AugmentConfig(image_size=224).interpolation == "bicubic"

@@ -35,7 +35,7 @@ from pipeline.train.run_setup import TIMING_KEYS
 from pipeline.train.student_run import METRICS, STUDENT, STUDENT_EMA, train_student
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "pipeline" / "conf"
 STEPS = 8  # 512 train samples / batch 64
 
 

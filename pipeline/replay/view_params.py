@@ -51,7 +51,7 @@ class RandAugmentSpec:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The augmentation recipe (conf/augment/*.yaml) plus the view size; hashed into the cache provenance."""
+    """The augmentation recipe (pipeline/conf/augment/*.yaml) plus the view size; hashed into the cache provenance."""
 
     image_size: int
     crop_scale: tuple[float, float] = (0.08, 1.0)

@@ -44,7 +44,7 @@ Codecs, per array (bytes on disk per view measured by ``python -m bench.bench_st
 Blosc-zstd clevel 9 with byte-shuffle for top-K values, bitshuffle for logsumexp, byte-shuffle (C <= 256) or
 bitshuffle for class ids; none for digests (random bits) and markers. The sharding index adds 16 bytes per chunk;
 a local filesystem allocates whole blocks per file, which packing seeds_per_file units per file amortises (see
-``bytes_per_view(allocated=True)``).
+``CacheStore.bytes_per_view(allocated=True)``).
 """
 
 

@@ -9,7 +9,7 @@ this measures the data path) and `photo224` (500x375 JPEG photos from scikit-ima
 224 px views, teacher at 224 px: the teacher dominates, as in real use). Writes bench/out/cache.json and
 prints a markdown table.
 
-Plus stage one's data path grouped vs per seed (issue 13, "decode once, render many"): the views stage one
+Plus stage one's data path grouped vs per seed ("decode once, render many"): the views stage one
 renders for S = --group-seeds seed indices of 500x375 JPEG photos (q 90, bench_replay's photos) at 224 px with the
 DeiT recipe, through the loader stage one uses (ViewLoader.units, main process, one torch thread), once with
 per-seed units (s, shard), as before, and once with grouped units (all S seeds, shard), as `cache.seeds_per_pass`

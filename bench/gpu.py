@@ -13,7 +13,7 @@ Rows (all on ``--device``, bf16 autocast on CUDA, channels_last teacher; img/s f
 - online: the same loop with the teacher (regnety_160) in it, per-sample views;
 - stage one: `teacher_cache` end to end, with each backend, against the pure teacher forward on the very same
   batches.
-Goals (issue 14): cached end to end >= 0.8x pure DeiT-Ti; cached / online >= 3.4x (DeiT-Ti), >= 2.5x (DeiT-S);
+Targets: cached end to end >= 0.8x pure DeiT-Ti; cached / online >= 3.4x (DeiT-Ti), >= 2.5x (DeiT-S);
 teacher_cache >= 0.9x pure teacher forward. Writes bench/out/gpu.json and prints a markdown table. The caches
 hold seeded random logits with the real digests (speed does not depend on the values; teachers are randomly
 initialised: no hub access).

@@ -30,6 +30,7 @@ from pipeline.data.shards import Manifest, load_manifest
 from pipeline.errors import UserError
 from pipeline.logs import progress
 from pipeline.models.teacher import TeacherRunner, create_teacher, warn_if_random
+from pipeline.replay.fingerprint import fingerprint
 
 
 def group_units(pending: list[tuple[int, int]], num_seeds: int,
@@ -128,7 +129,8 @@ def build_cache(cfg: DictConfig) -> dict:
                         pin_memory=ctx.device.type == "cuda", backend=cfg.replay.backend, device=ctx.device)
     path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
-        CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),
+        provenance = {**build_provenance(cfg, manifest, aug, teacher), "pixels": fingerprint()}  # stage two re-renders
+        CacheStore.create(path, provenance=provenance,
                           num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
                           shard_size=manifest.shard_size, num_classes=manifest.num_classes,
                           topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),

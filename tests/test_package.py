@@ -27,7 +27,7 @@ TINY = ["data.train_size=128", "data.val_size=64", "data.shard_size=64", "teache
 
 # Run inside the installed venv: every import in the installed package, mapped to the distribution providing it,
 # must be declared in the wheel's own metadata (Requires-Dist); a module-level import must be a core dependency,
-# an import inside a function may come from an extra (obstore for s3://).
+# an import inside a function may come from an extra (obstore for s3://; dvclive, optional: dev).
 IMPORT_CHECK = textwrap.dedent("""
     import ast, importlib.metadata as md, pathlib, re, sys
     import pipeline

@@ -122,7 +122,7 @@ def test_a_store_from_before_fingerprints_is_read_with_a_warning(built, toy_shar
     assert warning.startswith(f"{old}: no pixel fingerprint recorded") and "overwrite=true" in warning
 
 
-def test_the_fingerprint_costs_milliseconds():
+def test_the_fingerprint_costs_about_a_tenth_of_a_second():
     fp.fingerprint()  # imports and first-call set-up out of the measurement
     times = []
     for _ in range(5):

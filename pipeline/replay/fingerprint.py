@@ -8,7 +8,7 @@ pixels), naming the first differing view and the versions on both sides.
 Inputs: fingerprint.png (lossless: Pillow's decode) and fingerprint.jpg (4:2:0, decoded by simplejpeg, at full
 size and at a reduced DCT scale), 64x48, shipped beside this module. Each is rendered under both filters, with
 explicit params that cover the crop-resize, flip, colour jitter, every RandAugment op, erasing, mixup and the
-eval crop. A fingerprint costs a few ms (tests/test_fingerprint.py measures it).
+eval crop. A fingerprint costs about 0.1 s, once per process (tests/test_fingerprint.py measures it).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ VIEWS = {
 }
 
 
-def library_versions() -> dict:
+def renderer_versions() -> dict:
     """Installed versions of the libraries whose code renders the pixels (None where not installed)."""
     out = {}
     for name in LIBRARIES:
@@ -61,12 +61,12 @@ def library_versions() -> dict:
 def fingerprint() -> dict:
     """{"version", "views": {name: sha256[:16] of the view's uint8 pixels}, "versions"}, computed once a process."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # pixels do not depend on it; a few ms on one thread, 5-10x that on a busy pool
+    torch.set_num_threads(1)  # pixels do not depend on it; ~0.1 s on one thread, several times that on a busy pool
     try:
         views = _views()
     finally:
         torch.set_num_threads(threads)
-    return {"version": VERSION, "views": views, "versions": library_versions()}
+    return {"version": VERSION, "views": views, "versions": renderer_versions()}
 
 
 def _views() -> dict[str, str]:

@@ -114,12 +114,17 @@ def test_a_renderer_that_differs_is_refused_by_the_api(built, toy_shards, monkey
         fp.fingerprint.cache_clear()
 
 
-def test_a_store_from_before_fingerprints_is_read_with_a_warning(built, toy_shards, tmp_path):
-    store, _ = built
+@pytest.mark.slow
+def test_a_store_from_before_fingerprints_is_read_with_a_warning_and_resumed(built, toy_shards, tmp_path):
+    store, overrides = built
     old = _copy_with(store, tmp_path / "old.zarr", lambda prov: prov.pop("pixels"))
     _, warnings = _open(old, toy_shards)
     (warning,) = [w for w in warnings if "pixel fingerprint" in w]
     assert warning.startswith(f"{old}: no pixel fingerprint recorded") and "overwrite=true" in warning
+    # stage one resumes it as it is (nothing left to do here), not refused for the field it never had
+    proc = _stage("teacher_cache", [*overrides, f"cache.path={old}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pixels" not in _attrs(old)["attributes"]["provenance"]
 
 
 def test_the_fingerprint_costs_about_a_tenth_of_a_second():

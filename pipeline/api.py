@@ -9,7 +9,7 @@
             x = batch["image"]                       # uint8 [B, 3, H, W]: the exact views the teacher saw
             soft = distillation_targets(batch, num_classes, mode="soft")   # [B, C] teacher probabilities
 
-A thin layer over what stage two already uses: :class:`pipeline.data.loader.ViewLoader` (units, workers, rank
+A thin layer over what stage two already uses: :class:`pipeline.replay.loader.ViewLoader` (units, workers, rank
 split, equal steps per rank) with :class:`pipeline.cache.reader.CacheTargets` as its ``extras`` hook (every view's
 digest checked against its replay), after :func:`pipeline.cache.reader.open_cache`'s checks (no writer holding
 the store, data fingerprint, augmentation hash, run seed, class count, shard layout). The augmentation, the view
@@ -31,10 +31,10 @@ from pipeline.cache.provenance import canonical, first_difference
 from pipeline.cache.reader import CacheTargets, check_units_done, open_cache
 from pipeline.cache.store import CacheStore
 from pipeline.cache.targets import FIELDS, TeacherTargets
-from pipeline.data.loader import Seeds, ViewLoader, unit_seeds
+from pipeline.replay.loader import Seeds, ViewLoader, unit_seeds
 from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, ProvenanceMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.train.losses import soft_teacher_log_probs
 
 __all__ = ["CachedViews", "distillation_targets", "store_augment"]

@@ -16,7 +16,6 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.replay.params import INTERPOLATIONS, MIX_PAIRINGS, AugmentConfig
 
 
 @dataclass
@@ -192,6 +191,8 @@ class RunSchema:
 
 
 LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
+INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
+MIX_PAIRINGS = ("pair", "block")  # augment.mix_pairing (pipeline.replay.mixing)
 CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
            "data.source": ("toy", "fashion_mnist", "folder"), "replay.backend": ("per_sample", "batched"),
            "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
@@ -254,12 +255,6 @@ def unset_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         elif isinstance(node, DictConfig) and not node._is_none() and not node._is_interpolation():
             out.extend(unset_keys(node, f"{prefix}{k}."))
     return out
-
-
-def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
-    """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
-    aug = cfg.augment if augment is None else augment
-    return AugmentConfig.from_cfg(OmegaConf.to_container(aug, resolve=True), cfg.data.image_size, cfg.data.crop_pct)
 
 
 def split_dir(cfg: DictConfig, split: str) -> Path:

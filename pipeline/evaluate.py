@@ -25,8 +25,9 @@ def _read(path) -> dict:
 
 def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline import distributed
-    from pipeline.config import augment_config, split_dir
-    from pipeline.data.loader import ViewLoader
+    from pipeline.config import split_dir
+    from pipeline.replay.view_params import augment_config
+    from pipeline.replay.loader import ViewLoader
     from pipeline.finished import missing_student
     from pipeline.models.student import load_student
     from pipeline.models.teacher import load_runner

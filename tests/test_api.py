@@ -17,10 +17,11 @@ import pipeline
 from pipeline import CachedViews, distillation_targets
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, validate
-from pipeline.data.loader import ViewLoader
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import CacheError, ProvenanceMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 S = 2
@@ -49,7 +50,7 @@ def cached(toy_shards, tmp_path_factory):
 
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()
-    section = text.split("## Use the cache from your own training loop", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Quickstart: your own training loop", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1, "the README section should hold exactly one python block"
     return blocks[0]

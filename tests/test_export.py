@@ -50,7 +50,7 @@ torch.save({"logits": logits, "data_config": cfg, "num_classes": model.num_class
 
 
 def test_export_round_trip_through_timm(toy_shards, tmp_path):
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     args = overrides(toy_shards, tmp_path)
     cfg = make_cfg(args)

@@ -32,7 +32,8 @@ from hydra import compose, initialize_config_dir
 from pipeline.cache import lease
 from pipeline.cache.store import CacheStore
 from pipeline.errors import CacheError
-from pipeline.train.runs import METRICS, STUDENT, TIMING_KEYS
+from pipeline.train.run_setup import TIMING_KEYS
+from pipeline.train.student_run import METRICS, STUDENT
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "stages" / "launch.sh"

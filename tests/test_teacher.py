@@ -16,11 +16,11 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.data import shards, sources
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.errors import TeacherError
 from pipeline.models.teacher import (TeacherRunner, create_teacher, model_input, teacher_provenance,
                               weights_sha256)
-from pipeline.train.runs import TEACHER_SEED_OFFSET, teacher_augment
+from pipeline.train.teacher_run import TEACHER_SEED_OFFSET, teacher_augment
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -16,10 +16,10 @@ from importlib import metadata
 
 import numpy as np
 
-import pipeline
-from pipeline.replay import CONTRACT_VERSION
+from pipeline.replay.contract import CONTRACT_VERSION
+from pipeline.version import __version__
 
-_VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",
+VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",
                  "numpy": "numpy", "zarr": "zarr"}
 MISSING = "<missing>"
 
@@ -27,7 +27,7 @@ MISSING = "<missing>"
 def library_versions() -> dict:
     """Installed versions of the libraries that decide pixels and numerics (None where not installed)."""
     out = {}
-    for key, dist in _VERSION_LIBS.items():
+    for key, dist in VERSION_LIBS.items():
         try:
             out[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -129,7 +129,7 @@ def build_provenance(cfg, manifest, aug, teacher) -> dict:
         "contract_version": CONTRACT_VERSION,
         "replay_backend": str(cfg.replay.backend),  # pixels may differ between backends (reduced-DCT decode)
         "versions": library_versions(),
-        "project_version": pipeline.__version__,
+        "project_version": __version__,
     }
 
 

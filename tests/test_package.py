@@ -136,7 +136,7 @@ NGC = {"torch": "2.6.0a0+ecf3bae40a.nv25.1", "torchvision": "0.20.0a0"}
 def test_install_doc_commands_run_as_written(tmp_path):
     """docs/install.md's bash blocks, in order, offline, in a fresh venv that holds the dependencies: the first
     under an NGC container's torch/torchvision (kept), the second with CI's constraints, the third from anywhere."""
-    codes = [b.code for b in blocks((REPO / "docs" / "install.md").read_text()) if b.lang == "bash"]
+    codes = [b.code for b in blocks(page=REPO / "docs" / "install.md") if b.lang == "bash"]
     assert len(codes) == 3 and "pip install ." in codes[0] and "-c constraints.txt" in codes[1], codes
     src = copy_checkout(tmp_path / "src")
     py, env, site = _venv(tmp_path / "venv")

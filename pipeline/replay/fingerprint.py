@@ -21,7 +21,7 @@ import torch
 
 from pipeline.errors import PixelMismatch
 from pipeline.replay.mixing import mix_images
-from pipeline.replay.params import INTERPOLATIONS, AugmentConfig, eval_params
+from pipeline.replay.view_params import INTERPOLATIONS, AugmentConfig, eval_params
 from pipeline.replay.pixels import SourceImage, apply
 
 VERSION = 1  # of the record below: bump when the views or inputs change (a stored record then is not compared)

@@ -22,7 +22,9 @@ def compose(overrides: list[str]):
     """pipeline/conf/config.yaml with Hydra ``overrides``, as the ``python -m pipeline.<stage>`` entries see it."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    with _HYDRA, initialize_config_dir(str(REPO / "pipeline" / "conf"), version_base="1.3"):
+    from pipeline.compose import CONF
+
+    with _HYDRA, initialize_config_dir(str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
 
 

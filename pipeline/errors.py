@@ -52,6 +52,10 @@ class ProvenanceMismatch(CacheError):
                          f"config has {as_text(config_value)}" + (f" ({fix})" if fix else ""))
 
 
+class PixelMismatch(CacheError):
+    """The replay path renders other pixels here than where the store was built (pipeline.replay.fingerprint)."""
+
+
 class TeacherError(UserError, RuntimeError):
     """A teacher that cannot be built or loaded as configured (missing or mismatched checkpoint)."""
 

@@ -61,6 +61,10 @@ ELSEWHERE = {
         "tests/test_bench.py (bench.run_all --quick and bench.accuracy on tiny sizes, not these full runs)",
     ("DeiT's recipe card", "NPROC=8 python -m pipeline.recipe $R distill=hard"): "tests/test_recipe.py",
     ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
+    ("Install", "python -m pip install ."): "tests/test_package.py (docs/install.md's blocks, offline, in a fresh venv)",
+    ("Install", "python -m pip install -c constraints.txt ."): "tests/test_package.py",
+    ("Install", 'cd "$(mktemp -d)" && python -m pipeline.make_shards data.train_size=128 data.val_size=64 && ls '
+                'data/shards/toy'): "tests/test_package.py",
 }
 # Other fenced blocks that are code: the python example (run verbatim by tests/test_api.py).
 OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py",

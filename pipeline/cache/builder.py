@@ -28,9 +28,21 @@ from pipeline.config import split_dir
 from pipeline.replay.view_params import augment_config
 from pipeline.replay.loader import run_loader
 from pipeline.data.shards import Manifest, load_manifest
-from pipeline.errors import UserError
+from pipeline.errors import CacheError, UserError
 from pipeline.logs import progress
 from pipeline.models.teacher import TeacherRunner, create_teacher, warn_if_random
+from pipeline.replay.fingerprint import fingerprint
+
+
+def _unfingerprinted(path, overwrite: bool) -> tuple[str, ...]:
+    """("pixels",) when resuming a store built before stores kept a pixel fingerprint: it is resumed as it is
+    (stage two then reads it with a warning) rather than refused for the field it never had."""
+    if overwrite or not path.exists():
+        return ()
+    try:
+        return () if "pixels" in CacheStore.open(path, "r", check_contract=False).provenance else ("pixels",)
+    except CacheError:  # not a (current) cache store: create() says what it is
+        return ()
 
 
 def group_units(pending: list[tuple[int, int]], num_seeds: int,
@@ -128,11 +140,13 @@ def build_cache(cfg: DictConfig) -> dict:
                         ctx=ctx)  # units(): every rank names its own units, the rank split is not used
     path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
-        CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),
+        provenance = {**build_provenance(cfg, manifest, aug, teacher), "pixels": fingerprint()}  # stage two re-renders
+        CacheStore.create(path, provenance=provenance,
                           num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
                           shard_size=manifest.shard_size, num_classes=manifest.num_classes,
                           topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
-                          overwrite=bool(cfg.overwrite), resume_check=str(cfg.cache.resume_check))
+                          overwrite=bool(cfg.overwrite), resume_check=str(cfg.cache.resume_check),
+                          ignore_fields=_unfingerprinted(path, bool(cfg.overwrite)))
     distributed.barrier()
     store = CacheStore.open(path, mode="r+")
     # Rank 0 holds the writer lease; every other rank (on any node) commits only while rank 0 still holds it.

@@ -3,8 +3,9 @@ cached rows to replayed views.
 
 - :func:`open_cache`: no writer may hold the store's lease (stage one running: CacheError naming it); provenance
   (data fingerprint, augmentation, run seed, class count) must match the config (ProvenanceMismatch names the
-  field and both values; every augmentation key that differs), the shard layout must match the manifest and the mode's fields must be stored.
-  Library-version differences come back as warnings.
+  field and both values; every augmentation key that differs), the shard layout must match the manifest and the
+  mode's fields must be stored. Library-version differences come back as warnings; the store's pixel fingerprint
+  must render the same here (:func:`check_pixels`).
 - :func:`check_units_done`: every unit the schedule reads must be committed.
 - :class:`CacheTargets`: the loader's ``extras`` hook. Picklable; opens the store lazily once per process
   (DataLoader worker); one batched read of chunk (s, shard) per field per unit, ``digest`` always included so
@@ -28,6 +29,7 @@ from pipeline.cache.provenance import check_augment, expected_provenance
 from pipeline.cache.store import CacheStore, store_id_on_disk
 from pipeline.cache.targets import MODE_FIELDS
 from pipeline.errors import CacheError, ScheduleError
+from pipeline.replay import fingerprint
 
 
 
@@ -37,7 +39,7 @@ def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
     lease.refuse_if_written(path, "train_student")
     store = CacheStore.open(path, "r")
     check_augment(store.path, store.provenance.get("augment"), aug)  # names the keys; the hash check, only that
-    warnings = store.check_compatible(expected_provenance(manifest, aug, run_seed))
+    warnings = store.check_compatible(expected_provenance(manifest, aug, run_seed)) + check_pixels(store)
     if store.shard_size != manifest.shard_size or store.shard_counts != [s.count for s in manifest.shards]:
         raise CacheError(f"{store.path}: shard layout (shard_size {store.shard_size}, {store.num_shards} shards) "
                          f"differs from the train manifest (shard_size {manifest.shard_size}, "
@@ -53,6 +55,17 @@ def require_store_fields(store: CacheStore, mode: str, what: str = "distill.mode
         raise CacheError(f"{store.path}: {what}={mode} needs {'/'.join(missing)}, but the store holds "
                          f"{list(store.fields)} (built with cache.topk={store.topk}"
                          f"{': hard labels only' if store.topk == 0 else ''}); rebuild with cache.topk > 0")
+
+
+def check_pixels(store: CacheStore) -> list[str]:
+    """Re-render the store's pixel fingerprint here (PixelMismatch names the first differing view and the library
+    versions on both sides). A store built before fingerprints were recorded is read, with a warning."""
+    recorded = store.provenance.get("pixels")
+    if recorded is None:
+        return [f"{store.path}: no pixel fingerprint recorded (built before stores kept one): the pixels this run "
+                f"replays are not checked against stage one's; rebuild (overwrite=true) to record it"]
+    fingerprint.check(recorded, str(store.path))
+    return []
 
 
 def check_units_done(store: CacheStore, seeds: Sequence[int]) -> None:

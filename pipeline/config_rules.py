@@ -10,6 +10,7 @@ of the schema has a rule here.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -147,6 +148,18 @@ def student_input(cfg: DictConfig) -> None:
                           f"{cfg.data.image_size} (the student takes the replayed views as they are)")
 
 
+def student_name(cfg: DictConfig) -> None:
+    """A timm architecture (``local-dir:``/``hf-hub:`` names are timm's to resolve); a typo otherwise surfaces only
+    when stage two builds the model, after the teacher's stages ran."""
+    import timm
+
+    name = str(cfg.student.name)
+    if ":" not in name and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("deit*distilled*"), n=3)
+        raise ConfigError(f"student.name={name!r} is not a timm model" + (f" (did you mean {', '.join(close)}?)"
+                                                                          if close else "; use a deit_*_distilled_*"))
+
+
 def loops(cfg: DictConfig) -> None:
     for loop in LOOPS:
         lr, min_lr = OmegaConf.select(cfg, f"{loop}.lr"), OmegaConf.select(cfg, f"{loop}.min_lr")
@@ -168,5 +181,5 @@ def seed_schedule(cfg: DictConfig) -> None:
                           f"(each >= 0)")
 
 
-RULES: tuple[Callable[[DictConfig], None], ...] = (crops, rand_augment, normalisation, student_input, loops,
-                                                   devices, seed_schedule)
+RULES: tuple[Callable[[DictConfig], None], ...] = (crops, rand_augment, normalisation, student_input, student_name,
+                                                   loops, devices, seed_schedule)

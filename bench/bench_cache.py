@@ -60,8 +60,9 @@ def photo_tree(root: Path, n: int) -> Path:
 def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers: int) -> dict:
     from pipeline import distributed, make_shards
     from pipeline.cache import builder as cache_builder
-    from pipeline.config import augment_config, split_dir
-    from pipeline.data.loader import ViewLoader
+    from pipeline.config import split_dir
+    from pipeline.replay.view_params import augment_config
+    from pipeline.replay.loader import ViewLoader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     work.mkdir(parents=True, exist_ok=True)
@@ -96,10 +97,10 @@ def run_grouped(work: Path, photos: int, seeds: int, reps: int, shard_size: int 
     """Stage one's data path, per-seed units vs grouped units: views/s per core (CPU time) and the ratio."""
     from bench.bench_replay import photo_jpegs
     from pipeline.cache.builder import group_units
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.data.shards import write_shards
     from pipeline.replay import pixels
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     jpegs = photo_jpegs((500, 375), photos)
     write_shards([(data, "jpg", i % 10) for i, data in enumerate(jpegs)], work / "train", shard_size=shard_size,

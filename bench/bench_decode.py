@@ -104,8 +104,8 @@ else:
 
 
 def rrc_box(rng: np.random.Generator, height: int, width: int) -> list[int]:
-    """The pipeline's own RandomResizedCrop draw (pipeline.replay.params.sample_crop): [top, left, h, w]."""
-    from pipeline.replay.params import sample_crop
+    """The pipeline's own RandomResizedCrop draw (pipeline.replay.view_params.sample_crop): [top, left, h, w]."""
+    from pipeline.replay.view_params import sample_crop
 
     return sample_crop(rng, height, width, SCALE, RATIO)
 
@@ -503,7 +503,7 @@ def view_diffs(plans: list[Plan], names) -> dict:
     return out
 
 
-def _find(name: str, modules=("pipeline.replay", "pipeline.replay.pixels", "pipeline.replay.params")):
+def _find(name: str, modules=("pipeline.replay", "pipeline.replay.pixels", "pipeline.replay.view_params")):
     import importlib
 
     for m in modules:

@@ -95,7 +95,7 @@ def row_pil_full(jpegs):
 def row_pil_draft(jpegs, cfg):
     """Decode at the scale ours picks for each sample's crop (full size where no draft applies)."""
     from pipeline.replay import seeding
-    from pipeline.replay.params import sample_params
+    from pipeline.replay.view_params import sample_params
     from pipeline.replay.pixels import open_image
 
     plans = []
@@ -199,7 +199,7 @@ def breakdown(jpegs, cfg, reps: int) -> dict:
         setattr(mod, name, timed)
         return (mod, name, fn)
 
-    def timed_op(img, name, *args, _fn=replay._apply_op):
+    def timed_op(img, name, *args, _fn=replay.apply_op_image):
         t = time.process_time()
         try:
             return _fn(img, name, *args)
@@ -212,14 +212,14 @@ def breakdown(jpegs, cfg, reps: int) -> dict:
     patches = [
         wrap(views, "sample_params", "params"),
         wrap(replay, "decode_drafted" if hasattr(replay, "decode_drafted") else "decode", "decode"),
-        wrap(replay, "_crop_resize", "resized crop"),
+        wrap(replay, "crop_resize_image", "resized crop"),
         wrap(replay, "_erase", "erase"),
         wrap(views, "mix_images", "mix"),
         wrap(views, "view_digest", "digest"),
         wrap(views, "smooth_one_hot", "targets"),
     ]
-    patches.append((replay, "_apply_op", replay._apply_op))
-    replay._apply_op = timed_op
+    patches.append((replay, "apply_op_image", replay.apply_op_image))
+    replay.apply_op_image = timed_op
     run = row_ours(jpegs, cfg)
     totals = []
     try:
@@ -258,7 +258,7 @@ def check_fast_ops(jpegs) -> dict:
         image, scale = replay.decode(replay.open_image(data))
         imgs.append(F.resize(image, [SIZE, SIZE], antialias=True).contiguous())
     out = {}
-    if hasattr(replay, "_translate"):
+    if hasattr(replay, "translate"):
         cases = bad = 0
         for im in imgs:
             h, w = im.shape[1:]
@@ -266,15 +266,15 @@ def check_fast_ops(jpegs) -> dict:
                 for dx, dy in ((d, 0), (0, d)):
                     ref = F.affine(im, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0], fill=replay.FILL)
                     cases += 1
-                    bad += not torch.equal(ref, replay._translate(im, dx, dy))
+                    bad += not torch.equal(ref, replay.translate(im, dx, dy))
         out["translate"] = {"cases": cases, "mismatches": bad}
-    if hasattr(replay, "_sharpness"):
+    if hasattr(replay, "sharpness"):
         cases = bad = 0
         factors = [0.1, 0.5, 1.0, 1.81, 1.9] + [round(float(f), 6) for f in np.random.default_rng(0).uniform(0.1, 1.9, 40)]
         for im in imgs:
             for f in factors:
                 cases += 1
-                bad += not torch.equal(F.adjust_sharpness(im, f), replay._sharpness(im, f))
+                bad += not torch.equal(F.adjust_sharpness(im, f), replay.sharpness(im, f))
         out["sharpness"] = {"cases": cases, "mismatches": bad}
     return out
 
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
         ap.error(f"--n must be a positive multiple of {BLOCK}")
 
     torch.set_num_threads(1)
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     cfg = AugmentConfig(image_size=SIZE)
     cfg_nomix = AugmentConfig(image_size=SIZE, mix_prob=0.0)

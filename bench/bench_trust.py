@@ -99,7 +99,7 @@ def hashing_cost(work: Path, repeat: int = 5) -> dict:
     from bench.bench_student import photo_jpegs, write_split
     from pipeline.data import sources
     from pipeline.data.shards import iter_shard, write_shards
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
     from pipeline.replay.views import block_views
 
     toy = sources.toy(0, 256, "train")

@@ -19,10 +19,10 @@ RECIPE_V1 = ["augment.rand_augment=rand-m6-mstd0.5-inc1", "augment.erase_prob=0.
 
 
 def compose(overrides: list[str]):
-    """conf/config.yaml with Hydra ``overrides``, as the ``python -m pipeline.<stage>`` entries see it."""
+    """pipeline/conf/config.yaml with Hydra ``overrides``, as the ``python -m pipeline.<stage>`` entries see it."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    with _HYDRA, initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with _HYDRA, initialize_config_dir(str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
 
 

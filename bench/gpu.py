@@ -72,8 +72,9 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
     """teacher_cache end to end (views rendered by `backend`) against the pure teacher forward on the very batches
     it sees (measured here unless `pure` is given: the views, hence the forward, are the same for both backends)."""
     from pipeline.cache.builder import build_cache
-    from pipeline.config import augment_config, split_dir, validate
-    from pipeline.data.loader import ViewLoader
+    from pipeline.config import split_dir, validate
+    from pipeline.replay.view_params import augment_config
+    from pipeline.replay.loader import ViewLoader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     cfg = validate(compose([f"data.shards={root}", "data.num_classes=1000", "data.image_size=224",

@@ -1,6 +1,6 @@
 """DeiT distillation from a precomputed, replayable teacher cache."""
 
-__version__ = "0.1.0"
+from pipeline.version import __version__
 
 # The public API for your own training loop (pipeline.api), loaded on first use: `import pipeline` (every stage's
 # entry) neither pays for it nor runs it (so no stage depends on pipeline/api.py; tests/test_layout.py).

@@ -9,7 +9,7 @@
             x = batch["image"]                       # uint8 [B, 3, H, W]: the exact views the teacher saw
             soft = distillation_targets(batch, num_classes, mode="soft")   # [B, C] teacher probabilities
 
-A thin layer over what stage two already uses: :class:`pipeline.data.loader.ViewLoader` (units, workers, rank
+A thin layer over what stage two already uses: :class:`pipeline.replay.loader.ViewLoader` (units, workers, rank
 split, equal steps per rank) with :class:`pipeline.cache.reader.CacheTargets` as its ``extras`` hook (every view's
 digest checked against its replay), after :func:`pipeline.cache.reader.open_cache`'s checks (no writer holding
 the store, data fingerprint, augmentation key by key, run seed, class count, shard layout). The augmentation, the view
@@ -30,10 +30,10 @@ from torch.utils.data import IterableDataset
 from pipeline.cache.reader import CacheTargets, check_units_done, open_cache
 from pipeline.cache.store import CacheStore
 from pipeline.cache.targets import FIELDS, TeacherTargets
-from pipeline.data.loader import Seeds, ViewLoader, unit_seeds
+from pipeline.replay.loader import Seeds, ViewLoader, unit_seeds
 from pipeline.data.shards import load_manifest
 from pipeline.errors import CacheError, ConfigError, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.train.losses import soft_teacher_log_probs
 
 __all__ = ["CachedViews", "distillation_targets", "store_augment"]
@@ -44,12 +44,12 @@ def store_augment(store: CacheStore) -> AugmentConfig:
     aug = store.provenance.get("augment")
     if not isinstance(aug, Mapping):
         raise CacheError(f"{store.path}: the store's provenance records no augmentation; pass augment=... "
-                         f"(the conf/augment keys it was built with) and image_size")
+                         f"(the pipeline/conf/augment keys it was built with) and image_size")
     return AugmentConfig(**dict(aug))
 
 
 def _augment(augment, store: CacheStore, image_size: int | None) -> AugmentConfig:
-    """``augment`` (None, an AugmentConfig, or a dict of conf/augment keys) as an AugmentConfig."""
+    """``augment`` (None, an AugmentConfig, or a dict of pipeline/conf/augment keys) as an AugmentConfig."""
     if augment is None:
         aug = store_augment(store)
         return aug if image_size is None else dataclasses.replace(aug, image_size=int(image_size))
@@ -57,7 +57,7 @@ def _augment(augment, store: CacheStore, image_size: int | None) -> AugmentConfi
         return augment if image_size is None else dataclasses.replace(augment, image_size=int(image_size))
     if not isinstance(augment, Mapping):
         raise ConfigError(f"augment={augment!r}: expected None (the store's), an AugmentConfig or a dict of "
-                          f"conf/augment keys")
+                          f"pipeline/conf/augment keys")
     d = dict(augment)
     stored = store.provenance.get("augment") or {}
     size = d.pop("image_size", None) if image_size is None else int(image_size)
@@ -82,7 +82,7 @@ class CachedViews(IterableDataset):
 
     ``shards``: the split directory (``<data.shards>/train``) the cache was built from; ``cache``: the Zarr store.
     ``augment``: None (default: the store's own, from its provenance), an AugmentConfig, or a dict of
-    conf/augment keys; ``image_size`` replaces the view size. ``run_seed`` defaults to the store's.
+    pipeline/conf/augment keys; ``image_size`` replaces the view size. ``run_seed`` defaults to the store's.
     Which seed index an epoch reads: ``seed_index`` (every epoch the same; a tuple of r distinct ones = repeated
     augmentation, every sample r times), else ``epoch_seeds[epoch]`` (each entry an index or an r-tuple), else
     seed index ``epoch`` (epochs beyond the cached S are refused: pass ``epoch_seeds`` to re-use views).

@@ -1,6 +1,6 @@
 """The configuration schema and what the stages read from the composed config, in one place.
 
-conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
+pipeline/conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
 of their own. `validate(cfg)` merges the composed config into the schema, so a misspelled or unknown key, a
 missing mandatory value (``???``) or a value of the wrong type fails before any work, naming the key; then
 every value that could poison a run is checked (pipeline.config_rules), naming the key and what is
@@ -18,7 +18,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import config_rules
 from pipeline.errors import ConfigError
-from pipeline.replay.params import AugmentConfig
 
 
 @dataclass
@@ -62,7 +61,7 @@ class AugmentSchema:
 
 @dataclass
 class LoopSchema:
-    """conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
+    """pipeline/conf/loop/default.yaml plus a recipe's own keys (pipeline.train.loop.LoopConfig)."""
 
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -218,12 +217,6 @@ def unset_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
-    """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
-    aug = cfg.augment if augment is None else augment
-    return AugmentConfig.from_cfg(OmegaConf.to_container(aug, resolve=True), cfg.data.image_size, cfg.data.crop_pct)
-
-
 def split_dir(cfg: DictConfig, split: str) -> Path:
     """Shards of one split: ``<data.shards>/<split>``."""
     from pipeline import storage
@@ -232,8 +225,8 @@ def split_dir(cfg: DictConfig, split: str) -> Path:
 
 
 def checked(value: Any, *, _root_: DictConfig) -> Any:
-    """``${pipeline_checked:<value>}`` (conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
-    in passes `validate`. Resolving conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
+    """``${pipeline_checked:<value>}`` (pipeline/conf/config.yaml's ``eval.out``): ``value``, once the whole config it sits
+    in passes `validate`. Resolving pipeline/conf/ thus checks it: `dvc exp run -S distill.mode=sotf` fails in DVC's Hydra
     composition, before DVC writes params.yaml or runs a stage (DVC imports hydra_plugins/, which registers this),
     and so does `python -m pipeline.params`. Inside `validate` (a schema-typed copy) it returns ``value`` as is."""
     if OmegaConf.get_type(_root_) is not RunSchema:

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.replay.params import INTERPOLATIONS, MIX_PAIRINGS
 
 LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
+INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
+MIX_PAIRINGS = ("pair", "block")  # augment.mix_pairing (pipeline.replay.mixing)
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 DATA = {"num_classes": ">= 1", "image_size": ">= 1", "shard_size": ">= 1", "crop_pct": "(0, 1]",
@@ -114,20 +115,29 @@ def crops(cfg: DictConfig) -> None:
             pair(f"{aug}.crop_ratio", OmegaConf.select(cfg, f"{aug}.crop_ratio"), fraction=False)
 
 
-def rand_augment(cfg: DictConfig) -> None:
-    """Parsed by timm's own parser, as the replay parses it (pipeline.replay.params.RandAugmentSpec)."""
-    from pipeline.replay.params import RandAugmentSpec
+def timm_rand_augment(text: str, key: str = "augment.rand_augment"):
+    """timm's RandAugment for ``text``, parsed by timm's own parser (timm.data.auto_augment), which the replay reads
+    its op set from (pipeline.replay.view_params); a ConfigError naming ``key`` when timm refuses the string or it
+    weights the op choice (the replay draws ops uniformly)."""
+    from timm.data.auto_augment import rand_augment_transform
 
+    try:
+        ra = rand_augment_transform(text, {})
+    except Exception as exc:  # noqa: BLE001 - timm's parser asserts, and raises ValueError/KeyError
+        why = str(exc).split(":")[-1].strip() or type(exc).__name__
+        raise ConfigError(f"{key}={text!r} is not a timm RandAugment string ({why}): expected "
+                          f"rand-m<magnitude>[-n<layers>][-mstd<std>][-inc1], e.g. rand-m9-mstd0.5-inc1, "
+                          f"or null (none)") from None
+    if ra.choice_weights is not None:
+        raise ConfigError(f"{key}={text!r}: weighted op choice is not supported (the replay draws ops uniformly)")
+    return ra
+
+
+def rand_augment(cfg: DictConfig) -> None:
     for aug in AUGMENTS:
         value = OmegaConf.select(cfg, f"{aug}.rand_augment") if OmegaConf.select(cfg, aug) is not None else None
         if value:
-            try:
-                RandAugmentSpec.parse(value)
-            except Exception as exc:  # noqa: BLE001 - timm's parser asserts, and raises ValueError/KeyError
-                why = str(exc).split(":")[-1].strip() or type(exc).__name__
-                raise ConfigError(f"{aug}.rand_augment={value!r} is not a timm RandAugment string ({why}): expected "
-                                  f"rand-m<magnitude>[-n<layers>][-mstd<std>][-inc1], e.g. rand-m9-mstd0.5-inc1, "
-                                  f"or null (none)") from None
+            timm_rand_augment(value, f"{aug}.rand_augment")
 
 
 def normalisation(cfg: DictConfig) -> None:

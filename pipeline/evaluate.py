@@ -1,7 +1,7 @@
 """`python -m pipeline.evaluate`: the final student on val (class head, distillation head, their average,
 agreement with the teacher), gathered with the other stages' metrics into one summary and a printed table.
 
-    python -m pipeline.evaluate                         # the run configured in conf/
+    python -m pipeline.evaluate                         # the run configured in pipeline/conf/
     python -m pipeline.evaluate distill=soft            # the soft student (train.out_dir follows distill.mode)
     python -m pipeline.evaluate --params params.yaml    # what `dvc repro` runs
 
@@ -25,8 +25,9 @@ def _read(path) -> dict:
 
 def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline import distributed
-    from pipeline.config import augment_config, split_dir
-    from pipeline.data.loader import ViewLoader
+    from pipeline.config import split_dir
+    from pipeline.replay.view_params import augment_config
+    from pipeline.replay.loader import ViewLoader
     from pipeline.finished import missing_student
     from pipeline.models.student import load_student
     from pipeline.models.teacher import load_runner

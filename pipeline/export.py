@@ -2,7 +2,7 @@
 in timm's own Hub format (architecture, kwargs such as img_size/patch_size/depth, num_classes, class names, the
 eval preprocessing: input_size, mean, std, crop_pct). timm then rebuilds it with no kwargs retyped:
 
-    python -m pipeline.export                              # the run configured in conf/ -> export.out
+    python -m pipeline.export                              # the run configured in pipeline/conf/ -> export.out
     python -m pipeline.export distill=soft                 # the soft student (export.checkpoint follows train.out_dir)
     python -m pipeline.export export.checkpoint=runs/student/<run>/student-ema.pt   # the EMA weights
     python -m pipeline.export export.push_to=<user>/<repo> # also upload to the Hugging Face Hub (needs a login)

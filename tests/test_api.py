@@ -17,17 +17,18 @@ import pipeline
 from pipeline import CachedViews, distillation_targets
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, validate
-from pipeline.data.loader import ViewLoader
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import CacheError, ProvenanceMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 S = 2
 
 
 def make_cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return validate(compose("config", overrides=list(overrides)))
 
 
@@ -49,7 +50,7 @@ def cached(toy_shards, tmp_path_factory):
 
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()
-    section = text.split("## Use the cache from your own training loop", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Quickstart: your own training loop", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1, "the README section should hold exactly one python block"
     return blocks[0]
@@ -113,7 +114,7 @@ def test_wrong_augmentation_or_data_refused(cached, toy_shards):
         CachedViews(toy_shards.root / "train", path, run_seed=int(cfg.run_seed) + 1, batch_size=32)
     with pytest.raises(CacheError, match="data_fingerprint"):  # another split: other data
         CachedViews(toy_shards.root / "val", path, batch_size=32)
-    # the conf/augment keys the store was built with are accepted
+    # the pipeline/conf/augment keys the store was built with are accepted
     CachedViews(toy_shards.root / "train", path, augment=keys, batch_size=32)
     with pytest.raises(ScheduleError, match="S=2"):
         list(CachedViews(toy_shards.root / "train", path, batch_size=32, epoch=S))

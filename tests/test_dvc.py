@@ -80,8 +80,10 @@ def _status(work: Path) -> str:
 
 
 def _readme_command(start: str) -> list[str]:
-    """The README command that begins with ``start`` (`\\|` in a table cell is a literal |), as argv."""
-    spans = [c for line in (REPO / "README.md").read_text().splitlines() for c in re.findall(r"`([^`]+)`", line)]
+    """The documented command (README.md, docs/operations.md) that begins with ``start`` (`\\|` in a table cell is a
+    literal |), as argv."""
+    text = (REPO / "README.md").read_text() + (REPO / "docs" / "operations.md").read_text()
+    spans = [c for line in text.splitlines() for c in re.findall(r"`([^`]+)`", line)]
     argv = shlex.split(next(c for c in spans if c.startswith(start)).replace("\\|", "|"))
     return [DVC, *argv[1:]] if argv[0] == "dvc" else argv
 

@@ -21,7 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def make_cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return validate(compose("config", overrides=list(overrides)))
 
 
@@ -50,7 +50,7 @@ torch.save({"logits": logits, "data_config": cfg, "num_classes": model.num_class
 
 
 def test_export_round_trip_through_timm(toy_shards, tmp_path):
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     args = overrides(toy_shards, tmp_path)
     cfg = make_cfg(args)

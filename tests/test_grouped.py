@@ -21,9 +21,9 @@ from PIL import Image
 from pipeline.cache.builder import build_cache, group_units
 from pipeline.cache.store import CacheStore
 from pipeline.data import shards, sources
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.replay import pixels
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views, group_views
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_loader_units_grouped_equal_per_seed(tmp_path):
 
 
 def make_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -184,7 +184,7 @@ def test_make_shards_cli(tmp_path):
 
 
 @pytest.mark.parametrize("source,root", [
-    ("folder", None),  # conf/data/folder.yaml: root ???
+    ("folder", None),  # pipeline/conf/data/folder.yaml: root ???
     ("folder", "null"),
     ("folder", "{tmp}/missing"),
     ("fashion_mnist", "null"),

@@ -35,7 +35,8 @@ from pipeline.cache import lease
 from pipeline.cache.integrity import check_store, repair
 from pipeline.cache.layout import crc32c, unit_tag
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, validate
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
 from pipeline.errors import CacheError, ShardError, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ STUDENT = ["train.epochs=2", "train.batch_size=64", "train.max_steps_per_epoch=2
 
 
 def make_cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -343,7 +344,7 @@ def test_integrity_check_finds_each_kind_of_damage_without_the_teacher(tmp_path)
 
 
 def test_verify_cache_lists_damaged_units_and_the_teacher_recheck_compares_logsumexp(env, tmp_path):
-    from pipeline.cache.verify import verify_cache
+    from pipeline.cache.audit import verify_cache
 
     path = tmp_path / "c.zarr"
     shutil.copytree(env.ref, path)
@@ -471,7 +472,7 @@ def test_a_unit_swapped_or_copied_in_from_another_teachers_store_fails_and_a_rer
 def test_a_store_rebuilt_by_another_teacher_under_a_student_stops_it_naming_the_store(env, foreign, tmp_path):
     """Mid-run: the student's hook re-checks the store id after every unit it reads. Resumed: its checkpoint
     records the store's key, so a resume on another teacher's targets is refused naming the field."""
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     path = tmp_path / "c.zarr"
     shutil.copytree(env.ref, path)
@@ -650,9 +651,9 @@ def test_a_decode_error_names_shard_and_key(toy_shards, tmp_path):
 @pytest.mark.parametrize("backend", ["per_sample", "batched"])
 def test_the_loader_names_shard_and_key_of_an_image_that_does_not_decode(tmp_path, backend):
     from pipeline.data import sources
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.data.shards import write_shards
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     good = list(sources.toy(0, 32, "train"))
     good[9] = (good[9][0][:50], "png", good[9][2])  # the manifest is right: only a decode can tell
@@ -791,7 +792,7 @@ def test_a_full_disk_while_writing_units_is_named_and_the_rerun_resumes(env, tmp
 @pytest.fixture(scope="module")
 def student(env):
     """An uninterrupted tiny student run on the reference cache (distill=hard, checksums verified on every read)."""
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     out = env.tmp / "student"
     metrics = train_student(validate(make_cfg(env.overrides(env.ref, *STUDENT, f"train.out_dir={out}"))))
@@ -800,7 +801,8 @@ def student(env):
 
 def test_a_full_disk_while_saving_a_checkpoint_is_named_and_resume_works(env, student, tmp_path, monkeypatch):
     from pipeline.train.checkpoint import CHECKPOINT_LAST, find_checkpoint
-    from pipeline.train.runs import TIMING_KEYS, train_student
+    from pipeline.train.run_setup import TIMING_KEYS
+    from pipeline.train.student_run import train_student
 
     out = tmp_path / "run"
     cfg = validate(make_cfg(env.overrides(env.ref, *STUDENT, f"train.out_dir={out}")))

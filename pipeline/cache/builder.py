@@ -24,8 +24,9 @@ from pipeline.cache import lease
 from pipeline.cache.layout import column_owner
 from pipeline.cache.provenance import build_provenance
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, split_dir
-from pipeline.data.loader import ViewLoader
+from pipeline.config import split_dir
+from pipeline.replay.view_params import augment_config
+from pipeline.replay.loader import ViewLoader
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.errors import UserError
 from pipeline.logs import progress

@@ -27,7 +27,7 @@ is damaged anyway costs every unit it holds (they are recomputed). Files per uni
 seeds_per_file + 2 / S (soft K > 0 at S = 300: 0.63; hard-only: 0.26), instead of one file per array per unit
 (7 and 4) in version 3; ``pending_units`` reads one ``done`` file per shard.
 
-Format version 4 (pipeline.cache.store.FORMAT_VERSION): the files above; ``checksums``, Zarr's crc32c codec on
+Format version 4 (pipeline.cache.contract.FORMAT_VERSION): the files above; ``checksums``, Zarr's crc32c codec on
 every chunk but the digest's (random bits, checked view by view against the replay; the sharding codec's index
 carries its own crc32c), a store id (attribute ``store_id`` of ``done``, a uuid drawn at creation) and each
 record's unit tag. The store key is the sha256 of the store's layout and provenance

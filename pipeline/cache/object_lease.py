@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 
+from pipeline.cache import held_leases
 from pipeline.errors import CacheError
 
 log = logging.getLogger("pipeline")
@@ -120,14 +121,12 @@ class ObjectLease:
                              f"the store now; not committing")
 
     def release(self) -> None:
-        from pipeline.cache import lease
-
         if self.fd < 0:
             return
         self._stop.set()
         with self._mutex:
             self.fd = -1
-            lease._HELD.pop(lease._key(self.path), None)
+            held_leases.drop(self.path)
             if not self.lost:
                 _put(self.path, {}, self.etag)  # a clean release empties the record, only if still ours
 

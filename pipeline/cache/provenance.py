@@ -17,12 +17,12 @@ from importlib import metadata
 
 import numpy as np
 
-import pipeline
 from pipeline.errors import ProvenanceMismatch, as_text
-from pipeline.replay import CONTRACT_VERSION
-from pipeline.replay.params import IMPLIED
+from pipeline.replay.contract import CONTRACT_VERSION
+from pipeline.replay.view_params import IMPLIED
+from pipeline.version import __version__
 
-_VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",
+VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",
                  "numpy": "numpy", "zarr": "zarr"}
 MISSING = "<missing>"
 
@@ -30,7 +30,7 @@ MISSING = "<missing>"
 def library_versions() -> dict:
     """Installed versions of the libraries that decide pixels and numerics (None where not installed)."""
     out = {}
-    for key, dist in _VERSION_LIBS.items():
+    for key, dist in VERSION_LIBS.items():
         try:
             out[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -100,7 +100,7 @@ def check_consistent(prov: dict, layout: dict) -> None:
 
 def augment_differences(stored: Mapping, ours: Mapping) -> list[tuple[str, object, object]]:
     """(``augment.<key>``, store value, config value) for every augmentation key that differs, in key order; keys
-    a canonical dict leaves out at their implied value (replay.params.IMPLIED) compare as that value."""
+    a canonical dict leaves out at their implied value (replay.view_params.IMPLIED) compare as that value."""
     a, b = canonical({**IMPLIED, **stored}), canonical({**IMPLIED, **ours})
     out = []
     for key in sorted(set(a) | set(b)):
@@ -155,7 +155,7 @@ def build_provenance(cfg, manifest, aug, teacher) -> dict:
         "contract_version": CONTRACT_VERSION,
         "replay_backend": str(cfg.replay.backend),  # pixels may differ between backends (reduced-DCT decode)
         "versions": library_versions(),
-        "project_version": pipeline.__version__,
+        "project_version": __version__,
     }
 
 

@@ -23,16 +23,15 @@ import zarr
 
 from pipeline import storage
 from pipeline.cache import integrity, lease
+from pipeline.cache.contract import FORMAT, FORMAT_VERSION
 from pipeline.cache.layout import (PER_VIEW, UNIT_TAG, ZARR_CONFIG, array_specs, check_layout_args, crc32c,
                                    file_coords, index_dtype, unit_tag)
-from pipeline.cache.provenance import (MISSING, _VERSION_LIBS, canonical, check_consistent, first_difference,
+from pipeline.cache.provenance import (MISSING, VERSION_LIBS, canonical, check_consistent, first_difference,
                                        library_versions, lookup, store_key, without)
 from pipeline.cache.targets import stored_arrays
 from pipeline.errors import CacheError, ProvenanceMismatch
-from pipeline.replay import CONTRACT_VERSION
+from pipeline.replay.contract import CONTRACT_VERSION
 
-FORMAT = "deit-teacher-cache"
-FORMAT_VERSION = 4
 _FP16_MAX = float(np.finfo(np.float16).max)
 REBUILD = "rebuild with overwrite=true, or set another cache.path"  # how a writer refused by provenance goes on
 log = logging.getLogger("pipeline")
@@ -370,7 +369,7 @@ class CacheStore:
         stored = self.provenance.get("versions") or {}
         current = expected.get("versions") or library_versions()
         warnings = []
-        for lib in _VERSION_LIBS:
+        for lib in VERSION_LIBS:
             a, b = stored.get(lib, MISSING), current.get(lib, MISSING)
             if a != b:
                 warnings.append(

@@ -347,7 +347,7 @@ def data_root(data_cfg) -> Path:
 
 
 def from_config(data_cfg, split: str) -> SampleSet:
-    """The :class:`SampleSet` for ``split`` of a ``conf/data/*.yaml`` config (a mapping)."""
+    """The :class:`SampleSet` for ``split`` of a ``pipeline/conf/data/*.yaml`` config (a mapping)."""
     kind = data_cfg["source"]
     if kind == "toy":
         n = data_cfg["train_size"] if split == "train" else data_cfg["val_size"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pipeline.replay import seeding
 from pipeline.replay.digest import view_digest
 from pipeline.replay.mixing import block_mixes, mix_images, smooth_one_hot, soft_target
-from pipeline.replay.params import AugmentConfig, eval_params, sample_params
+from pipeline.replay.view_params import AugmentConfig, eval_params, sample_params
 from pipeline.replay.pixels import SourceImage, apply
 
 

@@ -58,7 +58,7 @@ def _student(run: Run):
 def _lr(run: Run):
     expr, value = probe.student_lr(run.tr, run.global_batch)
     shown = f"{expr} = {value:g}" if value is not None else expr
-    return (f"train.lr={float(run.tr.lr):g}, global_batch={run.global_batch}: {shown} (pipeline/train/runs.py)",
+    return (f"train.lr={float(run.tr.lr):g}, global_batch={run.global_batch}: {shown} (pipeline/train/student_run.py)",
             (float(run.tr.lr), value))
 
 
@@ -140,7 +140,7 @@ def _eval(run: Run):
 
 
 def _ema(run: Run):
-    from pipeline.train.runs import STUDENT, STUDENT_EMA
+    from pipeline.train.student_run import STUDENT, STUDENT_EMA
 
     shown = (f"train.ema={run.tr.ema}, decay {run.tr.ema_decay}; reported: {STUDENT} (val_acc), EMA kept "
              f"in {STUDENT_EMA} (val_ema_acc)")

@@ -14,10 +14,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config_rules import INTERPOLATIONS, MIX_PAIRINGS, timm_rand_augment
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
-INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
@@ -31,11 +33,7 @@ class RandAugmentSpec:
     @classmethod
     def parse(cls, config_str: str) -> "RandAugmentSpec":
         # timm parses its own syntax; we read the op set and settings off its objects and sample ourselves.
-        from timm.data.auto_augment import rand_augment_transform
-
-        ra = rand_augment_transform(config_str, {})
-        if ra.choice_weights is not None:
-            raise ValueError(f"augment.rand_augment={config_str!r}: weighted op choice is not supported")
+        ra = timm_rand_augment(config_str)
         op = ra.ops[0]
         return cls(
             ops=tuple(o.name for o in ra.ops),
@@ -47,13 +45,12 @@ class RandAugmentSpec:
         )
 
 
-MIX_PAIRINGS = ("pair", "block")
 IMPLIED = {"mix_pairing": "pair"}  # keys added to the recipe later: absent from the canonical dict at this value
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The augmentation recipe (conf/augment/*.yaml) plus the view size; hashed into the cache provenance."""
+    """The augmentation recipe (pipeline/conf/augment/*.yaml) plus the view size; hashed into the cache provenance."""
 
     image_size: int
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -138,7 +135,7 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, scale, ratio)
     return [(height - h) // 2, (width - w) // 2, h, w]
 
 
-def _level_arg(name: str, level: float, negate: bool, size: int):
+def level_arg(name: str, level: float, negate: bool, size: int):
     """timm's level_to_arg for the increasing op set; the sign is drawn by the caller, not by `random`."""
     sign = -1.0 if negate else 1.0
     frac = level / _LEVEL_DENOM
@@ -170,7 +167,7 @@ def sample_rand_augment(rng: np.random.Generator, spec: RandAugmentSpec, size: i
         negate = rng.random() > 0.5
         if run:
             level = max(0.0, min(float(mag), spec.magnitude_max))
-            ops.append([name, _level_arg(name, level, negate, size)])
+            ops.append([name, level_arg(name, level, negate, size)])
     return ops
 
 
@@ -220,3 +217,9 @@ def eval_params(src_size: tuple[int, int], cfg: AugmentConfig) -> dict:
 
 
 # ---------------------------------------------------------------- pixels (torchvision ops)
+
+
+def augment_config(cfg: DictConfig, augment=None) -> AugmentConfig:
+    """The replay recipe of this run (``augment``, default ``cfg.augment``) at the data's view size."""
+    aug = cfg.augment if augment is None else augment
+    return AugmentConfig.from_cfg(OmegaConf.to_container(aug, resolve=True), cfg.data.image_size, cfg.data.crop_pct)

@@ -26,7 +26,8 @@ from pipeline.cache import lease
 from pipeline.cache.integrity import check_store
 from pipeline.cache.provenance import expected_provenance
 from pipeline.cache.store import CacheStore
-from pipeline.config import augment_config, split_dir
+from pipeline.config import split_dir
+from pipeline.replay.view_params import augment_config
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.errors import TeacherError
 from pipeline.logs import progress
@@ -67,7 +68,7 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
     """Replay a random subset of committed units (not ``skip``), rerun the teacher, compare with the store."""
     from pipeline import distributed
     from pipeline.cache.provenance import build_provenance
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)

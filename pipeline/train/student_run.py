@@ -1,7 +1,6 @@
-"""The two training runs, as configured: the teacher (classification) and the student (distillation).
-
-Each reads its recipe from the composed config, builds the model, the task and the loaders, and hands them to
-the one loop (pipeline.train.loop.fit); then writes its final weights and metrics atomically.
+"""The student's run (stage two: distillation), as configured: reads its recipe from the composed config, builds
+the model, the task and the loaders, hands them to the one loop (pipeline.train.loop.fit); then writes its final
+weights and metrics atomically.
 """
 
 from __future__ import annotations
@@ -18,116 +17,23 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import distributed
 from pipeline.atomic import atomic_save, atomic_write_text
 from pipeline.cache.reader import MODE_FIELDS, CacheTargets, check_units_done, open_cache
-from pipeline.config import augment_config, split_dir
-from pipeline.data.loader import ViewLoader
-from pipeline.data.shards import load_manifest
-from pipeline.errors import CacheError, ConfigError, TeacherError
+from pipeline.config import split_dir
+from pipeline.errors import CacheError, ConfigError
 from pipeline.finished import require_store, write_run_config
 from pipeline.models.student import create_student, plain_state_dict, unwrap
-from pipeline.models.teacher import check_input, create_teacher, load_runner, teacher_provenance, weights_sha256
-from pipeline.train.losses import create_loss
+from pipeline.models.teacher import load_runner, teacher_provenance
+from pipeline.replay.loader import ViewLoader
+from pipeline.replay.view_params import augment_config
 from pipeline.train.loop import LoopConfig, fit
+from pipeline.train.losses import create_loss
+from pipeline.train.run_setup import checked_manifests, deit_loop_keys, loop_config
 from pipeline.train.schedule import plan_schedule
-from pipeline.train.tasks import ClassificationTask, DistillationTask, ValTeacher
+from pipeline.train.tasks import DistillationTask, ValTeacher
 
 log = logging.getLogger("pipeline")
 
 STUDENT, STUDENT_EMA, METRICS, HISTORY = "student.pt", "student-ema.pt", "metrics.json", "history.json"
-TEACHER_RECORD = "run.json"  # in teacher.train.out_dir: the teacher run's full record
 SOURCES = ("cache", "online")
-TIMING_KEYS = ("img_per_s", "epoch_seconds", "seconds")  # metrics that measure time, not the run
-# The teacher trains on views of run_seed + TEACHER_SEED_OFFSET, never on the exact views (run_seed, s, i) that
-# stage one later labels with it: otherwise its cached targets would be answers on memorised training views,
-# more confident than on anything the student sees at test time.
-TEACHER_SEED_OFFSET = 1000
-
-
-def loop_config(tr: DictConfig, key: str, lr: float, out_dir: Path, overwrite: bool = False) -> LoopConfig:
-    return LoopConfig(epochs=int(tr.epochs), lr=lr, weight_decay=float(tr.weight_decay), min_lr=float(tr.min_lr),
-                      warmup_epochs=float(tr.warmup_epochs), warmup_lr=float(tr.warmup_lr), out_dir=out_dir, key=key,
-                      lr_step=str(tr.lr_step), decay_dist_token=bool(tr.decay_dist_token),
-                      clip_grad=tr.clip_grad, ema=bool(tr.ema), ema_decay=float(tr.ema_decay), compile=bool(tr.compile),
-                      init_seed=int(tr.init_seed), resume="never" if overwrite else str(tr.resume),
-                      dvclive=bool(tr.dvclive), log_indices=bool(tr.log_indices), val=bool(tr.val),
-                      max_steps_per_epoch=tr.max_steps_per_epoch)
-
-
-def _deit_loop_keys(loop: LoopConfig) -> dict:
-    """The loop keys DeiT's recipe sets, for the run key where they differ from the default: checkpoints written
-    before the keys existed then still resume."""
-    return {k: v for k, v in (("lr_step", loop.lr_step), ("decay_dist_token", loop.decay_dist_token))
-            if v != getattr(LoopConfig, k)}
-
-
-def checked_manifests(cfg: DictConfig, error=ConfigError):
-    """Train and val manifests, with the class count the config declares (error names both)."""
-    out = []
-    for split in ("train", "val"):
-        m = load_manifest(split_dir(cfg, split))  # ShardError naming the file when missing or invalid
-        if m.num_classes != int(cfg.data.num_classes):
-            raise error(f"{m.split_dir}: the shards have {m.num_classes} classes, data.num_classes is "
-                        f"{int(cfg.data.num_classes)}")
-        out.append(m)
-    return out
-
-
-def teacher_augment(cfg: DictConfig):
-    """The teacher's own augmentation recipe (`teacher.train.augment`), or the pipeline's when that is null."""
-    own = cfg.teacher.train.augment
-    return augment_config(cfg, own if own is not None else cfg.augment)
-
-
-def train_teacher(cfg: DictConfig) -> dict:
-    """Train ``teacher.name`` on the shards; writes ``teacher.checkpoint``, ``teacher.train.metrics`` (flat: acc,
-    img_per_s, seconds) and the full record ``<teacher.train.out_dir>/run.json``; returns the record."""
-    tcfg, tr = cfg.teacher, cfg.teacher.train
-    if not tcfg.checkpoint:
-        raise TeacherError("teacher.checkpoint is null: set the path the trained teacher is written to")
-    ckpt = Path(tcfg.checkpoint)
-    if ckpt.exists() and not cfg.overwrite:
-        raise TeacherError(f"{ckpt}: a teacher checkpoint exists; refusing to replace it without overwrite=true")
-    ctx = distributed.setup(str(tr.device), int(cfg.num_threads), int(tr.num_workers))
-    cuda = ctx.device.type == "cuda"
-    train_m, _ = checked_manifests(cfg, TeacherError)
-    aug, run_seed = teacher_augment(cfg), int(cfg.run_seed) + TEACHER_SEED_OFFSET
-    loaders = [ViewLoader(split_dir(cfg, split), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
-                          num_workers=int(tr.num_workers), train=split == "train", shuffle=split == "train",
-                          rank=ctx.rank, world_size=ctx.world_size, pin_memory=cuda, backend=cfg.replay.backend,
-                          device=ctx.device) for split in ("train", "val")]
-    task = ClassificationTask(tcfg.mean, tcfg.std, ctx.device, bf16=cuda and bool(tcfg.bf16), size=tcfg.input_size,
-                              channels_last=cuda and bool(tcfg.channels_last))
-    torch.manual_seed(int(tr.init_seed))  # weight init only; the views never touch global RNGs
-    model = create_teacher(tcfg, train_m.num_classes, load=False).to(ctx.device)
-    check_input(model, tcfg, aug.image_size)  # stage one's check: a fixed-size teacher fed another size, etc.
-    if task.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loop = loop_config(tr, "teacher.train", float(tr.lr), Path(tr.out_dir), bool(cfg.overwrite))
-    run_key = {"teacher": str(tcfg.name), "num_classes": train_m.num_classes, "epochs": loop.epochs,
-               "batch_size": int(tr.batch_size), "world_size": ctx.world_size, "lr": loop.lr,
-               "data_fingerprint": train_m.fingerprint, "augment_hash": aug.hash(), "run_seed": run_seed,
-               "init_seed": loop.init_seed, **_deit_loop_keys(loop)}
-    start = time.time()
-    history, _ = fit(model, task, *loaders, list(range(loop.epochs)), loop, ctx, run_key, name="teacher")
-    metrics = {}
-    if ctx.is_main:
-        model.eval()
-        atomic_save(unwrap(model).state_dict(), ckpt)
-        last = history[-1]
-        metrics = {
-            "teacher": str(tcfg.name), "num_classes": train_m.num_classes, "input_size": tcfg.input_size,
-            "data": str(cfg.data.name), "epochs": loop.epochs, "val_acc": last["val_acc"],
-            "train_loss": last["train_loss"], "img_per_s": float(np.mean([h["img_per_s"] for h in history])),
-            "seconds": time.time() - start, "run_seed": run_seed, "augment_hash": aug.hash(), "checkpoint": str(ckpt),
-            "weights_sha256": weights_sha256(ckpt), "device": str(ctx.device), "world_size": ctx.world_size,
-            "torch_threads": torch.get_num_threads(), "recipe": OmegaConf.to_container(tr, resolve=True),
-            "history": history}
-        # The full record (recipe, provenance, sha256, history) beside the run's state; `teacher.train.metrics`
-        # holds only the numbers dvc metrics / dvc exp show compare.
-        atomic_write_text(Path(tr.out_dir) / TEACHER_RECORD, json.dumps(metrics, indent=2) + "\n")
-        flat = {"acc": last["val_acc"], "img_per_s": metrics["img_per_s"], "seconds": metrics["seconds"]}
-        atomic_write_text(Path(tr.metrics), json.dumps(flat, indent=2) + "\n")
-    distributed.barrier()
-    return metrics
 
 
 def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
@@ -158,7 +64,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
                             val_teacher=ValTeacher(teacher) if teacher is not None and loop.val else None)
     train_loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
                               num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
-                              world_size=ctx.world_size, pin_memory=cuda, repeats=_repeats(cfg),
+                              world_size=ctx.world_size, pin_memory=cuda, repeats=int(cfg.train.repeats),
                               backend=cfg.replay.backend, device=ctx.device,
                               extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
@@ -177,7 +83,7 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
         "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
         # the targets: a resume on a store rebuilt by another teacher (or layout) is refused, naming this field
         "cache_store_key": store.key if cached else None,
-        "total_updates": _total_updates(train_loader, loop), **_deit_loop_keys(loop)}
+        "total_updates": _total_updates(train_loader, loop), **deit_loop_keys(loop)}
     log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
              f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "
              f"(lr {loop.lr:.3g}), {run_key['total_updates']} updates, device {ctx.device}")
@@ -199,16 +105,11 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
     return final
 
 
-def _repeats(cfg) -> int:
-    """train.repeats (repeated augmentation; 1 when a config predates the key)."""
-    return int(cfg.train.get("repeats") or 1)
-
-
 def _schedule(cfg, mode, source, cached, manifest, aug):
     """(store or None, seed index per epoch, or with train.repeats = r > 1 the list of its r seed indices);
     refusals name the field or seed."""
     explicit = list(cfg.train.seed_schedule or []) or None
-    epochs, cycle, repeats = int(cfg.train.epochs), bool(cfg.cache.cycle), _repeats(cfg)
+    epochs, cycle, repeats = int(cfg.train.epochs), bool(cfg.cache.cycle), int(cfg.train.repeats)
     store = None
     if cached:
         require_store(cfg)

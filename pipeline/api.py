@@ -13,7 +13,7 @@
 A thin layer over what stage two already uses: :class:`pipeline.replay.loader.ViewLoader` (units, workers, rank
 split, equal steps per rank) with :class:`pipeline.cache.reader.CacheTargets` as its ``extras`` hook (every view's
 digest checked against its replay), after :func:`pipeline.cache.reader.open_cache`'s checks (no writer holding
-the store, data fingerprint, augmentation hash, run seed, class count, shard layout). The augmentation, the view
+the store, data fingerprint, augmentation key by key, run seed, class count, shard layout). The augmentation, the view
 size, the run seed and the replay backend default to the store's provenance, so they need not be retyped; one
 given explicitly must match the store or is refused (ProvenanceMismatch naming the key).
 """

@@ -10,6 +10,7 @@ of the schema has a rule here.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
+
 LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
 INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
 MIX_PAIRINGS = ("pair", "block")  # augment.mix_pairing (pipeline.replay.mixing)
@@ -116,22 +118,29 @@ def crops(cfg: DictConfig) -> None:
             pair(f"{aug}.crop_ratio", OmegaConf.select(cfg, f"{aug}.crop_ratio"), fraction=False)
 
 
-def rand_augment(cfg: DictConfig) -> None:
-    """Parsed by timm's own parser, as the replay parses it (pipeline.replay.view_params.RandAugmentSpec: the config
-    sits below the replay room, so it asks timm directly)."""
+def timm_rand_augment(text: str, key: str = "augment.rand_augment"):
+    """timm's RandAugment for ``text``, parsed by timm's own parser (timm.data.auto_augment), which the replay reads
+    its op set from (pipeline.replay.view_params); a ConfigError naming ``key`` when timm refuses the string or it
+    weights the op choice (the replay draws ops uniformly)."""
     from timm.data.auto_augment import rand_augment_transform
 
+    try:
+        ra = rand_augment_transform(text, {})
+    except Exception as exc:  # noqa: BLE001 - timm's parser asserts, and raises ValueError/KeyError
+        why = str(exc).split(":")[-1].strip() or type(exc).__name__
+        raise ConfigError(f"{key}={text!r} is not a timm RandAugment string ({why}): expected "
+                          f"rand-m<magnitude>[-n<layers>][-mstd<std>][-inc1], e.g. rand-m9-mstd0.5-inc1, "
+                          f"or null (none)") from None
+    if ra.choice_weights is not None:
+        raise ConfigError(f"{key}={text!r}: weighted op choice is not supported (the replay draws ops uniformly)")
+    return ra
+
+
+def rand_augment(cfg: DictConfig) -> None:
     for aug in AUGMENTS:
         value = OmegaConf.select(cfg, f"{aug}.rand_augment") if OmegaConf.select(cfg, aug) is not None else None
         if value:
-            try:
-                if rand_augment_transform(value, {}).choice_weights is not None:
-                    raise ValueError("weighted op choice is not supported")
-            except Exception as exc:  # noqa: BLE001 - timm's parser asserts, and raises ValueError/KeyError
-                why = str(exc).split(":")[-1].strip() or type(exc).__name__
-                raise ConfigError(f"{aug}.rand_augment={value!r} is not a timm RandAugment string ({why}): expected "
-                                  f"rand-m<magnitude>[-n<layers>][-mstd<std>][-inc1], e.g. rand-m9-mstd0.5-inc1, "
-                                  f"or null (none)") from None
+            timm_rand_augment(value, f"{aug}.rand_augment")
 
 
 def normalisation(cfg: DictConfig) -> None:
@@ -150,6 +159,18 @@ def student_input(cfg: DictConfig) -> None:
     if cfg.student.img_size != cfg.data.image_size and not dynamic:
         raise ConfigError(f"student.img_size={cfg.student.img_size} must equal the view size data.image_size="
                           f"{cfg.data.image_size} (the student takes the replayed views as they are)")
+
+
+def student_name(cfg: DictConfig) -> None:
+    """A timm architecture (``local-dir:``/``hf-hub:`` names are timm's to resolve); a typo otherwise surfaces only
+    when stage two builds the model, after the teacher's stages ran."""
+    import timm
+
+    name = str(cfg.student.name)
+    if ":" not in name and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("deit*distilled*"), n=3)
+        raise ConfigError(f"student.name={name!r} is not a timm model" + (f" (did you mean {', '.join(close)}?)"
+                                                                          if close else "; use a deit_*_distilled_*"))
 
 
 def loops(cfg: DictConfig) -> None:
@@ -173,5 +194,5 @@ def seed_schedule(cfg: DictConfig) -> None:
                           f"(each >= 0)")
 
 
-RULES: tuple[Callable[[DictConfig], None], ...] = (crops, rand_augment, normalisation, student_input, loops,
-                                                   devices, seed_schedule)
+RULES: tuple[Callable[[DictConfig], None], ...] = (crops, rand_augment, normalisation, student_input, student_name,
+                                                   loops, devices, seed_schedule)

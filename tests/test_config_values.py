@@ -61,6 +61,8 @@ CASES = [  # (override, what the one line must say)
     ("teacher.mean=[0.5,0.5]", "teacher.mean=[0.5, 0.5] must be three finite numbers (R, G, B)"),
     ("teacher.std=[0.2,0.2,0]", "teacher.std=[0.2, 0.2, 0.0] must be three finite numbers (R, G, B), each > 0"),
     ("student.img_size=64", "student.img_size=64 must equal the view size data.image_size=32"),
+    ("student.name=deit_tiny_distiled_patch16_224", "student.name='deit_tiny_distiled_patch16_224' is not a timm "
+     "model (did you mean deit_tiny_distilled_patch16_224"),
     ("student.patch_size=0", "student.patch_size=0 must be >= 1"),
     ("student.drop_path=1.0", "student.drop_path=1.0 must be in [0, 1)"),
     ("student.mean=[nan,0.5,0.5]", "student.mean=[nan, 0.5, 0.5] must be three finite numbers"),

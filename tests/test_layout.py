@@ -45,8 +45,9 @@ def project_imports(module: str) -> set[Path]:
 
 # What decides no stage's bytes: the package, config checks and the CLI, logs, atomic writes, storage paths,
 # torchrun plumbing, the writer lease, integrity checks and the audit of a finished store. Not deps of any stage.
-PLUMBING = {f"pipeline/{n}.py" for n in ("version", "errors", "logs", "atomic", "storage", "storage_faults", "config", "config_rules", "compose",
-                                          "distributed", "finished", "cli", "launch", "params")} \
+PLUMBING = {f"pipeline/{n}.py" for n in ("version", "errors", "logs", "atomic", "storage", "storage_faults", "config",
+                                          "config_rules", "compose", "distributed", "finished", "cli", "launch",
+                                          "params")} \
     | {f"pipeline/cache/{n}.py" for n in ("lease", "object_lease", "held_leases", "integrity", "audit")}
 # A contract file stands for the code it covers: a change there that alters a stage's bytes bumps its version.
 CONTRACTS = {"pipeline/replay/contract.py": ("pipeline/replay", "pipeline/data"),
@@ -119,7 +120,8 @@ def test_every_stage_explains_itself_on_help():
 # (errors, logs, atomic writes, storage, the config schema); the entry level everything else at pipeline/'s top
 # (pipeline/cli.py, pipeline/api.py and the stages).
 BASE = {"pipeline", "pipeline.errors", "pipeline.logs", "pipeline.atomic", "pipeline.storage", "pipeline.storage_faults",
-        "pipeline.version", "pipeline.config", "pipeline.config_rules", "pipeline.compose", "pipeline.distributed", "pipeline.finished"}
+        "pipeline.version", "pipeline.config", "pipeline.config_rules", "pipeline.compose", "pipeline.distributed",
+        "pipeline.finished"}
 ROOMS = ("data", "replay", "models", "cache", "train")
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config_rules import INTERPOLATIONS, MIX_PAIRINGS
+from pipeline.config_rules import INTERPOLATIONS, MIX_PAIRINGS, timm_rand_augment
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
@@ -33,11 +33,7 @@ class RandAugmentSpec:
     @classmethod
     def parse(cls, config_str: str) -> "RandAugmentSpec":
         # timm parses its own syntax; we read the op set and settings off its objects and sample ourselves.
-        from timm.data.auto_augment import rand_augment_transform
-
-        ra = rand_augment_transform(config_str, {})
-        if ra.choice_weights is not None:
-            raise ValueError(f"augment.rand_augment={config_str!r}: weighted op choice is not supported")
+        ra = timm_rand_augment(config_str)
         op = ra.ops[0]
         return cls(
             ops=tuple(o.name for o in ra.ops),

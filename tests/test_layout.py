@@ -43,11 +43,12 @@ def project_imports(module: str) -> set[Path]:
     return {p.relative_to(REPO) for p in seen}
 
 
-# What decides no stage's bytes: the package, config checks and the CLI, logs, atomic writes, storage paths,
+# What decides no stage's bytes: the package, config checks and the CLI, logs, atomic writes, storage paths (web.py:
+# http(s):// and hf:// reads, hash-checked against the manifest),
 # torchrun plumbing, the writer lease, integrity checks and the audit of a finished store. Not deps of any stage.
-PLUMBING = {f"pipeline/{n}.py" for n in ("version", "errors", "logs", "atomic", "storage", "storage_faults", "config",
-                                          "config_rules", "compose", "distributed", "finished", "cli", "launch",
-                                          "params")} \
+PLUMBING = {f"pipeline/{n}.py" for n in ("version", "errors", "logs", "atomic", "storage", "storage_faults", "web",
+                                          "config", "config_rules", "compose", "distributed", "finished", "cli",
+                                          "launch", "params")} \
     | {f"pipeline/cache/{n}.py" for n in ("lease", "object_lease", "held_leases", "integrity", "audit")}
 # A contract file stands for the code it covers: a change there that alters a stage's bytes bumps its version.
 CONTRACTS = {"pipeline/replay/contract.py": ("pipeline/replay", "pipeline/data"),
@@ -57,7 +58,7 @@ CONTRACTS = {"pipeline/replay/contract.py": ("pipeline/replay", "pipeline/data")
 # also holds the distillation task, which reads teacher targets); export reads the class names of the manifest,
 # a dep itself.
 NOT_ITS_BYTES = {"train_teacher": {"pipeline/cache/targets.py"},
-                 "export": {"pipeline/data/shards.py", "pipeline/data/images.py"}}
+                 "export": {"pipeline/data/shards.py", "pipeline/data/tar_samples.py", "pipeline/data/images.py"}}
 
 
 def _covered(file: Path, deps: list[Path], stage: str) -> bool:
@@ -117,11 +118,11 @@ def test_every_stage_explains_itself_on_help():
 
 
 # Rooms, lowest first: a module imports only from its own level or below. The base holds what every room uses
-# (errors, logs, atomic writes, storage, the config schema); the entry level everything else at pipeline/'s top
+# (errors, logs, atomic writes, storage and web reads, the config schema); the entry level everything else at pipeline/'s top
 # (pipeline/cli.py, pipeline/api.py and the stages).
 BASE = {"pipeline", "pipeline.errors", "pipeline.logs", "pipeline.atomic", "pipeline.storage", "pipeline.storage_faults",
-        "pipeline.version", "pipeline.config", "pipeline.config_rules", "pipeline.compose", "pipeline.distributed",
-        "pipeline.finished"}
+        "pipeline.web", "pipeline.version", "pipeline.config", "pipeline.config_rules", "pipeline.compose",
+        "pipeline.distributed", "pipeline.finished"}
 ROOMS = ("data", "replay", "models", "cache", "train")
 
 

@@ -24,8 +24,8 @@ import tarfile
 from braceexpand import braceexpand
 
 from pipeline import storage
-from pipeline.data.shards import (IMAGE_EXTS, MANIFEST, Manifest, ShardInfo, _Hashing, _tar_members, fingerprint_of,
-                                  parse_sample, staging_dir)
+from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of, staging_dir
+from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, tar_members
 from pipeline.data.wds_info import INFO_NAMES, parse_info, split_of
 from pipeline.errors import ConfigError, ShardError
 from pipeline.logs import progress
@@ -74,7 +74,7 @@ def split_shards(data: dict, split: str) -> tuple[list[str], list[int] | None, d
 
 def _samples(url: str, f):
     """``(key, {ext: bytes})`` per sample of a tar stream (members of one sample are consecutive)."""
-    members = _tar_members(url, f)
+    members = tar_members(url, f)
     for key, group in itertools.groupby(members, key=lambda m: m[0].partition(".")[0]):
         yield key, {name.partition(".")[2].lower(): value for name, value in group}
 
@@ -92,7 +92,7 @@ def index_shard(url: str, first: int, num_classes: int, exts: set, bar) -> Shard
     count = 0
     with f:
         size = len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
-        hashing = _Hashing(f, url)
+        hashing = Hashing(f, url)
         try:
             for key, fields in _samples(url, hashing):
                 parse_sample(url, key, fields, num_classes)  # leaves the image field

@@ -28,17 +28,16 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
-from webdataset import tariterators as wds_tar
 
 from pipeline import storage
 from pipeline.atomic import umask
+from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, check_unchanged, parse_sample, tar_members
 from pipeline.data.images import check_decodes
 from pipeline.errors import ShardError, WriteError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: class names enter the fingerprint
 SHARD_PATTERN = "shard-{:05d}.tar"
-IMAGE_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp"}
 _MTIME = 0  # fixed tar member mtime: re-runs are byte-identical
 
 
@@ -198,69 +197,6 @@ def _check_manifest(m: Manifest) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-class _Hashing:
-    """A binary stream that hashes every byte read through it (the shard's sha256, at no extra read)."""
-
-    def __init__(self, f, path, enabled: bool = True):
-        self.f, self.path, self.h = f, path, hashlib.sha256() if enabled else None
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        if self.h is not None:
-            self.h.update(b)
-        return b
-
-    def hexdigest_to_end(self) -> str | None:
-        if self.h is None:
-            return None
-        for chunk in iter(lambda: self.f.read(1 << 20), b""):  # the tar's end padding
-            self.h.update(chunk)
-        return self.h.hexdigest()
-
-    def __repr__(self):
-        return str(self.path)
-
-
-def parse_sample(path, key: str, fields: dict, num_classes: int) -> tuple[bytes, int]:
-    """``(image_bytes, label)`` of one sample's tar members ``{ext: bytes}``: a ``cls`` integer label in
-    ``[0, num_classes)``, exactly one image field, at most a ``json`` sidecar; else a ShardError naming the key."""
-    raw = fields.pop("cls", None)
-    if raw is None:
-        raise ShardError(f"{path}: key {key}: missing cls (label) field")
-    try:
-        label = int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ShardError(f"{path}: key {key}: label {raw[:20]!r} is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise ShardError(f"{path}: key {key}: label {label} out of range [0, {num_classes})")
-    fields.pop("json", None)  # metadata sidecar (original file name): not part of the sample
-    if len(fields) != 1 or next(iter(fields)) not in IMAGE_EXTS:
-        raise ShardError(f"{path}: key {key}: expected one image field ({'/'.join(sorted(set(IMAGE_EXTS.values())))}), "
-                         f"found {sorted(fields)}")
-    return next(iter(fields.values())), label
-
-
-def _check_unchanged(path, entry: ShardInfo, f) -> None:
-    """A published shard's size and ETag against the manifest's, before a byte is parsed (the sha256 is checked
-    as it streams): a shard replaced on its server is refused by name, not half-read."""
-    if entry.size is None and entry.etag is None:
-        return
-    size = len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
-    etag = getattr(f, "etag", None)
-    why = (f"size {size} bytes, the manifest's {entry.size}" if entry.size is not None and size != entry.size else
-           f"ETag {etag}, the manifest's {entry.etag}" if entry.etag and etag and etag != entry.etag else None)
-    if why:
-        f.close()
-        raise ShardError(f"{path}: {why}: the shard changed since its manifest was made; index it again "
-                         f"(python -m pipeline.make_shards, overwrite=true) and rebuild what was computed from it")
-
-
-def _tar_members(path: Path, fileobj) -> Iterator[tuple[str, bytes]]:
-    # webdataset's streaming tar expansion; errors are re-raised and named by iter_shard.
-    for member in wds_tar.tar_file_iterator(fileobj, handler=wds.reraise_exception):
-        yield member["fname"], member["data"]
-
-
 def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *, fileobj=None,
                check_hash: bool = True) -> Iterator[tuple[int, str, bytes, int]]:
     """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
@@ -300,12 +236,12 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
             raise ShardError(f"{path}: cannot read: {exc}") from None
         raise
     if own:
-        _check_unchanged(path, entry, f)
+        check_unchanged(path, entry, f)
     try:
         key, fields = None, {}
-        f = _Hashing(f, path, check_hash)
+        f = Hashing(f, path, check_hash)
         try:
-            for name, data in _tar_members(path, f):
+            for name, data in tar_members(path, f):
                 k, dot, ext = name.partition(".")
                 if not dot:
                     raise ShardError(f"{path}: key {k}: tar member {name!r} has no extension")

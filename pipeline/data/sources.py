@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.data.images import capped, encode_png, normalised  # noqa: F401 - encode_png: part of this module's API
-from pipeline.data.shards import IMAGE_EXTS
+from pipeline.data.tar_samples import IMAGE_EXTS
 from pipeline.errors import ConfigError, MissingInput, ShardError
 
 Sample = tuple  # (bytes, str, int) or (bytes, str, int, dict)

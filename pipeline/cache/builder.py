@@ -124,6 +124,17 @@ def _reraise(exc: BaseException):
     raise RuntimeError(f"cache writer failed: {exc}") from exc
 
 
+def _create_or_resume(cfg: DictConfig, path, manifest, aug, teacher) -> None:
+    """Rank 0: the store at ``path`` created, or resumed when its layout and provenance match."""
+    provenance = {**build_provenance(cfg, manifest, aug, teacher), "pixels": fingerprint()}  # stage two re-renders
+    CacheStore.create(path, provenance=provenance,
+                      num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
+                      shard_size=manifest.shard_size, num_classes=manifest.num_classes,
+                      topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
+                      overwrite=bool(cfg.overwrite), resume_check=str(cfg.cache.resume_check),
+                      ignore_fields=_unfingerprinted(path, bool(cfg.overwrite)))
+
+
 def build_cache(cfg: DictConfig) -> dict:
     """Build or resume the store at cfg.cache.path; returns a summary (rank 0's, for all ranks)."""
     ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)
@@ -140,13 +151,7 @@ def build_cache(cfg: DictConfig) -> dict:
                         ctx=ctx)  # units(): every rank names its own units, the rank split is not used
     path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
-        provenance = {**build_provenance(cfg, manifest, aug, teacher), "pixels": fingerprint()}  # stage two re-renders
-        CacheStore.create(path, provenance=provenance,
-                          num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
-                          shard_size=manifest.shard_size, num_classes=manifest.num_classes,
-                          topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
-                          overwrite=bool(cfg.overwrite), resume_check=str(cfg.cache.resume_check),
-                          ignore_fields=_unfingerprinted(path, bool(cfg.overwrite)))
+        _create_or_resume(cfg, path, manifest, aug, teacher)
     distributed.barrier()
     store = CacheStore.open(path, mode="r+")
     # Rank 0 holds the writer lease; every other rank (on any node) commits only while rank 0 still holds it.

@@ -158,7 +158,7 @@ def _order(run: Run):
 def _eval(run: Run):
     pct, interp = float(run.cfg.data.crop_pct), str(run.aug.interpolation)
     return (f"data.crop_pct={pct}, augment.interpolation={interp}: the centre box (shorter side x {pct}) resized "
-            f"once (pipeline/replay/params.py eval_params)", (pct, interp, "one box resize"))
+            f"once (pipeline/replay/view_params.py eval_params)", (pct, interp, "one box resize"))
 
 
 def _ema(run: Run):

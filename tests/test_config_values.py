@@ -32,7 +32,7 @@ CASES = [  # (override, what the one line must say)
     ("+data.max_side=8", "data.max_side=8 must be >= 16"),
     ("+data.max_side_quality=101", "data.max_side_quality=101 must be in [1, 100]"),
     ("data.train_label_noise=1.0", "data.train_label_noise=1.0 must be in [0, 1)"),
-    ("data.source=web", "data.source='web' is not one of ('toy', 'fashion_mnist', 'folder')"),
+    ("data.source=web", "data.source='web' is not one of ('toy', 'fashion_mnist', 'folder'"),
     ("augment.crop_scale=[0.5]", "augment.crop_scale=[0.5] must be two increasing numbers [low, high], within (0, 1]"),
     ("augment.crop_scale=[0.9,0.5]", "augment.crop_scale=[0.9, 0.5] must be two increasing numbers"),
     ("augment.crop_scale=[0.5,1.5]", "augment.crop_scale=[0.5, 1.5] must be two increasing numbers"),

@@ -4,7 +4,7 @@
     python -m bench.accuracy --epochs 9 --variants hard hard-r3 --out bench/out/repeats   # repeats 3 vs 1
     python -m bench.accuracy --data toy      # the toy `dvc repro` recipe: teacher, none, hard, soft; ~20 min
 
-``--data toy`` runs the defaults of conf/ (what `dvc repro` runs) with one stage at a time on all cores, so
+``--data toy`` runs the defaults of pipeline/conf/ (what `dvc repro` runs) with one stage at a time on all cores, so
 seed 0 reproduces the toy `dvc repro` metrics exactly on the same machine and thread count. Fashion-MNIST runs
 pass ``bench.common.RECIPE_V1``: the recipe the published study measured.
 
@@ -290,8 +290,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", choices=["fashion_mnist", "toy"], default="fashion_mnist")
     ap.add_argument("--train-limit", type=int, default=10000, help="first N Fashion-MNIST train images")
     ap.add_argument("--epochs", type=int, default=None,
-                    help="student epochs E (= cached seeds); default 8, toy: conf/train/toy.yaml's")
-    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 8, toy: conf/teacher's")
+                    help="student epochs E (= cached seeds); default 8, toy: pipeline/conf/train/toy.yaml's")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 8, toy: pipeline/conf/teacher's")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                     help="default: all, less the cycling points with S >= E; toy: none hard soft")
     ap.add_argument("--jobs", type=int, default=None, help="stages run side by side (default 2, toy: 1)")
@@ -302,7 +302,7 @@ def main(argv=None) -> dict:
                     help="extra Hydra override for every stage (repeatable), e.g. --set train.batch_size=32")
     args = ap.parse_args(argv)
     toy = args.data == "toy"
-    conf = compose([]) if toy else None  # toy: the defaults of conf/ (what `dvc repro` runs), one stage at a time
+    conf = compose([]) if toy else None  # toy: the defaults of pipeline/conf/ (what `dvc repro` runs), one stage at a time
     defaults = ({"epochs": int(conf.train.epochs), "teacher_epochs": int(conf.teacher.train.epochs), "jobs": 1,
                  "variants": ["none", "hard", "soft"]} if toy else {"epochs": 8, "teacher_epochs": 8, "jobs": 2})
     for key, value in defaults.items():

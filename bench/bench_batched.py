@@ -63,7 +63,7 @@ def photo_items(size: tuple[int, int], n: int) -> list[tuple[int, bytes, int]]:
 
 def sources(n: int) -> dict:
     """name -> (items, AugmentConfig, num_classes)."""
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     out = {src: (photo_items(wh, n), AugmentConfig(image_size=SIZE), 1000) for src, wh in SOURCES.items()}
     out["toy 32x32 PNG"] = (toy_items(n), AugmentConfig(image_size=32), 10)
@@ -158,18 +158,18 @@ def time_resize(items, cfg, reps: int) -> dict:
 
 
 def op_table(items, device) -> dict:
-    """Per RandAugment op: (mean, max) abs difference, batched on `device` vs pixels._apply_op, on 4 photo
+    """Per RandAugment op: (mean, max) abs difference, batched on `device` vs pixels.apply_op_image, on 4 photo
     views at 224 px, every magnitude in LEVELS with both signs."""
     import torchvision.transforms.v2.functional as F
 
     from pipeline.replay import batched_ops, compare, pixels
-    from pipeline.replay.params import _level_arg
+    from pipeline.replay.view_params import level_arg
 
     views = torch.stack([F.resize(pixels.decode(pixels.open_image(d))[0], [SIZE, SIZE], antialias=True)
                          for _, d, _ in items[:4]])
     table = {}
     for name in batched_ops.OPS:
-        args = [_level_arg(name, level, neg, SIZE) for level in LEVELS for neg in (False, True)]
+        args = [level_arg(name, level, neg, SIZE) for level in LEVELS for neg in (False, True)]
         images = views.repeat(len(args), 1, 1, 1)
         mean, mx = compare.compare_op(name, images, [a for a in args for _ in range(len(views))], device)
         table[name] = {"mean": mean, "max": mx}
@@ -179,7 +179,7 @@ def op_table(items, device) -> dict:
 def end_to_end(items, cfg, num_classes, device, seeds=(0, 1)) -> dict:
     """Per-view mean abs difference of the two backends: full recipe, and crop/flip only (decode scale alone)."""
     from pipeline.replay import batched, compare
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
 
     plain = AugmentConfig(**{**cfg.canonical(), "rand_augment": None, "erase_prob": 0.0, "mix_prob": 0.0})
     out = {}
@@ -249,7 +249,7 @@ def print_tables(res: dict) -> None:
         f"{k} {v:.2f}" for k, v in res["resize"]["ms_per_img"].items())
         + f"; identical pixels: {res['resize']['identical_pixels']}")
     for dev, table in res["op_difference"].items():
-        print(f"\n### Per-op difference, batched on {dev} vs pixels._apply_op (uint8 levels)\n")
+        print(f"\n### Per-op difference, batched on {dev} vs pixels.apply_op_image (uint8 levels)\n")
         print("| op | mean abs | max abs |\n|---|---:|---:|")
         for name, d in table.items():
             print(f"| {name} | {d['mean']:.4f} | {d['max']} |")

@@ -23,7 +23,7 @@ import torch
 from bench.bench_replay import BLOCK, SIZE, photo_jpegs
 from bench.common import machine, save_json
 from pipeline.replay import pixels, seeding
-from pipeline.replay.params import AugmentConfig, sample_params
+from pipeline.replay.view_params import AugmentConfig, sample_params
 from pipeline.replay.views import block_views
 
 MODES = ("bilinear", "bicubic")
@@ -59,13 +59,13 @@ def step_costs(jpegs: list[bytes], reps: int) -> dict:
     deit = AugmentConfig(image_size=SIZE)
     images = [pixels.decode(pixels.open_image(d))[0] for d in jpegs]
     params = [sample_params(seeding.view_rng(0, 0, i), tuple(im.shape[1:]), deit) for i, im in enumerate(images)]
-    views = [pixels._crop_resize(im, p, deit) for im, p in zip(images, params)]
+    views = [pixels.crop_resize_image(im, p, deit) for im, p in zip(images, params)]
     out = {}
     for m in MODES:
         cfg = AugmentConfig(image_size=SIZE, interpolation=m)
-        steps = {"crop resize": lambda: [pixels._crop_resize(im, p, cfg) for im, p in zip(images, params)],
-                 "Rotate 15": lambda: [pixels._apply_op(v, "Rotate", 15.0, m) for v in views],
-                 "ShearX 0.15": lambda: [pixels._apply_op(v, "ShearX", 0.15, m) for v in views]}
+        steps = {"crop resize": lambda: [pixels.crop_resize_image(im, p, cfg) for im, p in zip(images, params)],
+                 "Rotate 15": lambda: [pixels.apply_op_image(v, "Rotate", 15.0, m) for v in views],
+                 "ShearX 0.15": lambda: [pixels.apply_op_image(v, "ShearX", 0.15, m) for v in views]}
         for name, fn in steps.items():
             fn()  # warm
             out[(name, m)] = statistics.median(_cpu(fn) for _ in range(reps)) * 1000 / len(images)

@@ -29,7 +29,7 @@ import numpy as np
 from bench.common import REPO, save_json
 
 
-def _server():
+def start_moto():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -92,9 +92,9 @@ def run(shards: int, per_shard: int, image_kb: int, units: int, latency_ms: floa
     from pipeline.cache import lease
     from pipeline.cache.store import CacheStore
     from pipeline.data.shards import write_shards
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
-    server = _server()
+    server = start_moto()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

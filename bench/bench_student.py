@@ -69,9 +69,9 @@ def fill_cache(cfg, workers: int = 0) -> None:
     replayed by ``workers`` DataLoader workers; 0: in this process)."""
     from pipeline.cache.provenance import library_versions
     from pipeline.cache.store import CacheStore
-    from pipeline.data.loader import ViewLoader
+    from pipeline.replay.loader import ViewLoader
     from pipeline.data.shards import load_manifest
-    from pipeline.config import augment_config
+    from pipeline.replay.view_params import augment_config
 
     train = Path(cfg.data.shards) / "train"
     m = load_manifest(train)
@@ -95,7 +95,7 @@ def fill_cache(cfg, workers: int = 0) -> None:
 
 
 def measure(base: list[str], mode: str, out: Path, warmup: int) -> dict:
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     stamps: list[float] = []
     sizes: list[int] = []

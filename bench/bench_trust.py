@@ -1,4 +1,4 @@
-"""What trust costs (issue 12): checksum verification on stage two's read path against a student step, and
+"""What trust costs: checksum verification on stage two's read path against a student step, and
 sha256 hashing of shards as they stream against reading and rendering them.
 
     python -m bench.bench_trust [--out bench/out/bench_trust.json]
@@ -99,7 +99,7 @@ def hashing_cost(work: Path, repeat: int = 5) -> dict:
     from bench.bench_student import photo_jpegs, write_split
     from pipeline.data import sources
     from pipeline.data.shards import iter_shard, write_shards
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
     from pipeline.replay.views import block_views
 
     toy = sources.toy(0, 256, "train")

@@ -63,7 +63,7 @@ def digests(s: int, k: int, count: int) -> np.ndarray:
 
 
 def provenance(mode: str, n: int) -> dict:
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     return {"teacher": {"name": "synthetic", "weights_sha256": "0", "num_classes": CLASSES},
             "data_fingerprint": f"synthetic-{n}", "augment_hash": "bench", "run_seed": 0, "num_classes": CLASSES,
@@ -395,9 +395,9 @@ def run(args) -> dict:
             out["disk_scan"] = scan_time(f"{tmp}/scan.zarr")
             out["disk_scan"]["metadata"] = metadata_time(f"{tmp}/scan.zarr")
     if args.s3_n:
-        from bench.bench_storage_s3 import _server
+        from bench.bench_storage_s3 import start_moto
 
-        server = _server()  # moto on 127.0.0.1, its own process; AWS_* point at it (bucket "bench")
+        server = start_moto()  # moto on 127.0.0.1, its own process; AWS_* point at it (bucket "bench")
         try:
             for mode in args.modes:
                 out["s3"][mode] = measure("s3://bench/scale", mode, args.s3_n, args.seeds, args.writers,

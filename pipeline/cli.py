@@ -3,7 +3,7 @@ and checked against the schema, and one error policy: a user error (pipeline.err
 config key/value) prints one line naming the file, key or field and exits 2; anything else is a bug and keeps
 its traceback.
 
-    python -m pipeline.<stage> [overrides]                      # conf/ + overrides
+    python -m pipeline.<stage> [overrides]                      # pipeline/conf/ + overrides
     python -m pipeline.<stage> --params params.yaml [overrides] # what a DVC stage runs
     python -m pipeline.<stage> --help                           # what it does, its main keys"""
 
@@ -93,8 +93,12 @@ def run(name: str, body, doc: str, keys: tuple[str, ...], argv: list[str] | None
             print(stage_help(doc, keys, [a for a in args if a not in ("--help", "-h")]))
         return
     with stage(name):
+        from pipeline import storage_faults
+
         params, overrides = split_params(args)
-        body(validate(compose(overrides, params)))
+        cfg = validate(compose(overrides, params))
+        storage_faults.configure(**cfg.storage)
+        body(cfg)
 
 
 def stage_help(doc: str, keys: tuple[str, ...], args: list[str]) -> str:
@@ -104,6 +108,6 @@ def stage_help(doc: str, keys: tuple[str, ...], args: list[str]) -> str:
     cfg = validate(compose(*reversed(split_params(args))))
     width = max(len(k) for k in keys)
     rows = [f"  {k:<{width}}  {OmegaConf.select(cfg, k)}" for k in keys]
-    return "\n".join([doc.strip(), "", "Main keys (from conf/ and the overrides given; change as key=value, groups as "
-                      "group=name):", *rows, "", "Every key: python -m pipeline.params [overrides] prints the composed "
+    return "\n".join([doc.strip(), "", "Main keys (from pipeline/conf/ and the overrides given; change as key=value, "
+                      "groups as group=name):", *rows, "", "Every key: python -m pipeline.params [overrides] prints the composed "
                       "config (nothing written); docs/design.md explains the contract."])

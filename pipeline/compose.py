@@ -1,8 +1,8 @@
-"""The one configuration rule: every command composes conf/ with the overrides on its command line.
+"""The one configuration rule: every command composes pipeline/conf/ with the overrides on its command line.
 
-DVC's stages run the same commands with ``--params params.yaml``: the configuration `dvc exp run -S` composed
-from conf/dvc.yaml (conf/config.yaml plus the git-tracked metrics/ paths) with its own overrides, and that
-`dvc repro` reads as committed. Nothing else reads params.yaml.
+DVC's stages run the same commands with ``--params params.yaml``: the configuration `dvc exp run -S`
+composed from pipeline/conf/dvc.yaml (pipeline/conf/config.yaml plus the git-tracked metrics/ paths) with its own
+overrides, and that `dvc repro` reads as committed. Nothing else reads params.yaml.
 
 Composition errors become one line naming the override at fault (with the closest valid key or option), never
 Hydra's multi-line message and its `+key=value` hint.
@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import difflib
 import re
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError, MissingInput
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+# Package data (pyproject's package-data): found the same way in a checkout, an editable install and a wheel.
+# Hydra reads a directory, so the package must be installed unzipped (pip always does).
+CONF = Path(str(resources.files("pipeline") / "conf"))
 PARAMS_FLAG = "--params"
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), params: str | None = None,
             config_name: str = "config") -> DictConfig:
-    """conf/<config_name> (or the composed ``params`` file) with ``overrides``, not yet resolved."""
+    """pipeline/conf/<config_name> (or the composed ``params`` file) with ``overrides``, not yet resolved."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -36,7 +39,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), params: str | None = No
         group = next((o for o in overrides if "." not in _key_of(o) and (CONF / _key_of(o)).is_dir()), None)
         if group is not None:
             raise ConfigError(f"{group}: {PARAMS_FLAG} {params} holds an already composed config; group overrides "
-                              f"compose conf/: run the command without {PARAMS_FLAG}")
+                              f"compose pipeline/conf/: run the command without {PARAMS_FLAG}")
     else:
         config_dir = CONF
     try:
@@ -90,8 +93,8 @@ def _message(exc: Exception, overrides: list[str], params: str | None) -> str:
     if m and "No match in the defaults list" in text:
         group = m.group(1)
         where = f"{PARAMS_FLAG} {params} holds an already composed config" if params else "not a config group"
-        return (f"{_override(overrides, group)}: {where}; group overrides (e.g. {group}=<option>) compose conf/: "
-                f"run the command without {PARAMS_FLAG}")
+        return (f"{_override(overrides, group)}: {where}; group overrides (e.g. {group}=<option>) compose "
+                f"pipeline/conf/: run the command without {PARAMS_FLAG}")
     if m:
         key = m.group(1)
         base = [o for o in overrides if _key_of(o) != key]

@@ -9,7 +9,7 @@ One rule keeps a run on many nodes the same as on one: only what belongs to the 
 rank and world size: the work split (stage one's units, stage two's shards), RNG streams, the global batch, and
 ``Context.is_main`` (global rank 0 alone takes the cache store's writer lease and writes metrics, checkpoints
 and summaries). No file is written per node, so every node must see the same paths: a shared filesystem
-(README.md, "From one box to many").
+(docs/operations.md, "From one box to many").
 """
 
 from __future__ import annotations

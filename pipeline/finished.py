@@ -3,7 +3,7 @@ and verify_cache a cache store). Each command reads the run its own configuratio
 exist, the error lists the runs that do, with the overrides that select each, instead of suggesting a retrain.
 
 A student run records its composed configuration (``config.yaml`` in ``train.out_dir``), so the overrides are
-the keys where it differs from this command's configuration, less the keys conf/ derives (paths that follow
+the keys where it differs from this command's configuration, less the keys pipeline/conf/ derives (paths that follow
 other keys) and where metrics are written.
 """
 
@@ -29,7 +29,7 @@ def overrides_for(run: DictConfig, cfg: DictConfig) -> list[str]:
     """The ``key=value`` overrides that turn ``cfg`` into the configuration ``run`` was trained with."""
     from pipeline.compose import compose
 
-    derived = compose()  # conf/ unresolved: an interpolated key follows the keys it names
+    derived = compose()  # pipeline/conf/ unresolved: an interpolated key follows the keys it names
     out = []
     for key in _leaves(run):
         if key.startswith("eval.") or key.endswith(".metrics"):

@@ -1,11 +1,11 @@
 """`python -m pipeline.params [overrides]`: print the composed configuration (YAML, every key); nothing is written.
 
-    python -m pipeline.params                          # conf/ as every command composes it
+    python -m pipeline.params                          # pipeline/conf/ as every command composes it
     python -m pipeline.params data=imagenet train=deit # the same with overrides
-    python -m pipeline.params --write                  # params.yaml for `dvc repro`: conf/dvc.yaml composed
+    python -m pipeline.params --write                  # params.yaml for `dvc repro`: pipeline/conf/dvc.yaml composed
 
 `dvc exp run -S key=value` composes params.yaml itself (hydra.enabled, config_name dvc in .dvc/config); plain
-`dvc repro` reads the committed params.yaml, so after editing conf/ run `--write` (a test checks they agree).
+`dvc repro` reads the committed params.yaml, so after editing pipeline/conf/ run `--write` (a test checks they agree).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from omegaconf import OmegaConf
 
 from pipeline import cli
 
-DVC_CONFIG = "dvc"  # conf/dvc.yaml: what DVC composes into params.yaml
+DVC_CONFIG = "dvc"  # pipeline/conf/dvc.yaml: what DVC composes into params.yaml
 WRITE = "--write"
 
 
 def composed(overrides: list[str] | None = None, config_name: str = "config") -> dict:
-    """conf/<config_name> with ``overrides``, checked and resolved, as plain containers."""
+    """pipeline/conf/<config_name> with ``overrides``, checked and resolved, as plain containers."""
     from pipeline.compose import compose
     from pipeline.config import validate
 

@@ -3,9 +3,9 @@
     NPROC=8 python -m pipeline.recipe $R            # every DeiT ingredient: DeiT's value, source, ours, verdict
     python -m pipeline.recipe --economics $R        # teacher forwards and hours: a cache vs online distillation
 
-Composes conf/ with the overrides (the one configuration rule) and prints one markdown table. The global batch
+Composes pipeline/conf/ with the overrides (the one configuration rule) and prints one markdown table. The global batch
 is train.batch_size x NPROC (as stages/launch.sh reads it; else train.nproc) x NNODES. docs/recipe.md and
-docs/economics.md hold the tables of README's documented ImageNet run.
+docs/economics.md hold the tables of the documented ImageNet run (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def main(argv: list[str]) -> None:
             sys.stdout.write(economics.render(economics.inputs_from(cfg)))
             return
         from pipeline.train import recipe_card as card
+        from pipeline.train.recipe_ingredients import INGREDIENTS
 
         run = card.Run(cfg, card.world_size(cfg))
-        table = card.rows(run)
+        table = card.rows(run, INGREDIENTS)
         sys.stdout.write(card.render(table, run))
         for row in card.drifts(table):
             print(f"recipe: note: {row.name} differs from DeiT ({row.deit}) with no recorded reason", file=sys.stderr)

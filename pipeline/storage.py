@@ -9,10 +9,14 @@ through ``zarr.storage.ObjectStore`` on the same client (:func:`zarr_store`).
 Endpoint and credentials: the standard AWS variables ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` (an ``http://`` endpoint is allowed, e.g. a
 local MinIO/moto). ``gs://`` uses obstore's GCS backend with its own environment (``GOOGLE_SERVICE_ACCOUNT`` ...):
-supported by the library, untested here. ``hf://`` is refused: obstore has no Hugging Face backend.
+supported by the library, untested here. ``http(s)://`` and ``hf://datasets/...`` are read-only
+(:class:`pipeline.web.WebPath`: published shards and manifests, read in place).
 
-Errors: a missing object is ``FileNotFoundError``; any other storage failure an ``OSError`` naming the URL, so
-callers' existing ``except OSError`` paths (a unit that stays pending, a WriteError) hold for object storage too.
+Errors (pipeline.storage_faults): a missing object is ``FileNotFoundError``; no credentials, no such bucket, access
+denied, an endpoint that fails or stays silent past the retry budget (the config's ``storage`` keys) a
+``StorageError`` naming the URL and the fix, which is also an ``OSError``: callers' existing ``except OSError``
+paths (a unit that stays pending, a WriteError) hold for object storage too. Zarr's requests go through the same
+translation (:class:`_ZarrObjectStore`).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline.errors import ConfigError
+from pipeline import storage_faults
+from pipeline.errors import ConfigError, StorageError
+from pipeline.web import SCHEMES as WEB_SCHEMES, WebPath, is_web
 
 SCHEMES = ("s3", "gs")
-_STORES: dict = {}  # (pid, scheme, bucket, prefix) -> obstore store (rebuilt after a fork)
+_STORES: dict = {}  # (pid, scheme, bucket, prefix, settings) -> obstore store (rebuilt after a fork)
 _LOCK = threading.Lock()
 _USED: set[int] = set()  # pids that started obstore's (tokio) runtime, which does not survive a fork
 
@@ -42,16 +48,18 @@ def worker_context(*locations, num_workers: int = 1) -> str | None:
 
 
 def is_url(p) -> bool:
-    if isinstance(p, ObjectPath):
+    if isinstance(p, (ObjectPath, WebPath)):
         return True
     s = os.fspath(p) if isinstance(p, os.PathLike) else p
-    return isinstance(s, str) and "://" in s and s.split("://", 1)[0].lower() in SCHEMES + ("hf",)
+    return isinstance(s, str) and "://" in s and s.split("://", 1)[0].lower() in SCHEMES + WEB_SCHEMES
 
 
 def as_path(p) -> Path | ObjectPath:
     """A local ``Path`` (exactly as before) or an :class:`ObjectPath` for a URL."""
-    if isinstance(p, ObjectPath):
+    if isinstance(p, (ObjectPath, WebPath)):
         return p
+    if is_web(str(p)):
+        return WebPath(str(p))
     return ObjectPath(str(p)) if is_url(p) else Path(p)
 
 
@@ -68,25 +76,26 @@ def _config(scheme: str) -> tuple[dict, dict]:
 
 
 def obstore_store(scheme: str, bucket: str, prefix: str = ""):
-    """The obstore client of ``scheme://bucket/prefix`` (one per process and location)."""
+    """The obstore client of ``scheme://bucket/prefix`` (one per process and location), with the ``storage``
+    settings in force when it is first asked for."""
     from obstore.store import from_url
 
-    key = (os.getpid(), scheme, bucket, prefix)
+    settings = storage_faults.settings()
+    key = (os.getpid(), scheme, bucket, prefix, tuple(settings.values()))
     _USED.add(os.getpid())
     with _LOCK:
         if key not in _STORES:
             cfg, client = _config(scheme)
             url = f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
-            _STORES[key] = from_url(url, config=cfg, client_options=client or None)
+            if scheme == "s3":
+                storage_faults.check_credentials(url, cfg)
+            options, retry = storage_faults.client_options(settings)
+            _STORES[key] = from_url(url, config=cfg, client_options={**client, **options}, retry_config=retry)
         return _STORES[key]
 
 
 def _oserror(e: Exception, url: str) -> OSError:
-    from obstore.exceptions import NotFoundError
-
-    if isinstance(e, (NotFoundError, FileNotFoundError)):
-        return FileNotFoundError(f"{url}: no such object")
-    return OSError(f"{url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return storage_faults.translate(e, url)
 
 
 class ObjectPath:
@@ -172,9 +181,12 @@ class ObjectPath:
         """(key, size) of every object under this prefix."""
         import obstore
 
-        for batch in obstore.list(self.store, self.key + "/" if self.key else None):
-            for o in batch:
-                yield o["path"], o["size"]
+        try:
+            for batch in obstore.list(self.store, self.key + "/" if self.key else None):
+                for o in batch:
+                    yield o["path"], o["size"]
+        except Exception as e:  # noqa: BLE001
+            raise _oserror(e, str(self)) from None
 
     # -- data
     def read_bytes(self) -> bytes:
@@ -212,8 +224,11 @@ class ObjectPath:
         import obstore
 
         keys = [k for k, _ in self.walk_objects()]
-        for i in range(0, len(keys), 1000):
-            obstore.delete(self.store, keys[i:i + 1000])
+        try:
+            for i in range(0, len(keys), 1000):
+                obstore.delete(self.store, keys[i:i + 1000])
+        except Exception as e:  # noqa: BLE001
+            raise _oserror(e, str(self)) from None
 
 
 def open_binary(path, siblings=()):
@@ -222,10 +237,12 @@ def open_binary(path, siblings=()):
     reads them with a regular stride (1 in stage one's single process, the world size across its ranks), the
     next ones along that stride are fetched in background threads meanwhile; an irregular order (stage two's
     shuffled shards) fetches nothing ahead rather than fetching what will not be read."""
-    if not isinstance(path, ObjectPath):
+    if not isinstance(path, (ObjectPath, WebPath)):
         return open(path, "rb")
     data = READ_AHEAD.take(path)
     READ_AHEAD.schedule(READ_AHEAD.next_along(path, list(siblings)))
+    if isinstance(path, WebPath):  # with its ETag (checked against the manifest's)
+        return path.fetch() if data is None else data
     return io.BytesIO(path.read_bytes() if data is None else data)
 
 
@@ -262,9 +279,63 @@ def zarr_store(path, mode: str):
     """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore."""
     if not isinstance(path, ObjectPath):
         return str(path)
+    return _zarr_object_store(path, read_only=mode == "r")
+
+
+def _zarr_object_store(path: ObjectPath, read_only: bool):
+    return _zarr_class()(obstore_store(path.scheme, path.bucket, path.key), read_only=read_only, root=str(path))
+
+
+def _zarr_class():
+    """zarr's ObjectStore on our client, its requests' failures translated as ObjectPath's (naming the object).
+    Built on first use (zarr imported only then); found by name in this module, so a pickled store unpickles."""
+    if "_ZarrObjectStore" in globals():
+        return globals()["_ZarrObjectStore"]
     from zarr.storage import ObjectStore
 
-    return ObjectStore(obstore_store(path.scheme, path.bucket, path.key), read_only=mode == "r")
+    class _ZarrObjectStore(ObjectStore):
+        def __init__(self, store, *, read_only: bool = False, root: str = ""):
+            super().__init__(store, read_only=read_only)
+            self.root = root
+
+        def with_read_only(self, read_only: bool = False):
+            return type(self)(self.store, read_only=read_only, root=self.root)
+
+    for name in ("get", "get_partial_values", "exists", "set", "set_if_not_exists", "delete", "getsize"):
+        setattr(_ZarrObjectStore, name, _translated(getattr(ObjectStore, name)))
+    for name in ("list", "list_prefix", "list_dir"):
+        setattr(_ZarrObjectStore, name, _translated_gen(getattr(ObjectStore, name)))
+    _ZarrObjectStore.__module__, _ZarrObjectStore.__qualname__ = __name__, "_ZarrObjectStore"
+    globals()["_ZarrObjectStore"] = _ZarrObjectStore
+    return _ZarrObjectStore
+
+
+def __getattr__(name: str):
+    if name == "_ZarrObjectStore":  # unpickling a zarr store in a fresh process
+        return _zarr_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _translated(method):
+    async def call(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except (StorageError, FileNotFoundError, ValueError, TypeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - obstore's errors, as ObjectPath raises them
+            key = args[0] if args and isinstance(args[0], str) else ""
+            raise _oserror(e, f"{self.root}/{key}" if key else self.root) from None
+    return call
+
+
+def _translated_gen(method):
+    async def call(self, *args, **kwargs):
+        try:
+            async for item in method(self, *args, **kwargs):
+                yield item
+        except Exception as e:  # noqa: BLE001
+            raise _oserror(e, self.root) from None
+    return call
 
 
 def upload_tree(local: Path, dest: ObjectPath, last: str | None = None) -> None:
@@ -292,7 +363,7 @@ class ReadAhead:
         self._last = (None, None, None, None)  # (pid, first sibling, index of the last open, its stride)
 
     def schedule(self, paths) -> None:
-        paths = [p for p in paths if isinstance(p, ObjectPath)]
+        paths = [p for p in paths if isinstance(p, (ObjectPath, WebPath))]
         if not paths:
             return
         with _LOCK:
@@ -302,7 +373,7 @@ class ReadAhead:
                 if p not in self._pending:
                     while len(self._pending) >= self.depth:  # a guess that was never read: drop the oldest
                         self._pending.pop(next(iter(self._pending))).cancel()
-                    self._pending[p] = self._pool.submit(p.read_bytes)
+                    self._pending[p] = self._pool.submit(p.fetch if isinstance(p, WebPath) else p.read_bytes)
 
     def next_along(self, path: ObjectPath, siblings: list) -> list:
         """The siblings after ``path`` along this process's stride, once two consecutive opens agree on it."""

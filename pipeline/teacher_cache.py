@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     from pipeline import distributed
     from pipeline.atomic import atomic_write_text
     from pipeline.cache.builder import build_cache, format_summary
-    from pipeline.cache.verify import verify_cache
+    from pipeline.cache.audit import verify_cache
 
     summary = build_cache(cfg)
     if float(cfg.cache.verify_fraction) > 0:

@@ -18,7 +18,7 @@ from pipeline import cli
 
 
 def main(cfg: DictConfig) -> None:
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     train_student(cfg)
 

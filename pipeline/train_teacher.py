@@ -17,7 +17,7 @@ from pipeline import cli
 
 
 def main(cfg: DictConfig) -> None:
-    from pipeline.train.runs import train_teacher
+    from pipeline.train.teacher_run import train_teacher
 
     m = train_teacher(cfg)
     if m:

@@ -20,7 +20,7 @@ from pipeline import cli
 
 
 def main(cfg: DictConfig) -> None:
-    from pipeline.cache.verify import format_damage, verify_cache
+    from pipeline.cache.audit import format_damage, verify_cache
     from pipeline.finished import require_store
 
     require_store(cfg)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `stages/launch.sh <stage> [nproc=N] [--params params.yaml] [overrides...]`: one process, or torchrun over NPROC
 # processes per node, on one node or several (pipeline/launch.py). dvc.yaml runs every stage through it, with
-# --params params.yaml; by hand it composes conf/ with your overrides, like `python -m pipeline.<stage>`.
+# --params params.yaml; by hand it composes pipeline/conf/ with your overrides, like `python -m pipeline.<stage>`.
 #
 # Environment (all optional; the defaults are one process on this machine):
 #   NPROC          processes on this node (one per GPU), default 1 (or the stage's nproc=<n>)

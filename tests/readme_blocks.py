@@ -1,6 +1,7 @@
-"""README.md's ```bash blocks as scripts a test runs: found by section heading, edited only by an explicit
-substitution table (every entry must match exactly once, so README drift fails the test) and by appending cap
-overrides (epochs, steps, batch size, seeds, sample limits, workers) to every stage command."""
+"""The ```bash blocks of README.md and docs/*.md as scripts a test runs: found by page and section heading, edited
+only by an explicit
+substitution table (every entry must match exactly once, so drift in the page fails the test) and by appending
+cap overrides (epochs, steps, batch size, seeds, sample limits, workers) to every stage command."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+OPERATIONS = REPO / "docs" / "operations.md"
+OWN_DATA = REPO / "docs" / "own-data.md"
+
+
+def pages() -> list[Path]:
+    """Every page whose commands must be run by a test: README.md and docs/*.md."""
+    return [README, *sorted((REPO / "docs").glob("*.md"))]
 
 _HEADING = re.compile(r"^(#{1,6}) (.+?)\s*$")
 _FENCE = re.compile(r"^```(\w*)\s*$")
@@ -24,12 +32,14 @@ class Block:
     section: str  # the nearest heading above the block
     lang: str
     code: str
-    line: int     # 1-based line of the opening fence in README.md
+    line: int     # 1-based line of the opening fence in its page
+    page: str = "README.md"
 
 
-def blocks(text: str | None = None) -> list[Block]:
-    """Every fenced block of README.md, with the heading it stands under."""
-    lines = (README.read_text() if text is None else text).splitlines()
+def blocks(text: str | None = None, page: Path = README) -> list[Block]:
+    """Every fenced block of ``page`` (or of ``text``), with the heading it stands under."""
+    lines = (page.read_text() if text is None else text).splitlines()
+    name = page.relative_to(REPO).as_posix()
     out, section, i = [], "", 0
     while i < len(lines):
         fence = _FENCE.match(lines[i])
@@ -38,17 +48,17 @@ def blocks(text: str | None = None) -> list[Block]:
             start, i = i, i + 1
             while i < len(lines) and not lines[i].startswith("```"):
                 i += 1
-            out.append(Block(section, fence.group(1), "\n".join(lines[start + 1:i]) + "\n", start + 1))
+            out.append(Block(section, fence.group(1), "\n".join(lines[start + 1:i]) + "\n", start + 1, name))
         elif heading:
             section = heading.group(2)
         i += 1
     return out
 
 
-def bash_blocks(section: str) -> list[str]:
-    """The ```bash blocks under the heading ``section`` (exactly as written)."""
-    found = [b.code for b in blocks() if b.section == section and b.lang == "bash"]
-    assert found, f"README.md: no ```bash block under the heading {section!r}"
+def bash_blocks(section: str, page: Path = README) -> list[str]:
+    """The ```bash blocks of ``page`` under the heading ``section`` (exactly as written)."""
+    found = [b.code for b in blocks(page=page) if b.section == section and b.lang == "bash"]
+    assert found, f"{page.name}: no ```bash block under the heading {section!r}"
     return found
 
 
@@ -56,7 +66,7 @@ def substitute(code: str, table: dict[str, str]) -> str:
     """``code`` with each key of ``table`` replaced by its value; each key must occur exactly once."""
     for old, new in table.items():
         n = code.count(old)
-        assert n == 1, f"README block: {old!r} occurs {n} times, the test substitutes it exactly once:\n{code}"
+        assert n == 1, f"doc block: {old!r} occurs {n} times, the test substitutes it exactly once:\n{code}"
         code = code.replace(old, new)
     return code
 
@@ -98,7 +108,7 @@ def add_caps(code: str, caps: str) -> tuple[str, list[str]]:
     for group in _logical_lines(code):
         joined = " ".join(group)
         stages = STAGE.findall(joined[:_code_end(joined)]) if not joined.lstrip().startswith("#") else []
-        assert len(stages) <= 1, f"README block: two stage commands on one line: {joined!r}"
+        assert len(stages) <= 1, f"doc block: two stage commands on one line: {joined!r}"
         if stages:
             last = group[-1]
             cut = _code_end(last)

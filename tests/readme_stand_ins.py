@@ -1,4 +1,4 @@
-"""Miniature stand-ins of the same shape for what README's scale-up commands expect: an ImageNet tree (all 1000
+"""Miniature stand-ins of the same shape for what the documented scale-up commands expect: an ImageNet tree (all 1000
 synset folders, ImageNet's file names, 500x375 JPEGs), an own-data folder (PNG and JPEG), a Hugging Face cache
 holding random weights for timm's hub repos (so nothing downloads), and fake Slurm commands (srun, scontrol)."""
 

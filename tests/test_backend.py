@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data.loader import ViewLoader
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.loader import ViewLoader
+from pipeline.replay.view_params import AugmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = AugmentConfig.from_cfg({**__import__("yaml").safe_load((REPO / "conf/augment/toy.yaml").read_text())}, 32)
+TOY = AugmentConfig.from_cfg(__import__("yaml").safe_load((REPO / "pipeline/conf/augment/toy.yaml").read_text()), 32)
 
 
 @pytest.mark.parametrize("workers,shuffle", [(0, True), (1, False)])

@@ -1,4 +1,4 @@
-"""Batched replay (pipeline.replay.batched) against the per-sample path (views.block_views, pixels._apply_op).
+"""Batched replay (pipeline.replay.batched) against the per-sample path (views.block_views, pixels.apply_op_image).
 
 Plans must carry the very params, mixes, targets and digests of block_views; pixels must match the per-sample
 path within the bounds below (measured; zero where the batched op is exact). The CUDA class repeats the pixel
@@ -17,7 +17,7 @@ import yaml
 from bench.bench_replay import photo_jpegs
 from pipeline.replay import batched, batched_ops, batched_resize, compare, pixels
 from pipeline.replay.mixing import mix_images
-from pipeline.replay.params import AugmentConfig, _level_arg
+from pipeline.replay.view_params import AugmentConfig, level_arg
 from pipeline.replay.views import block_views
 
 try:
@@ -27,14 +27,14 @@ except ImportError:  # layout before the pipeline/ restructuring
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "augment"
+CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "augment"
 DEIT = AugmentConfig(image_size=224)  # the DeiT recipe: bicubic crop resize and RandAugment geometry
 DEIT_BILINEAR = AugmentConfig(image_size=224, interpolation="bilinear")
 INTERPOLATIONS = ("bilinear", "bicubic")
 BLOCK = 32
 LEVELS = (0.0, 2.5, 5.0, 7.5, 9.0, 10.0)
 
-# Per-op (mean, max) abs difference in uint8 levels, batched vs pixels._apply_op on the same input, under both
+# Per-op (mean, max) abs difference in uint8 levels, batched vs pixels.apply_op_image on the same input, under both
 # interpolations. CPU: every op reproduces torchvision's arithmetic (fused multiply-adds emulated in float64, the
 # grid through the same float32 ops, grid_sample's bilinear or bicubic), so all are exact; the bounds are the
 # measurement.
@@ -158,7 +158,7 @@ def _op_inputs(jpegs, size=224):
 
 def _op_batch(name: str, inputs: torch.Tensor):
     """Every input at every magnitude in LEVELS, both signs: (images, args)."""
-    args = [_level_arg(name, level, negate, inputs.shape[-1]) for level in LEVELS for negate in (False, True)]
+    args = [level_arg(name, level, negate, inputs.shape[-1]) for level in LEVELS for negate in (False, True)]
     images = inputs.repeat(len(args), 1, 1, 1)
     return images, [a for a in args for _ in range(len(inputs))]
 

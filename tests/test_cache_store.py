@@ -282,7 +282,7 @@ def test_compute_targets_tie_order():
 
 def test_a_store_of_another_contract_version_is_refused(tmp_path):
     """A store built under another replay contract holds targets of other views: opening it names both versions."""
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     store = CacheStore.create(tmp_path / "c.zarr", provenance={"contract_version": CONTRACT_VERSION + 1},
                               num_seeds=1, shard_counts=[4], shard_size=4, num_classes=3, topk=2)

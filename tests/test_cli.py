@@ -1,5 +1,5 @@
 """The one configuration rule and the one error policy, through the real command lines: every command composes
-conf/ with its overrides (DVC's stages add --params params.yaml); a user mistake is one line naming the key, file
+pipeline/conf/ with its overrides (DVC's stages add --params params.yaml); a user mistake is one line naming the key, file
 or option (the closest valid key for a typo), exit 2, also under torchrun; showing the config writes nothing;
 a command that reads a finished run finds it or lists the runs that exist."""
 

@@ -18,10 +18,10 @@ import torch
 
 from bench.bench_replay import photo_jpegs
 from pipeline.cache.builder import ReadBack
-from pipeline.data import loader
+from pipeline.replay import block_render, loader
 from pipeline.models.teacher import model_input
 from pipeline.replay import batched
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.transfer import cuda_stream
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -58,16 +58,16 @@ class TestCudaStreams:
         plan = batched.plan_block(items, run_seed=0, seed_index=0, cfg=AugmentConfig(image_size=224), num_classes=1000)
         perm = np.random.default_rng(0).permutation(len(items))
         dev = torch.device("cuda")
-        want = [loader.collate_plan(plan, 0, perm)]
-        loader.render_blocks(want, dev, manifest=None)  # warm-up: nvJPEG's handles, the allocator's pools
+        want = [block_render.collate_plan(plan, 0, perm)]
+        block_render.render_blocks(want, dev, manifest=None)  # warm-up: nvJPEG's handles, the allocator's pools
         torch.cuda.synchronize()
         side = cuda_stream(dev, "render")
         _queue_busy_step(cycles_per_second)
         with torch.cuda.stream(side):
             torch.cuda._sleep(int(0.5 * BUSY_S * cycles_per_second))
-        got = [loader.collate_plan(plan, 0, perm)]
+        got = [block_render.collate_plan(plan, 0, perm)]
         t0 = time.perf_counter()
-        loader.render_blocks(got, dev, manifest=None)
+        block_render.render_blocks(got, dev, manifest=None)
         seconds = time.perf_counter() - t0
         assert not side.query(), f"the render waited for its own stream ({seconds:.2f} s): a blocking copy"
         assert _main_still_busy(), f"the render waited for the queued step ({seconds:.2f} s)"

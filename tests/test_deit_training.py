@@ -1,6 +1,6 @@
 """DeiT's training keys: train.lr_step (cosine stepped per epoch), train.decay_dist_token, augment.mix_pairing.
 
-Under the DeiT recipe (conf/train/deit.yaml, conf/augment/deit.yaml) they do what DeiT does; under the toy recipe
+Under the DeiT recipe (pipeline/conf/train/deit.yaml, pipeline/conf/augment/deit.yaml) they do what DeiT does; under the toy recipe
 they keep the toy's behaviour bit for bit: the toy's augment hash, views, loss trajectory and weights are pinned
 below at their values from before the keys existed (measured on x86_64, 2 cores, no GPU, torch 1 thread).
 """
@@ -19,17 +19,18 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf.errors import ValidationError
 
-from pipeline.config import augment_config, validate
+from pipeline.config import validate
+from pipeline.replay.view_params import augment_config
 from pipeline.errors import ConfigError
 from pipeline.replay import batched
 from pipeline.replay.mixing import block_mixes
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views
 from pipeline.train.loop import LoopConfig, make_optimizer
-from pipeline.train.runs import train_student
+from pipeline.train.student_run import train_student
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "pipeline" / "conf"
 
 # The toy recipe before these keys existed (commit b2eba3a): augment hash, sha256 of a block's views (images,
 # targets, digests) under seed indices 0 and 1, and the first run below (losses of its 8 updates, weights).
@@ -129,7 +130,7 @@ def deit_epoch_lrs(base: float, epochs: int, warmup: float = 1.0, warmup_lr: flo
 
 def test_lr_step_epoch_is_constant_within_each_epoch_as_deit(shards, tmp_path):
     metrics, steps = train(shards, tmp_path / "run", "train.epochs=4", "train.lr_step=epoch")
-    want = deit_epoch_lrs(0.008 * 16 / 512, 4)  # train.lr x global batch / 512 (runs.py)
+    want = deit_epoch_lrs(0.008 * 16 / 512, 4)  # train.lr x global batch / 512 (student_run.py)
     got = by_epoch(steps)
     assert sorted(got) == [0, 1, 2, 3]
     for epoch, lrs in got.items():

@@ -1,4 +1,4 @@
-"""Stage one renders a group of seed indices per decode (issue 13): grouped views are the per-seed views bit for
+"""Stage one renders a group of seed indices per decode: grouped views are the per-seed views bit for
 bit, a grouped build writes the very store a per-seed build writes, and a half-done grouped build resumes.
 
 Small on purpose (2 shared cores): 128 toy samples in 4 shards, S = 3, a seeded random regnety_002 at 32 px.
@@ -21,9 +21,9 @@ from PIL import Image
 from pipeline.cache.builder import build_cache, group_units
 from pipeline.cache.store import CacheStore
 from pipeline.data import shards, sources
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.replay import pixels
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views, group_views
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_group_units_cover_pending_chunks_once():
         for world in (1, 2, 3):  # torchrun: work units round-robin over ranks; every chunk on exactly one rank
             chunks = [(s, k) for r in range(world) for seeds, k in units[r::world] for s in seeds]
             assert sorted(chunks) == sorted(pending)
-    assert group_units(pending, 5, 1) == [((s,), k) for s, k in sorted(pending)]  # per seed: today's units
+    assert group_units(pending, 5, 1) == [((s,), k) for s, k in sorted(pending)]  # per seed: one seed index a unit
     with pytest.raises(ValueError, match="seeds_per_pass"):
         group_units(pending, 5, 0)
 
@@ -153,7 +153,7 @@ def test_loader_units_grouped_equal_per_seed(tmp_path):
 
 
 def make_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.data import sources
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import DigestMismatch
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.data.shards import load_manifest, write_shards
 
 N_TRAIN, SHARD = 640, 64

@@ -32,7 +32,8 @@ from hydra import compose, initialize_config_dir
 from pipeline.cache import lease
 from pipeline.cache.store import CacheStore
 from pipeline.errors import CacheError
-from pipeline.train.runs import METRICS, STUDENT, TIMING_KEYS
+from pipeline.train.run_setup import TIMING_KEYS
+from pipeline.train.student_run import METRICS, STUDENT
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "stages" / "launch.sh"
@@ -102,7 +103,7 @@ def built(toy_shards, tmp_path_factory):
     one, two = tmp / "one.zarr", tmp / "two-nodes.zarr"
     running = start("teacher_cache", overrides(two), tmp, "cache", nodes=2)
     try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
             build_cache(compose("config", overrides=overrides(one)))
     finally:
         logs = _finish(*running, timeout=240)

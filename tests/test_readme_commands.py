@@ -1,15 +1,15 @@
-"""README's scale-up commands, run as written: the ImageNet block (one node, NPROC=2 through stages/launch.sh), the
+"""The documented scale-up commands (docs/operations.md, docs/own-data.md), run as written: the ImageNet block (one node, NPROC=2 through stages/launch.sh), the
 two-node blocks (static and c10d rendezvous, two "nodes" started at once on this machine), the Slurm script (bash
 with fake srun/scontrol), the object-storage block (moto's S3 server) and the own-data block (a timm hub teacher).
 
-Each block is taken from README.md by its heading and run with bash in a temporary copy of the checkout, edited
+Each block is taken from its page by its heading and run with bash in a temporary copy of the checkout, edited
 only by (1) an explicit substitution table below (paths, NPROC, addresses and ports, credentials; every entry must
-match exactly once, so README drift fails here) and (2) cap overrides appended to every stage command (epochs,
+match exactly once, so drift in the docs fails here) and (2) cap overrides appended to every stage command (epochs,
 batch sizes, seeds, sample limits, workers). Stand-ins of the same shape (tests/readme_stand_ins.py): a 1000-synset
 tree of 500x375 JPEGs, a 3-class PNG + JPEG folder, and random weights in a temporary Hugging Face cache at the repos
 timm resolves (HF_HUB_OFFLINE=1: nothing downloads). Outcomes are checked (shard counts, complete stores whose
 teacher weights are the cached hub weights, trained students), and hand runs leave the git-tracked metrics/ as it
-was. A fast guard checks that every ```bash block of README.md is run here or by a named test.
+was. A fast guard checks that every ```bash block of README.md and docs/*.md is run here or by a named test.
 """
 
 from __future__ import annotations
@@ -27,23 +27,24 @@ from pathlib import Path
 import pytest
 
 import readme_stand_ins as stand_ins
-from readme_blocks import add_caps, bash_blocks, blocks, copy_checkout, node_script, substitute
+from readme_blocks import (OPERATIONS, OWN_DATA, add_caps, bash_blocks, blocks, copy_checkout, node_script,
+                           pages, substitute)
 
 IMAGENET = "ImageNet (or any folder), documented configuration"
 MANY = "From one box to many"
 BUCKET_SECTION = "Object storage: shards and cache in a bucket"
 OWN = "Precompute soft labels for your own data"
-HUB_MODELS = ["regnety_160.deit_in1k", "convnext_tiny.fb_in1k"]  # what README's teacher names resolve to
+HUB_MODELS = ["regnety_160.deit_in1k", "convnext_tiny.fb_in1k"]  # what the documented teacher names resolve to
 
 # Caps only: sample limits (and shards small enough to give every rank one), seeds, epochs, batches, workers.
-IMAGENET_CAPS = ("data.train_limit=8 data.val_limit=4 data.shard_size=2 cache.num_seeds=1 cache.batch_size=8 "
+IMAGENET_CAPS = ("data.train_limit=8 data.val_limit=4 data.shard_size=2 cache.num_seeds=3 cache.batch_size=8 "
                  "cache.num_workers=0 train.epochs=1 train.batch_size=4 train.num_workers=0")
 TOY_CAPS = ("data.train_size=128 data.val_size=64 data.shard_size=32 teacher.train.epochs=1 "
             "teacher.train.num_workers=0 cache.num_seeds=1 cache.num_workers=0 train.epochs=1 train.batch_size=32 "
             "train.num_workers=0")
 OWN_CAPS = ("teacher.train.epochs=1 teacher.train.batch_size=4 teacher.train.num_workers=0 cache.num_seeds=2 "
             "cache.batch_size=8 cache.num_workers=0")
-IMAGENET_STORE = "cache/imagenet-regnety_160.deit_in1k-s1.zarr"
+IMAGENET_STORE = "cache/imagenet-regnety_160.deit_in1k-s3.zarr"  # train=deit: 3 copies, seeds 0-2
 
 # ```bash blocks run elsewhere (section, first line) -> the test or script that runs them.
 ELSEWHERE = {
@@ -54,12 +55,20 @@ ELSEWHERE = {
     ("Artefacts through a DVC remote", "dvc remote add -d storage s3://my-bucket/dvc && dvc remote modify storage "
                                        "endpointurl https://s3.example.com"):
         "tests/test_dvc_remote.py (the same dvc commands as argument lists, against moto's S3)",
-    ("Results", ".venv/bin/python -m bench.accuracy          # Fashion-MNIST study, 3 seeds x 7 student runs: "
-                "~76 min on 2 cores, resumable"):
+    ("Benchmarks: what the numbers say",
+     ".venv/bin/python -m bench.accuracy          # Fashion-MNIST study, 3 seeds x 7 student runs: "
+     "~76 min on 2 cores, resumable"):
         "tests/test_bench.py (bench.run_all --quick and bench.accuracy on tiny sizes, not these full runs)",
+    ("DeiT's recipe card", "NPROC=8 python -m pipeline.recipe $R distill=hard"): "tests/test_recipe.py",
+    ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
+    ("Install", "python -m pip install ."): "tests/test_package.py (docs/install.md's blocks, offline, in a fresh venv)",
+    ("Install", "python -m pip install -c constraints.txt ."): "tests/test_package.py",
+    ("Install", 'cd "$(mktemp -d)" && python -m pipeline.make_shards data.train_size=128 data.val_size=64 && ls '
+                'data/shards/toy'): "tests/test_package.py",
 }
 # Other fenced blocks that are code: the python example (run verbatim by tests/test_api.py).
-OTHER_CODE = {("Use the cache from your own training loop", "python"): "tests/test_api.py"}
+OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py",
+              ("The API for your own training loop", "python"): "tests/test_api.py::test_api_doc_runs"}
 
 
 # ------------------------------------------------------------------------------------------ the blocks
@@ -70,7 +79,7 @@ def _first_line(code: str) -> str:
 
 
 def imagenet_script(tree: Path, nproc: int = 2) -> tuple[str, list[str]]:
-    (code,) = bash_blocks(IMAGENET)
+    (code,) = bash_blocks(IMAGENET, OPERATIONS)
     code = substitute(code, {"IMAGENET=/data/imagenet": f"IMAGENET={tree}", "export NPROC=8": f"export NPROC={nproc}"})
     return add_caps(code, IMAGENET_CAPS)
 
@@ -89,7 +98,7 @@ def imagenet_lines(tree: Path, make_shards: bool = False) -> str:
 
 
 def many_blocks() -> tuple[str, str, str]:
-    static, c10d, slurm = bash_blocks(MANY)
+    static, c10d, slurm = bash_blocks(MANY, OPERATIONS)
     assert "MASTER_ADDR=10.0.0.1" in static and "RDZV_ENDPOINT" in c10d and slurm.startswith("#!/bin/bash"), MANY
     return static, c10d, slurm
 
@@ -120,7 +129,7 @@ def slurm_script(checkout: Path, tree: Path, port: int) -> str:
 
 
 def bucket_script(endpoint: str) -> str:
-    (code,) = bash_blocks(BUCKET_SECTION)
+    (code,) = bash_blocks(BUCKET_SECTION, OPERATIONS)
     code = substitute(code, {
         "export AWS_ENDPOINT_URL=https://s3.example.com AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=... "
         "AWS_SECRET_ACCESS_KEY=...": f"export AWS_ENDPOINT_URL={endpoint} AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=test "
@@ -131,7 +140,7 @@ def bucket_script(endpoint: str) -> str:
 
 
 def own_script(root: Path) -> str:
-    (code,) = bash_blocks(OWN)
+    (code,) = bash_blocks(OWN, OWN_DATA)
     code, hit = add_caps(substitute(code, {"MINE=/data/mine": f"MINE={root}"}), OWN_CAPS)
     assert hit == ["make_shards", "train_teacher", "teacher_cache"], hit
     return code
@@ -216,7 +225,7 @@ def check_store(path, *, seeds: int, samples: int, topk: int, classes: int, teac
 
 def check_student(out_dir: Path, world_size: int, log: str, agreement: bool) -> dict:
     """A trained student with its metrics; with ``agreement``, measured against the cache's own teacher."""
-    from pipeline.train.runs import METRICS, STUDENT
+    from pipeline.train.student_run import METRICS, STUDENT
 
     metrics = json.loads((out_dir / METRICS).read_text())
     assert (out_dir / STUDENT).is_file() and metrics["world_size"] == world_size, metrics
@@ -265,20 +274,23 @@ def work(tmp_path):
 
 
 def test_every_readme_bash_block_is_run_by_a_test(tmp_path):
-    """Fast guard: every ```bash block is run here or named in ELSEWHERE; every block here still substitutes and
-    caps cleanly (README drift fails this test without running anything)."""
-    here = {IMAGENET: 1, MANY: 3, BUCKET_SECTION: 1, OWN: 1}
+    """Fast guard: every ```bash block of README.md and docs/*.md is run here or named in ELSEWHERE; every block
+    here still substitutes and caps cleanly (drift in a page fails this test without running anything)."""
+    here = {(OPERATIONS.name, IMAGENET): 1, (OPERATIONS.name, MANY): 3, (OPERATIONS.name, BUCKET_SECTION): 1,
+            (OWN_DATA.name, OWN): 1}
     seen = {}
-    for b in blocks():
+    for b in (b for page in pages() for b in blocks(page=page)):
+        where = f"{b.page} line {b.line}"
         if b.lang == "bash":
-            if b.section in here:
-                seen[b.section] = seen.get(b.section, 0) + 1
+            if (b.page.split("/")[-1], b.section) in here:
+                key = (b.page.split("/")[-1], b.section)
+                seen[key] = seen.get(key, 0) + 1
             else:
                 assert (b.section, _first_line(b.code)) in ELSEWHERE, (
-                    f"README.md line {b.line}: a ```bash block under {b.section!r} that no test runs: run it in "
+                    f"{where}: a ```bash block under {b.section!r} that no test runs: run it in "
                     f"tests/test_readme_commands.py or name the test that runs it in ELSEWHERE")
         elif b.lang not in ("", "text"):
-            assert (b.section, b.lang) in OTHER_CODE, f"README.md line {b.line}: a ```{b.lang} block no test runs"
+            assert (b.section, b.lang) in OTHER_CODE, f"{where}: a ```{b.lang} block no test runs"
     assert seen == here, seen
     # Every substitution matches once and every stage command gets the caps (asserted inside).
     imagenet_script(tmp_path)
@@ -315,7 +327,7 @@ def test_imagenet_block_on_one_node_with_two_ranks(work, imagenet_tree, hub, tmp
     out = run_script(script, work, _env(work, hf_home), tmp_path / "imagenet.log")
     assert "name: regnety_160.deit_in1k" in out  # pipeline.params printed the composed config
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
 
@@ -332,7 +344,7 @@ def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: P
 def test_two_node_block_static_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
     logs = _two_nodes(static_scripts(_free_port()), work, imagenet_tree, hf_home, tmp_path)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
 
@@ -342,7 +354,7 @@ def test_two_node_block_c10d_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
     script = c10d_script(_free_port())
     logs = _two_nodes([script, script], work, imagenet_tree, hf_home, tmp_path)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]
 
@@ -355,7 +367,7 @@ def test_slurm_script_with_fake_srun(work, imagenet_tree, hub, tmp_path):
                SLURM_JOB_NAME="deit-distill", SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(tmp_path))
     out = run_script(slurm_script(work, imagenet_tree, _free_port()), tmp_path, env, tmp_path / "slurm.log")
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
     assert out.count(": 8 views written") == 1, out[-3000:]
@@ -368,7 +380,7 @@ def test_object_storage_block_against_s3(work, s3, hub, tmp_path):
     from pipeline.models.teacher import weights_sha256
 
     endpoint = os.environ["AWS_ENDPOINT_URL"]
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="my-bucket")  # README's bucket name
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="my-bucket")  # the documented bucket name
     out = run_script(bucket_script(endpoint), work, _env(work, hub[0]), tmp_path / "s3.log")
     check_shards("s3://my-bucket/toy", 128, 64, 10)
     teacher = work / "runs/teacher/toy-regnety_002/teacher.pt"

@@ -1,9 +1,9 @@
-"""DeiT's recipe card and the economics table, on the README's documented ImageNet run.
+"""DeiT's recipe card and the economics table, on the documented ImageNet run (docs/operations.md).
 
-After the README's run or the recipe changes, `python tests/test_recipe.py --regenerate` rewrites the tables of
+After the documented run or the recipe changes, `python tests/test_recipe.py --regenerate` rewrites the tables of
 docs/recipe.md and docs/economics.md (between their markers) with the output of the pages' own commands.
 
-The run is read from README.md at test time (its `R="..."` line and the overrides its stage commands add), the
+The run is read from docs/operations.md at test time (its `R="..."` line and the overrides its stage commands add), the
 commands of docs/recipe.md and docs/economics.md run as written, and their output must be the tables the pages
 show. Every row the card marks "same" must equal DeiT's value, every "differs" row must carry a reason; a drift
 (train.lr changed) must show as a row without one. The command writes nothing.
@@ -25,6 +25,7 @@ from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.train import economics
 from pipeline.train import recipe_card as card
+from pipeline.train.recipe_ingredients import INGREDIENTS
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "ImageNet (or any folder)"
@@ -38,7 +39,7 @@ def _section_block(text: str, heading: str) -> str:
 
 
 def _stage_overrides(block: str, stage: str) -> tuple[str | None, list[str]]:
-    """(NPROC, overrides after $R) of the README line that runs ``stage`` (None, [] without one)."""
+    """(NPROC, overrides after $R) of the documented line that runs ``stage`` (None, [] without one)."""
     line = next((ln for ln in block.splitlines() if f"{stage} $R" in ln), None)
     if line is None:
         return None, []
@@ -54,8 +55,8 @@ def documented():
 
 def documented_run() -> dict:
     """R, the overrides the stage commands add, and NPROC of stage two (its line's, else the block's export),
-    from README.md."""
-    block = _section_block((REPO / "README.md").read_text(), SECTION)
+    from docs/operations.md."""
+    block = _section_block((REPO / "docs" / "operations.md").read_text(), SECTION)
     r = re.search(r'^R="(.*?)"', block, re.S | re.M).group(1)
     r = " ".join(r.replace("\\\n", " ").split())
     _, stage_one = _stage_overrides(block, "teacher_cache")
@@ -84,13 +85,13 @@ def _rows(documented, *more: str) -> tuple[list[card.Row], card.Run]:
 
     OmegaConf.resolve(cfg)
     run = card.Run(cfg, card.world_size(cfg, {"NPROC": documented["nproc"]}))
-    return card.rows(run), run
+    return card.rows(run, INGREDIENTS), run
 
 
 def test_docs_commands_print_the_pages_tables(documented):
-    """docs/recipe.md's and docs/economics.md's commands, run as written with the README's R (from the repo root,
-    as the README runs commands), print exactly the tables the pages show; the card's command adds the
-    README stage commands' overrides and their NPROC."""
+    """docs/recipe.md's and docs/economics.md's commands, run as written with the documented R (from the repo root,
+    as the docs run commands), print exactly the tables the pages show; the card's command adds the
+    documented stage commands' overrides and their NPROC."""
     (recipe_cmd,) = _docs_commands("docs/recipe.md")
     (econ_cmd,) = _docs_commands("docs/economics.md")
     assert recipe_cmd.startswith(f"NPROC={documented['nproc']} "), recipe_cmd
@@ -100,7 +101,7 @@ def test_docs_commands_print_the_pages_tables(documented):
         assert out.returncode == 0, out.stderr
         assert "no recorded reason" not in out.stderr, out.stderr
         assert out.stdout.strip() and out.stdout in (REPO / page).read_text(), (
-            f"{page} is not the output of `{cmd}` with the README's R; regenerate it. Output:\n{out.stdout}")
+            f"{page} is not the output of `{cmd}` with the documented R; regenerate it. Output:\n{out.stdout}")
 
 
 def _equal(ours, deit) -> bool:
@@ -123,7 +124,7 @@ def test_same_rows_equal_deit_and_differences_carry_reasons(documented):
     # the headline numbers, independently of the card's own comparison
     assert run.global_batch == 1024 and by["global batch"].same
     assert math.isclose(float(run.cfg.train.lr) * run.global_batch / 512, 1e-3)
-    assert math.isclose(by["learning rate"].ours_value[1], 1e-3)  # the rate runs.py computes, evaluated
+    assert math.isclose(by["learning rate"].ours_value[1], 1e-3)  # the rate student_run.py computes, evaluated
     assert by["optimizer"].ours_value == "AdamW" and by["optimizer eps"].ours_value == 1e-8
     assert bool(run.cfg.train.ema) and float(run.cfg.train.ema_decay) == 0.99996
     assert str(run.cfg.teacher.name) == "regnety_160.deit_in1k" and str(run.cfg.distill.mode) == "hard"
@@ -185,6 +186,52 @@ def test_economics_arithmetic():
     a = economics.ANCHORS
     serial = 1 / (1 / a["student_pure"] + 1 / a["teacher"])
     assert abs(serial - a["student_online"]) / a["student_online"] < 0.02
+
+
+@pytest.mark.parametrize("student, model", [("deit_tiny", "deit_tiny_distilled_patch16_224"),
+                                            ("deit_small", "deit_small_distilled_patch16_224"),
+                                            ("deit_base", "deit_base_distilled_patch16_224")])
+def test_each_deit_student_composes_deits_recipe(documented, student, model):
+    """DeiT trains Ti, S and B with one recipe (global batch 1024: its README runs Ti/S on 4 GPUs x 256 and B on
+    16 x 64; lr 5e-4 x 1024/512; drop path 0.1): under train=deit each student's card has the same rows as the
+    documented run's, and its own student row is DeiT's."""
+    table, run = _rows(documented, f"student={student}")
+    base, _ = _rows(documented)
+    by = {r.name: r for r in table}
+    assert str(run.cfg.student.name) == model and by["student"].same and by["drop path"].same
+    assert by["global batch"].same and by["learning rate"].same and not card.drifts(table)
+    assert [(r.name, r.verdict) for r in table] == [(r.name, r.verdict) for r in base]
+
+
+def test_eval_transform_gap_is_what_the_card_states():
+    """The eval row's numbers: our eval views of scikit-image's photos against DeiT's transform (torchvision
+    Resize(256, bicubic) then CenterCrop(224) on the PIL image), uint8 levels."""
+    import io
+
+    import numpy as np
+    import skimage.data
+    import torch
+    import yaml
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from pipeline.replay.view_params import AugmentConfig
+    from pipeline.replay.views import block_views
+    from pipeline.train.recipe_ingredients import EVAL_GAP
+
+    deit_yaml = REPO / "pipeline" / "conf" / "augment" / "deit.yaml"
+    cfg = AugmentConfig.from_cfg(yaml.safe_load(deit_yaml.read_text()), 224, 0.875)
+    deit = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+    for name, (mean, top) in EVAL_GAP.items():
+        photo = getattr(skimage.data, name.split()[0])()
+        assert "x".join(map(str, photo.shape[:2])) == name.split()[1]
+        png = io.BytesIO()
+        Image.fromarray(photo).save(png, "PNG")
+        ours = block_views([(0, png.getvalue(), 0)], run_seed=0, seed_index=0, cfg=cfg, num_classes=1,
+                           train=False)[0]["image"]
+        theirs = torch.from_numpy(np.asarray(deit(Image.fromarray(photo).convert("RGB")))).permute(2, 0, 1)
+        diff = (ours.int() - theirs.int()).abs()
+        assert (round(float(diff.float().mean()), 2), int(diff.max())) == (mean, top), name
 
 
 GENERATED = re.compile(r"(<!-- generated .*? -->\n).*?(<!-- end generated -->)", re.S)

@@ -1,4 +1,4 @@
-"""Repeated augmentation (issue 13, `train.repeats`): every sample r times per epoch under r distinct seed
+"""Repeated augmentation (`train.repeats`): every sample r times per epoch under r distinct seed
 indices, the same views under any loader layout, the seed schedule in slots, cached rows of each view's own seed.
 
 Ranks are emulated in one process (tests/test_loader.py's way). Small on purpose (2 shared cores): 160 toy
@@ -20,9 +20,9 @@ from hydra import compose, initialize_config_dir
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
 from pipeline.data import shards, sources
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import ConfigError, DigestMismatch, ScheduleError
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.train.schedule import plan_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_copies_of_a_sample_land_in_different_steps(data):
                 assert step >= steps[rank] - 2, (rank, step, steps[rank])
 
 
-def test_repeats_one_is_todays_loader(data):
+def test_repeats_one_is_the_plain_loader(data):
     plain = ViewLoader(data / "data" / "train", CFG, run_seed=7, batch_size=48, shuffle=True, world_size=2, rank=1)
     one = ViewLoader(data / "data" / "train", CFG, run_seed=7, batch_size=48, shuffle=True, world_size=2, rank=1,
                      repeats=1)
@@ -178,7 +178,7 @@ def test_schedule_in_slots_refusals_named():
 
 
 def make_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -186,7 +186,7 @@ def test_student_epoch_with_repeats_reads_cached_rows_of_each_seed(data, monkeyp
     """Stage two end to end: a 3-seed cache, train.repeats=3: one epoch of r*N views in ceil(r*N/B) steps, each
     sample r times, the teacher's argmax of each view's own seed; r = 4 > S is refused naming both keys."""
     from pipeline.cache.builder import build_cache
-    from pipeline.train.runs import train_student
+    from pipeline.train.student_run import train_student
 
     torch.manual_seed(0)
     teacher = data / "teacher.pt"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.replay import seeding
-from pipeline.replay.params import AugmentConfig, sample_params
+from pipeline.replay.view_params import AugmentConfig, sample_params
 from pipeline.replay.pixels import apply, decode, open_image
 from pipeline.replay.digest import view_digest
 from pipeline.replay.mixing import block_partners, sample_mix
@@ -184,13 +184,13 @@ def test_reduced_size_jpeg_decode_matches_full_decode_closely():
 # ------------------------------------------------------------------------------------------ contract version
 
 # Digests of fixed (run_seed, seed index, sample) views under the DeiT recipe on a 375x500 source. They change
-# only when sampling or draw order changes: then bump pipeline.replay.CONTRACT_VERSION (every cache built before
+# only when sampling or draw order changes: then bump pipeline.replay.contract.CONTRACT_VERSION (every cache built before
 # holds targets of other views) and record the new values here.
 GOLDEN = {(0, 0, 0): 0xB5D65DB6, (0, 1, 7): 0x253882BC, (3, 5, 123456): 0x077A4EDA5, (12345, 99, 1281166): 0x051872F1}
 
 
 def test_golden_digests_pin_the_replay_contract():
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     deit = AugmentConfig(image_size=224)
     for (run_seed, s, i), want in GOLDEN.items():
@@ -209,7 +209,7 @@ def test_stores_of_contract_version_1_are_refused_naming_the_fix(tmp_path):
     import zarr
 
     from pipeline.cache.store import CacheError, CacheStore
-    from pipeline.replay import CONTRACT_VERSION
+    from pipeline.replay.contract import CONTRACT_VERSION
 
     assert CONTRACT_VERSION == 2
     layout = dict(num_seeds=1, shard_counts=[4], shard_size=4, num_classes=3, topk=2)
@@ -282,7 +282,7 @@ def test_recipes_name_their_interpolation_and_the_config_checks_it(tmp_path):
 
     import yaml
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "augment"
+    conf = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "augment"
     assert yaml.safe_load((conf / "deit.yaml").read_text())["interpolation"] == "bicubic"
     assert yaml.safe_load((conf / "toy.yaml").read_text())["interpolation"] == "bilinear"
     assert AugmentConfig(image_size=224).interpolation == "bicubic"
@@ -320,8 +320,8 @@ def test_crop_resize_follows_pillow(interpolation):
 def test_every_resampling_of_a_view_follows_the_interpolation():
     """The crop resize, RandAugment's Rotate/ShearX/ShearY and the eval resize all change with
     augment.interpolation; whole-pixel Translate does not (a shifted copy under any kernel)."""
-    from pipeline.replay.params import eval_params
-    from pipeline.replay.pixels import _apply_op
+    from pipeline.replay.view_params import eval_params
+    from pipeline.replay.pixels import apply_op_image
 
     image = decode(open_image(_photos(1)[0]))[0]
     bil, bic = (AugmentConfig(image_size=224, interpolation=m) for m in ("bilinear", "bicubic"))
@@ -335,8 +335,8 @@ def test_every_resampling_of_a_view_follows_the_interpolation():
     for op, arg in (("Rotate", 12.5), ("ShearX", -0.2), ("ShearY", 0.25)):
         params = {**same, "ra": [[op, arg]]}
         a, b = apply(square, params, bil), apply(square, params, bic)
-        assert torch.equal(b, _apply_op(square, op, arg, "bicubic")) and not torch.equal(a, b), op
-        assert torch.equal(a, _apply_op(square, op, arg, "bilinear")), op
+        assert torch.equal(b, apply_op_image(square, op, arg, "bicubic")) and not torch.equal(a, b), op
+        assert torch.equal(a, apply_op_image(square, op, arg, "bilinear")), op
     for op, arg in (("TranslateXRel", 40), ("TranslateYRel", -17)):
         params = {**same, "ra": [[op, arg]]}
         assert torch.equal(apply(square, params, bil), apply(square, params, bic)), op
@@ -361,7 +361,7 @@ def test_bicubic_geometry_is_close_to_timms_and_never_wraps():
     0.55-1.03 levels mean on photos (bilinear vs Pillow's bilinear: 0.35-0.59). Bicubic overshoots at hard
     edges: ours clamps before rounding, where a bare cast to uint8 would turn -3 into 253 (checked on a
     black/white checkerboard: no pixel Pillow makes black is white in ours, or the other way round)."""
-    from pipeline.replay.pixels import _apply_op
+    from pipeline.replay.pixels import apply_op_image
 
     crops = [decode(open_image(d))[0][:, :224, 100:324].contiguous() for d in _photos()]
     board = torch.from_numpy(((np.indices((224, 224)).sum(0) // 8) % 2 * 255).astype(np.uint8))
@@ -370,12 +370,12 @@ def test_bicubic_geometry_is_close_to_timms_and_never_wraps():
         for arg in args:
             for x in crops:
                 pil = Image.fromarray(x.permute(1, 2, 0).numpy())
-                bic = _levels(_apply_op(x, op, arg, "bicubic"),
+                bic = _levels(apply_op_image(x, op, arg, "bicubic"),
                               _pil_tensor(_timm_geometry(pil, op, arg, Image.BICUBIC)), margin=6)
-                bil = _levels(_apply_op(x, op, arg, "bilinear"),
+                bil = _levels(apply_op_image(x, op, arg, "bilinear"),
                               _pil_tensor(_timm_geometry(pil, op, arg, Image.BILINEAR)), margin=6)
                 assert bic[0] <= 1.3 and bil[0] <= 0.8, (op, arg, bic, bil)
-            ours = _apply_op(board, op, arg, "bicubic")
+            ours = apply_op_image(board, op, arg, "bicubic")
             ref = _pil_tensor(_timm_geometry(Image.fromarray(board.permute(1, 2, 0).numpy()), op, arg,
                                              Image.BICUBIC))
             inner = (slice(None), slice(8, -8), slice(8, -8))

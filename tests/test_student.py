@@ -24,17 +24,18 @@ import zarr
 from hydra import compose, initialize_config_dir
 
 from pipeline.errors import CacheError, ProvenanceMismatch
-from pipeline.data.loader import ViewLoader
+from pipeline.replay.loader import ViewLoader
 from pipeline.errors import DigestMismatch
 from pipeline.cache.reader import CacheTargets
 from pipeline.errors import ScheduleError
 from pipeline.train.schedule import plan_schedule, seed_schedule
-from pipeline.config import augment_config
+from pipeline.replay.view_params import augment_config
 from pipeline.train.checkpoint import CHECKPOINT_LAST, CHECKPOINT_PREV, find_checkpoint
-from pipeline.train.runs import METRICS, STUDENT, STUDENT_EMA, TIMING_KEYS, train_student
+from pipeline.train.run_setup import TIMING_KEYS
+from pipeline.train.student_run import METRICS, STUDENT, STUDENT_EMA, train_student
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "pipeline" / "conf"
 STEPS = 8  # 512 train samples / batch 64
 
 
@@ -46,7 +47,7 @@ def make_cfg(overrides: list[str]):
 def _spread_teacher(toy_shards):
     """A randomly initialised regnety_002 whose head is re-drawn on standardised features, so that its argmax
     varies across views (timm's init gives near-equal logits and one class for almost every view)."""
-    from pipeline.replay.params import AugmentConfig
+    from pipeline.replay.view_params import AugmentConfig
     from pipeline.models.teacher import model_input
 
     torch.manual_seed(0)
@@ -220,12 +221,16 @@ def test_tampered_digest_names_the_key(env, tmp_path):
         train_student(cfg)
 
 
-@pytest.mark.parametrize("override, field", [("run_seed=1", "run_seed"),
-                                             ("augment.erase_prob=0.5", "augment_hash")])
-def test_other_provenance_refused(env, tmp_path, override, field):
-    with pytest.raises(ProvenanceMismatch, match=field) as info:
-        train_student(make_cfg(env.overrides(tmp_path / "out", override)))
-    assert info.value.field == field
+@pytest.mark.parametrize("overrides, field, says", [
+    (["run_seed=1"], "run_seed", "store has 0, config has 1"),
+    (["augment.erase_prob=0.5"], "augment.erase_prob", "store has 0.1, config has 0.5"),
+    (["augment.mix_pairing=block", "augment.hflip=0.0"], "augment.hflip",  # every augmentation key that differs
+     "store has 0.5, config has 0.0 (also augment.mix_pairing: store has pair, config has block; "),
+])
+def test_other_provenance_refused(env, tmp_path, overrides, field, says):
+    with pytest.raises(ProvenanceMismatch) as info:
+        train_student(make_cfg(env.overrides(tmp_path / "out", *overrides)))
+    assert info.value.field == field and f"'{field}' differs: {says}" in str(info.value), str(info.value)
 
 
 def test_hard_only_store_refused_for_soft(env, tmp_path):

@@ -16,17 +16,17 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.data import shards, sources
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.errors import TeacherError
 from pipeline.models.teacher import (TeacherRunner, create_teacher, model_input, teacher_provenance,
                               weights_sha256)
-from pipeline.train.runs import TEACHER_SEED_OFFSET, teacher_augment
+from pipeline.train.teacher_run import TEACHER_SEED_OFFSET, teacher_augment
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
-# The trained-teacher test uses its own, larger toy set and resnet10t (conf/teacher/resnet_toy.yaml), the fastest
-# toy teacher to leave chance within a test's budget; the toy RegNetY (conf/teacher/regnety_toy.yaml) is trained
+# The trained-teacher test uses its own, larger toy set and resnet10t (pipeline/conf/teacher/resnet_toy.yaml), the fastest
+# toy teacher to leave chance within a test's budget; the toy RegNetY (pipeline/conf/teacher/regnety_toy.yaml) is trained
 # for real by the toy pipeline (tests/test_dvc.py). The loading/error tests below use that narrow RegNetY.
 TRAIN_N, VAL_N = 2048, 512
 TRAIN_OVERRIDES = ["teacher=resnet_toy", "teacher.train.epochs=6", "teacher.train.batch_size=32",
@@ -34,7 +34,7 @@ TRAIN_OVERRIDES = ["teacher=resnet_toy", "teacher.train.epochs=6", "teacher.trai
 
 
 def teacher_cfg(**over):
-    cfg = OmegaConf.load(REPO / "conf" / "teacher" / "regnety_toy.yaml")
+    cfg = OmegaConf.load(REPO / "pipeline" / "conf" / "teacher" / "regnety_toy.yaml")
     cfg.checkpoint = None
     for k, v in over.items():
         cfg[k] = v
@@ -131,14 +131,15 @@ def test_cli_fixed_size_teacher_fed_another_size_exit_2(tmp_path, toy_shards):
 
 
 def test_teacher_augment_is_its_own_recipe():
-    deit = OmegaConf.load(REPO / "conf" / "augment" / "deit.yaml")
+    deit = OmegaConf.load(REPO / "pipeline" / "conf" / "augment" / "deit.yaml")
     cfg = OmegaConf.create({"augment": deit, "data": {"image_size": 32, "crop_pct": 1.0},
                             "teacher": {"train": {"augment": None}}})
     assert teacher_augment(cfg) == AugmentConfig.from_cfg(deit, 32)
     cfg.teacher.train.augment = {"mix_prob": 0.0, "rand_augment": None}
     own = teacher_augment(cfg)
     assert own.mix_prob == 0.0 and own.ra is None and own.erase_prob == AugmentConfig(32).erase_prob
-    toy = OmegaConf.load(REPO / "conf" / "teacher_recipe" / "toy.yaml").augment  # the toy teachers' recipe
+    # the toy teachers' recipe
+    toy = OmegaConf.load(REPO / "pipeline" / "conf" / "teacher_recipe" / "toy.yaml").augment
     assert AugmentConfig.from_cfg(toy, 32).mixing is False
 
 

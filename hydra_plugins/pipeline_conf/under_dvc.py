@@ -1,4 +1,4 @@
-"""What the DVC process itself needs, installed only when DVC composes conf/ (`dvc exp run -S ...`):
+"""What the DVC process itself needs, installed only when DVC composes pipeline/conf/ (`dvc exp run -S ...`):
 
 - a workspace experiment that would delete what DVC cannot restore is refused before DVC touches anything. DVC's
   workspace executor first runs a forced `dvc checkout`, which deletes every out path the new params declare that
@@ -102,7 +102,7 @@ def _one_line(record: logging.LogRecord) -> bool:
 
 
 def config_error_line(exc: BaseException) -> str | None:
-    """One line for a config error raised while DVC composes conf/, naming the key; None for anything else. The
+    """One line for a config error raised while DVC composes pipeline/conf/, naming the key; None for anything else. The
     wording is the stages' own (pipeline.cli, pipeline.compose)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

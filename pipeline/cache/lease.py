@@ -36,24 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.cache import object_lease
-from pipeline.errors import CacheError
+from pipeline.cache import held_leases, object_lease
+from pipeline.errors import CacheError, ConfigError
 
 log = logging.getLogger("pipeline")
 
 SUFFIX = ".lease"
 RETRY_SECONDS = 2.0  # how long a writer retries a lock held without a record (a reader's momentary probe)
-_HELD: dict[str, "Lease"] = {}  # this process's leases, by absolute lease file path
 _COVERED: dict[str, dict] = {}  # leases of other processes (rank 0) this process writes under
 
 
 def lease_path(store) -> Path:
     store = storage.as_path(store)  # a Path, or an ObjectPath for s3://... (pipeline.cache.object_lease)
+    if isinstance(store, storage.WebPath):  # every stage takes or probes the lease first: refused here, by name
+        raise ConfigError(f"{store}: http(s):// and hf:// are read-only locations for published shards; a cache "
+                          f"store lives in a local folder or on s3://")
     return store.parent / f"{store.name}{SUFFIX}"
-
-
-def _key(path: Path) -> str:
-    return str(path) if storage.is_url(path) else os.path.abspath(path)
 
 
 @dataclass
@@ -77,7 +75,7 @@ class Lease:
         """Empty the record and drop the lock (idempotent)."""
         if self.fd < 0:
             return
-        _HELD.pop(_key(self.path), None)
+        held_leases.drop(self.path)
         try:
             if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                 os.ftruncate(self.fd, 0)
@@ -107,20 +105,19 @@ def _read(fd: int) -> dict:
 
 def held(store) -> Lease | None:
     """This process's lease on ``store``, if it holds one."""
-    return _HELD.get(_key(lease_path(store)))
+    return held_leases.get(lease_path(store))
 
 
 def acquire(store) -> Lease:
     """Take the writer lease of ``store`` for this process (re-entrant); CacheError naming the holder if it is live."""
     store = storage.as_path(store)
     path = lease_path(store)
-    mine = _HELD.get(_key(path))
+    mine = held_leases.get(path)
     if mine is not None and mine.fd >= 0:
         mine.check()
         return mine
     if storage.is_url(store):  # no flock on object storage: conditional puts and an expiry instead
-        _HELD[_key(path)] = object_lease.acquire(store, path, describe)
-        return _HELD[_key(path)]
+        return held_leases.put(path, object_lease.acquire(store, path, describe))
     deadline = time.monotonic() + RETRY_SECONDS
     while True:
         fd = _open(store, path)
@@ -159,8 +156,7 @@ def acquire(store) -> Lease:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
         raise CacheError(f"{store}: cannot write its lease {path}: {e}") from e
-    lease = _HELD[_key(path)] = Lease(store, path, fd, record)
-    return lease
+    return held_leases.put(path, Lease(store, path, fd, record))
 
 
 def _open(store: Path, path: Path) -> int:
@@ -173,7 +169,7 @@ def _open(store: Path, path: Path) -> int:
 
 def cover(store, record: dict) -> None:
     """This process writes ``store`` under another process's lease (rank 0 of its torchrun job): ``record``."""
-    _COVERED[_key(lease_path(store))] = dict(record)
+    _COVERED[held_leases.key(lease_path(store))] = dict(record)
 
 
 def check_writer(store) -> None:
@@ -182,7 +178,7 @@ def check_writer(store) -> None:
     if mine is not None:
         mine.check()
         return
-    record = _COVERED.get(_key(lease_path(store)))
+    record = _COVERED.get(held_leases.key(lease_path(store)))
     if record is None:
         return
     now = probe(store)
@@ -194,7 +190,7 @@ def check_writer(store) -> None:
 
 def release(store) -> None:
     """Release this process's lease on ``store`` (no-op when it holds none), or stop writing under rank 0's."""
-    _COVERED.pop(_key(lease_path(store)), None)
+    _COVERED.pop(held_leases.key(lease_path(store)), None)
     lease = held(store)
     if lease is not None:
         lease.release()

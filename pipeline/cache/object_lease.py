@@ -25,6 +25,8 @@ import socket
 import threading
 import time
 
+from pipeline import storage_faults
+from pipeline.cache import held_leases
 from pipeline.errors import CacheError
 
 log = logging.getLogger("pipeline")
@@ -46,7 +48,7 @@ def _get(path) -> tuple[dict, str | None]:
     except (NotFoundError, FileNotFoundError):
         return {}, None
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot read the writer lease {path}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot read the writer lease: {storage_faults.translate(e, str(path))}") from None
     try:
         return (json.loads(raw) if raw.strip() else {}), etag
     except ValueError:
@@ -80,7 +82,7 @@ def _put(path, record: dict, etag: str | None) -> str | None:
     except (AlreadyExistsError, PreconditionError):
         return None
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot write the writer lease {path}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot write the writer lease: {storage_faults.translate(e, str(path))}") from None
 
 
 class ObjectLease:
@@ -120,14 +122,12 @@ class ObjectLease:
                              f"the store now; not committing")
 
     def release(self) -> None:
-        from pipeline.cache import lease
-
         if self.fd < 0:
             return
         self._stop.set()
         with self._mutex:
             self.fd = -1
-            lease._HELD.pop(lease._key(self.path), None)
+            held_leases.drop(self.path)
             if not self.lost:
                 _put(self.path, {}, self.etag)  # a clean release empties the record, only if still ours
 

@@ -23,16 +23,15 @@ import zarr
 
 from pipeline import storage
 from pipeline.cache import integrity, lease
+from pipeline.cache.contract import FORMAT, FORMAT_VERSION
 from pipeline.cache.layout import (PER_VIEW, UNIT_TAG, ZARR_CONFIG, array_specs, check_layout_args, crc32c,
                                    file_coords, index_dtype, unit_tag)
-from pipeline.cache.provenance import (MISSING, _VERSION_LIBS, canonical, check_consistent, first_difference,
+from pipeline.cache.provenance import (MISSING, VERSION_LIBS, canonical, check_consistent, first_difference,
                                        library_versions, lookup, store_key, without)
 from pipeline.cache.targets import stored_arrays
-from pipeline.errors import CacheError, ProvenanceMismatch
-from pipeline.replay import CONTRACT_VERSION
+from pipeline.errors import CacheError, ProvenanceMismatch, StorageError
+from pipeline.replay.contract import CONTRACT_VERSION
 
-FORMAT = "deit-teacher-cache"
-FORMAT_VERSION = 4
 _FP16_MAX = float(np.finfo(np.float16).max)
 REBUILD = "rebuild with overwrite=true, or set another cache.path"  # how a writer refused by provenance goes on
 log = logging.getLogger("pipeline")
@@ -285,9 +284,10 @@ class CacheStore:
             record = [crc32c(out[f]) for f in self.checksum_fields] + [unit_tag(self.key, s, k)]
             self._arrays["checksums"][s, k] = np.array(record, np.uint32)
             self.set_done(s, k, True)  # commit marker, last (set_done re-checks the store id and the lease first)
-        except OSError as e:  # ENOSPC, EIO, EACCES...: the unit stays pending, a re-run recomputes it
+        except OSError as e:  # ENOSPC, EIO, EACCES, an outage...: the unit stays pending, a re-run recomputes it
+            fix = "" if isinstance(e, StorageError) else ": free space or fix the store, then re-run to resume"
             raise CacheError(f"{self.path}: cannot write unit (seed {s}, shard {k}): {e}; the unit stays pending "
-                             f"(not committed): free space or fix the store, then re-run to resume") from e
+                             f"(not committed){fix}") from e
 
     def _check_writable(self, s: int, k: int) -> None:
         """Before each write of a unit: the store is open for writing, is the same store (store id) as when it was
@@ -373,7 +373,7 @@ class CacheStore:
         stored = self.provenance.get("versions") or {}
         current = expected.get("versions") or library_versions()
         warnings = []
-        for lib in _VERSION_LIBS:
+        for lib in VERSION_LIBS:
             a, b = stored.get(lib, MISSING), current.get(lib, MISSING)
             if a != b:
                 warnings.append(
@@ -439,6 +439,8 @@ def store_id_on_disk(path) -> str | None:
     read, so writers check it before every commit and readers after every unit."""
     try:
         meta = json.loads((storage.as_path(path) / "done" / "zarr.json").read_text())
+    except StorageError:
+        raise  # an outage or a refusal, not a removed store
     except (OSError, ValueError):
         return None
     return (meta.get("attributes") or {}).get("store_id")

@@ -11,6 +11,8 @@ from torch import Tensor
 
 FIELDS = ("argmax", "topk_values", "topk_indices", "logsumexp")
 SPARE = 4  # top-K candidates beyond K; (K + 4) * 64 <= C keeps torch.topk on its partial sort (K = 10, C = 1000)
+# What each distillation mode reads (stage two's distill.mode, the timm tasks' distill_type)
+MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
 
 
 @dataclass

@@ -98,7 +98,7 @@ def capped(data: bytes, ext: str, max_side: int, quality: int, where: str) -> tu
     An image within the cap keeps its bytes. A larger one is resized once at ingest (LANCZOS, aspect kept) and
     re-encoded: JPEG stays JPEG at ``quality`` (Pillow's 4:2:0), other formats become a lossless PNG. The replay
     then decodes fewer pixels for every view of every epoch, at the price of a permanent blur: crops smaller
-    than ~2x the view lose detail (measured in README, "Decode levers").
+    than ~2x the view lose detail (measured in docs/benchmarks.md, "Data path").
     """
     try:
         with Image.open(io.BytesIO(data)) as im:

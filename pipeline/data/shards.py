@@ -7,9 +7,11 @@ Layout of one split (docs/design.md, section 1)::
     <shards>/<split>/manifest.json
 
 Each sample is two tar members: ``<key>.<ext>`` (the encoded image, e.g. png/jpg) and ``<key>.cls`` (the label
-as an ASCII integer). ``key`` is the global index zero-padded to ``key_width`` digits (no dots: WebDataset
-cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same input gives
-byte-identical shards and the same fingerprint.
+as an ASCII integer), plus ``<key>.json`` (``{"filename": "<class>/<file>"}``) where the source has file names
+(timm's layout: the reader passes the sidecar by). ``key`` is the global index zero-padded to ``key_width``
+digits (no dots: WebDataset cuts keys at the first dot). Tars are written with a fixed mtime/owner, so the same
+input gives byte-identical shards and the same fingerprint. A published set (pipeline.data.published) has only
+the manifest here: each shard entry names where the shard is read in place (``url``), with its size and ETag.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
-from webdataset import tariterators as wds_tar
 
 from pipeline import storage
+from pipeline.atomic import umask
+from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, check_unchanged, parse_sample, tar_members
 from pipeline.data.images import check_decodes
 from pipeline.errors import ShardError, WriteError
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: class names enter the fingerprint
 SHARD_PATTERN = "shard-{:05d}.tar"
-IMAGE_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp"}
 _MTIME = 0  # fixed tar member mtime: re-runs are byte-identical
 
 
@@ -50,6 +52,13 @@ class ShardInfo:
     first: int
     count: int
     sha256: str
+    # published shards, read in place (pipeline.data.published): where, and what the server said when indexed
+    url: str = ""
+    size: int | None = None
+    etag: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None)}
 
 
 @dataclass
@@ -72,8 +81,14 @@ class Manifest:
     def num_shards(self) -> int:
         return len(self.shards)
 
+    @property
+    def own_keys(self) -> bool:
+        """Keys are our zero-padded global indices (False: a published set's own keys, kept as they are)."""
+        return self.source.get("kind") != "published"
+
     def shard_path(self, k: int) -> Path:
-        return self.split_dir / self.shards[k].name
+        url = self.shards[k].url
+        return storage.as_path(url) if url else self.split_dir / self.shards[k].name
 
     def shard_of(self, index: int) -> int:
         """The shard holding global sample ``index``."""
@@ -103,13 +118,17 @@ class Manifest:
             "image_exts": list(self.image_exts),
             "source": self.source,
             "fingerprint": self.fingerprint,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [s.to_json() for s in self.shards],
             **self.extra,
         }
 
 
-def fingerprint_of(shard_hashes: Iterable[str], n: int, num_classes: int) -> str:
-    h = hashlib.sha256(f"pipeline-shards-v{MANIFEST_VERSION}\nN={n}\nnum_classes={num_classes}\n".encode())
+def fingerprint_of(shard_hashes: Iterable[str], n: int, num_classes: int, class_names: Iterable[str]) -> str:
+    """The data set's identity (what a cache records): its shards, N and its classes by id and name, so names
+    edited or swapped in a manifest are refused rather than reaching a trained model's labels."""
+    names = json.dumps([str(c) for c in class_names], ensure_ascii=True)
+    h = hashlib.sha256(f"pipeline-shards-v{MANIFEST_VERSION}\nN={n}\nnum_classes={num_classes}\n"
+                       f"class_names={names}\n".encode())
     for s in shard_hashes:
         h.update(s.encode("ascii") + b"\n")
     return h.hexdigest()[:16]
@@ -123,6 +142,10 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
         raise ShardError(f"{path}: missing manifest (write the shards with: python -m pipeline.make_shards)")
     try:
         d = json.loads(path.read_text())
+        if d.get("version") == 1:
+            raise ShardError(f"{path}: manifest version 1, written before class names entered the fingerprint: "
+                             f"write the shards again with python -m pipeline.make_shards overwrite=true (the "
+                             f"shards come out byte-identical; the fingerprint, and so any cache of them, is new)")
         if d.get("version") != MANIFEST_VERSION:
             raise ValueError(f"version {d.get('version')!r}, expected {MANIFEST_VERSION}")
         known = {"version", "split", "N", "num_classes", "class_names", "key_width", "shard_size", "image_exts",
@@ -137,7 +160,8 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
             shard_size=int(d["shard_size"]),
             image_exts=[str(e) for e in d["image_exts"]],
             source=dict(d["source"]),
-            shards=[ShardInfo(str(s["name"]), int(s["first"]), int(s["count"]), str(s["sha256"]))
+            shards=[ShardInfo(str(s["name"]), int(s["first"]), int(s["count"]), str(s["sha256"]), str(s.get("url", "")),
+                              None if s.get("size") is None else int(s["size"]), s.get("etag"))
                     for s in d["shards"]],
             fingerprint=str(d["fingerprint"]),
             extra={k: v for k, v in d.items() if k not in known},
@@ -166,46 +190,19 @@ def _check_manifest(m: Manifest) -> str | None:
             return f"shard {k} ({s.name}) covers first={s.first} count={s.count}, expected {k * m.shard_size}, {count}"
         if "/" in s.name or "\\" in s.name or s.name.startswith("."):
             return f"bad shard name {s.name!r}"
-    if fingerprint_of((s.sha256 for s in m.shards), m.n, m.num_classes) != m.fingerprint:
-        return "fingerprint does not match the shard hashes"
+    if fingerprint_of((s.sha256 for s in m.shards), m.n, m.num_classes, m.class_names) != m.fingerprint:
+        return (f"fingerprint does not match the shard hashes and class_names {m.class_names} (a class name or a "
+                f"shard hash was edited)")
     return None
 
 
 # ------------------------------------------------------------------------------------------------ reading
-class _Hashing:
-    """A binary stream that hashes every byte read through it (the shard's sha256, at no extra read)."""
-
-    def __init__(self, f, path, enabled: bool = True):
-        self.f, self.path, self.h = f, path, hashlib.sha256() if enabled else None
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        if self.h is not None:
-            self.h.update(b)
-        return b
-
-    def hexdigest_to_end(self) -> str | None:
-        if self.h is None:
-            return None
-        for chunk in iter(lambda: self.f.read(1 << 20), b""):  # the tar's end padding
-            self.h.update(chunk)
-        return self.h.hexdigest()
-
-    def __repr__(self):
-        return str(self.path)
-
-
-def _tar_members(path: Path, fileobj) -> Iterator[tuple[str, bytes]]:
-    # webdataset's streaming tar expansion; errors are re-raised and named by iter_shard.
-    for member in wds_tar.tar_file_iterator(fileobj, handler=wds.reraise_exception):
-        yield member["fname"], member["data"]
-
-
 def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *, fileobj=None,
                check_hash: bool = True) -> Iterator[tuple[int, str, bytes, int]]:
     """Yield ``(index, key, image_bytes, label)`` for one shard, in order, with cheap checks only:
     keys are exactly ``entry.first .. entry.first+count-1`` in order, each sample has a ``cls`` field with an
-    integer label in ``[0, num_classes)`` and exactly one image field; the tar reads to its end. With
+    integer label in ``[0, num_classes)``, exactly one image field and at most a ``json`` sidecar (a published
+    set's own keys are taken as they are: pipeline.data.published); the tar reads to its end. With
     ``check_hash`` (every stage) the bytes are hashed as they stream by and the sha256 must equal the manifest's
     ``entry.sha256``, checked *before the last sample is yielded*: no consumer ever holds every sample of a shard
     that differs from its manifest. No decode (see :func:`verify_shards`). Errors: ``ShardError("<path>: key
@@ -213,7 +210,6 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
 
     ``fileobj`` (optional): an open binary stream of the shard (e.g. from fsspec); ``path`` then only names it.
     """
-    exts = set(IMAGE_EXTS.values())
     j = 0
     last = None
 
@@ -223,22 +219,11 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
             raise ShardError(f"{path}: key {key}: more samples than the manifest's count {entry.count}")
         index = entry.first + j
         expected = key_of(index, manifest.key_width)
-        if key != expected:
+        if key != expected and manifest.own_keys:
             raise ShardError(f"{path}: key {key}: expected key {expected} (sample {j} of the shard)")
-        raw = fields.pop("cls", None)
-        if raw is None:
-            raise ShardError(f"{path}: key {key}: missing cls (label) field")
-        try:
-            label = int(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise ShardError(f"{path}: key {key}: label {raw[:20]!r} is not an integer") from None
-        if not 0 <= label < manifest.num_classes:
-            raise ShardError(f"{path}: key {key}: label {label} out of range [0, {manifest.num_classes})")
-        if len(fields) != 1 or next(iter(fields)) not in exts:
-            raise ShardError(f"{path}: key {key}: expected one image field ({'/'.join(sorted(exts))}), "
-                             f"found {sorted(fields)}")
+        data, label = parse_sample(path, key, fields, manifest.num_classes)
         j += 1
-        return index, key, next(iter(fields.values())), label
+        return index, key, data, label
 
     own = fileobj is None
     try:
@@ -246,11 +231,17 @@ def iter_shard(path: str | os.PathLike, entry: ShardInfo, manifest: Manifest, *,
         f = storage.open_binary(path, ahead) if own else fileobj  # ahead along this process's stride
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
+    except OSError as exc:
+        if entry.url:  # a published shard's server: named, stage exits 2 (a local read error stays a traceback)
+            raise ShardError(f"{path}: cannot read: {exc}") from None
+        raise
+    if own:
+        check_unchanged(path, entry, f)
     try:
         key, fields = None, {}
-        f = _Hashing(f, path, check_hash)
+        f = Hashing(f, path, check_hash)
         try:
-            for name, data in _tar_members(path, f):
+            for name, data in tar_members(path, f):
                 k, dot, ext = name.partition(".")
                 if not dot:
                     raise ShardError(f"{path}: key {k}: tar member {name!r} has no extension")
@@ -302,10 +293,11 @@ def verify_shards(manifest: Manifest, deep: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_shards(samples: Iterable[tuple[bytes, str, int]], out_dir: str | os.PathLike, *, shard_size: int,
+def write_shards(samples: Iterable[tuple], out_dir: str | os.PathLike, *, shard_size: int,
                  num_classes: int, class_names: list[str], source: dict, overwrite: bool = False,
                  n: int | None = None, split: str | None = None) -> Manifest:
-    """Write ``samples`` (``(image_bytes, ext, label)``; global index = position) as shards in ``out_dir``.
+    """Write ``samples`` (``(image_bytes, ext, label)`` or ``(image_bytes, ext, label, meta)``, meta a dict stored as
+    the sample's ``.json``; global index = position) as shards in ``out_dir``.
 
     The shards go to a temporary directory beside ``out_dir`` first. If ``out_dir`` already holds shards with
     the same fingerprint they are verified (sha256) and kept ("up to date"); a different shard set is refused
@@ -337,12 +329,7 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
     if len(class_names) != num_classes:
         raise ShardError(f"{out_dir}: {len(class_names)} class names for num_classes={num_classes}")
     width = max(6, len(str(n - 1)))
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        local = None if storage.is_url(out_dir) else out_dir.parent  # object storage: staged in local /tmp
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=local))
-    except OSError as e:
-        raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
+    tmp = staging_dir(out_dir)
     try:
         return tmp, _write_into(tmp, samples, n, width, shard_size, num_classes, class_names, source,
                                 split or out_dir.name)
@@ -353,6 +340,19 @@ def stage_shards(samples, out_dir, *, shard_size: int, num_classes: int, class_n
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def staging_dir(out_dir) -> Path:
+    """A new temporary directory beside ``out_dir`` (in local /tmp for object storage), made as the user's umask
+    would make ``out_dir``: installed by rename, it becomes the split's folder. An OSError is a WriteError."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        local = None if storage.is_url(out_dir) else out_dir.parent
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=local))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
+    except OSError as e:
+        raise WriteError(f"{out_dir}: cannot write shards here: {e}") from e
+    return tmp
+
+
 def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_names, source, split) -> Manifest:
     shards: list[ShardInfo] = []
     exts: set[str] = set()
@@ -361,7 +361,7 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
         name, count = SHARD_PATTERN.format(first // shard_size), min(shard_size, n - first)
         # `with` closes the tar before its file on an abort too (left to the GC, Python 3.12 prints a traceback)
         with open(tmp / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=_MTIME) as writer:
-            for i, (data, ext, label) in zip(range(first, first + count), it):
+            for i, (data, ext, label, *meta) in zip(range(first, first + count), it):
                 key = key_of(i, width)
                 norm = IMAGE_EXTS.get(str(ext).lower().lstrip("."))
                 if norm is None:
@@ -374,7 +374,10 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
                 if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
                     raise ShardError(f"key {key}: image is not non-empty bytes ({type(data).__name__})")
                 exts.add(norm)
-                writer.write({"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")})
+                sample = {"__key__": key, norm: bytes(data), "cls": str(label).encode("ascii")}
+                if meta and meta[0]:  # e.g. the original file name, as timm's shards keep it
+                    sample["json"] = json.dumps(meta[0], sort_keys=True).encode()
+                writer.write(sample)
                 done = i + 1
         if done != first + count:
             raise ShardError(f"{tmp}: the source yielded {done} samples, announced {n}")
@@ -384,7 +387,7 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
     m = Manifest(
         split_dir=tmp, split=split, n=n, num_classes=num_classes, class_names=list(class_names), key_width=width,
         shard_size=shard_size, image_exts=sorted(exts), source=dict(source), shards=shards,
-        fingerprint=fingerprint_of((s.sha256 for s in shards), n, num_classes),
+        fingerprint=fingerprint_of((s.sha256 for s in shards), n, num_classes, class_names),
     )
     (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")
     return m
@@ -400,6 +403,9 @@ def install_plan(out_dir: Path, new: Manifest, overwrite: bool) -> Manifest | No
             old = load_manifest(out_dir)
         except ShardError as exc:
             old, why = None, str(exc)
+        if old is not None and old.fingerprint == new.fingerprint and not new.own_keys:
+            # a published set's index: its shards were just hashed; kept unless they now live elsewhere
+            return old if [e.url for e in old.shards] == [e.url for e in new.shards] else None
         if old is not None and old.fingerprint == new.fingerprint:
             try:
                 verify_shards(old, deep=False)

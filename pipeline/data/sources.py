@@ -1,7 +1,8 @@
 """Sample sources: deterministic streams of ``(image_bytes, ext, label)`` that the shard writer numbers.
 
 Each source function returns a :class:`SampleSet`: a sized, re-iterable, pure description of a split.
-Iterating it yields ``(image_bytes: bytes, ext: str, label: int)`` in the order that fixes the global
+Iterating it yields ``(image_bytes: bytes, ext: str, label: int)``, or with a fourth item, a dict the shard keeps
+as the sample's ``.json`` (``folder``: the original file name), in the order that fixes the global
 sample indices (docs/design.md, section 1). Orders are class-mixed (mixup pairs partners inside blocks of
 consecutive indices): ``toy`` is random by construction, Fashion-MNIST's file order is already mixed, and
 ``folder`` applies a seeded permutation to its sorted file list.
@@ -20,10 +21,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.data.images import capped, encode_png, normalised  # noqa: F401 - encode_png: part of this module's API
-from pipeline.data.shards import IMAGE_EXTS
+from pipeline.data.tar_samples import IMAGE_EXTS
 from pipeline.errors import ConfigError, MissingInput, ShardError
 
-Sample = tuple[bytes, str, int]
+Sample = tuple  # (bytes, str, int) or (bytes, str, int, dict)
 
 TOY_CLASSES = [
     "stripes_h", "stripes_v", "checker", "grid", "rings",
@@ -199,12 +200,25 @@ def fashion_mnist(root: str | os.PathLike, split: str) -> SampleSet:
 
 
 # ------------------------------------------------------------------------------------------- folder
+def entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, hidden ones left out; a symlink that does not resolve (dangling, or a loop) is a
+    ShardError naming it: skipping it would drop a sample or a class without a word."""
+    out = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    for p in out:
+        if p.is_symlink():
+            try:
+                p.stat()
+            except OSError as exc:
+                raise ShardError(f"{p}: symlink does not resolve ({exc.strerror}): fix or remove it") from None
+    return out
+
+
 def folder_classes(root: str | os.PathLike) -> list[str]:
     """Class names of a folder tree: the sorted subfolder names of ``<root>/train``."""
     train = Path(root) / "train"
     if not train.is_dir():
         raise MissingInput(f"{train}: no such directory (expected <root>/train/<class>/*)")
-    names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = [p.name for p in entries(train) if p.is_dir()]
     if not names:
         raise ShardError(f"{train}: no class subfolders")
     return names
@@ -214,12 +228,13 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
     """Images under ``<root>/<split>/<class>/*`` (jpg/jpeg/png/webp/bmp, any case).
 
     Classes are the sorted subfolders of ``<root>/train`` (so train and val agree on label ids; a val
-    class folder unknown to train is an error). A class folder without images is refused by name unless
-    ``allow_empty_classes`` (``data.allow_empty_classes``): then it stays a class, with no samples in that split.
-    The global order is a permutation, seeded by ``seed``, of the file list sorted by (class, file name). Every
-    file is decoded in full once as it is read (a truncated or corrupt one is a ShardError naming it); bytes are
-    kept as they are (JPEG stays JPEG) unless the image is not 8-bit (16-bit, float): then an 8-bit PNG is stored
-    (pipeline.data.images.normalised).
+    class folder unknown to train is an error). A class folder without images, or missing from val, is refused by
+    name unless ``allow_empty_classes`` (``data.allow_empty_classes``): then it stays a class, with no samples in
+    that split. A symlink that does not resolve is refused by name. The global order is a permutation, seeded by
+    ``seed``, of the file list sorted by (class, file name). Every file is decoded in full once as it is read (a
+    truncated or corrupt one is a ShardError naming it); bytes are kept as they are (JPEG stays JPEG) unless the
+    image is not 8-bit (16-bit, float): then an 8-bit PNG is stored (pipeline.data.images.normalised). Each
+    sample carries its file name, ``{"filename": "<class>/<file>"}`` (the shard's ``.json`` sidecar).
     """
     _split_id(split)
     root = Path(root)
@@ -227,14 +242,13 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
     split_dir = root / split
     if not split_dir.is_dir():
         raise MissingInput(f"{split_dir}: no such directory")
-    known = set(classes)
+    subs = [p for p in entries(split_dir) if p.is_dir()]
+    _check_split_classes(root, split, classes, [p.name for p in subs], allow_empty_classes)
     files: list[tuple[Path, str, int]] = []
-    for sub in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.name not in known:
-            raise ShardError(f"{sub}: class folder not present in {root / 'train'}")
+    for sub in subs:
         label = classes.index(sub.name)
         found = len(files)
-        for f in sorted(sub.iterdir()):
+        for f in entries(sub):
             ext = IMAGE_EXTS.get(f.suffix[1:].lower())
             if ext is not None and f.is_file():
                 files.append((f, ext, label))
@@ -250,11 +264,27 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
         for j in order:
             path, ext, label = files[j]
             data, ext = normalised(path.read_bytes(), ext, str(path))  # decoded in full once
-            yield data, ext, label
+            yield data, ext, label, {"filename": f"{path.parent.name}/{path.name}"}
 
     return SampleSet(
         len(files), classes, {"kind": "folder", "root": str(root), "split": split, "seed": int(seed)}, iterate
     )
+
+
+def _check_split_classes(root: Path, split: str, classes: list[str], present: list[str], allow_missing: bool) -> None:
+    """Every class folder of ``split`` is a class of train/, and every class of train/ has a folder in ``split``
+    (unless ``allow_missing``: data.allow_empty_classes)."""
+    unknown = [name for name in present if name not in classes]
+    if unknown:
+        raise ShardError(f"{root / split / unknown[0]}: class folder not present in {root / 'train'} (the classes "
+                         f"are train/'s subfolders)")
+    missing = [name for name in classes if name not in present]
+    if missing and not allow_missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" \
+            if len(missing) > 1 else ""
+        raise ShardError(f"{root / split / missing[0]}: class {missing[0]!r} of {root / 'train'} has no folder in "
+                         f"{split}/{more}; add it, or set data.allow_empty_classes=true to keep the class without "
+                         f"{split} samples")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -276,8 +306,8 @@ def max_side(samples: SampleSet, side: int, quality: int) -> SampleSet:
     name = samples.source.get("name", samples.source.get("kind"))
 
     def iterate() -> Iterator[Sample]:
-        for j, (data, ext, label) in enumerate(samples):
-            yield (*capped(data, ext, side, quality, f"{name} sample {j} (data.max_side={side})"), label)
+        for j, (data, ext, label, *meta) in enumerate(samples):
+            yield (*capped(data, ext, side, quality, f"{name} sample {j} (data.max_side={side})"), label, *meta)
 
     return SampleSet(len(samples), samples.class_names,
                      {**samples.source, "max_side": int(side), "max_side_quality": int(quality)}, iterate)
@@ -293,11 +323,11 @@ def label_noise(samples: SampleSet, rate: float, seed: int) -> SampleSet:
         raise ConfigError(f"data.train_label_noise must be in [0, 1), got {rate}")
 
     def iterate() -> Iterator[Sample]:
-        for i, (data, ext, label) in enumerate(samples):
+        for i, (data, ext, label, *meta) in enumerate(samples):
             rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, i, _NOISE_STREAM])))
             if rng.random() < rate:
                 label = (int(label) + 1 + int(rng.integers(c - 1))) % c
-            yield data, ext, label
+            yield data, ext, label, *meta
 
     return SampleSet(len(samples), samples.class_names, {**samples.source, "label_noise": rate}, iterate)
 
@@ -319,7 +349,7 @@ def data_root(data_cfg) -> Path:
 
 
 def from_config(data_cfg, split: str) -> SampleSet:
-    """The :class:`SampleSet` for ``split`` of a ``conf/data/*.yaml`` config (a mapping)."""
+    """The :class:`SampleSet` for ``split`` of a ``pipeline/conf/data/*.yaml`` config (a mapping)."""
     kind = data_cfg["source"]
     if kind == "toy":
         n = data_cfg["train_size"] if split == "train" else data_cfg["val_size"]
@@ -329,7 +359,8 @@ def from_config(data_cfg, split: str) -> SampleSet:
     elif kind == "folder":
         s = folder(data_root(data_cfg), split, data_cfg.get("seed", 0), bool(data_cfg.get("allow_empty_classes")))
     else:
-        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder)")
+        raise ConfigError(f"data.source: unknown data source {kind!r} (toy, fashion_mnist, folder; published shards "
+                          f"are indexed, not read as samples: pipeline.data.published)")
     limit = data_cfg.get(f"{split}_limit")
     if limit is not None:
         s = prefix(s, int(limit), f"data.{split}_limit")

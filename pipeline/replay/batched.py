@@ -41,7 +41,7 @@ from pipeline.replay.batched_ops import color_jitter, erase, flip, mix, rand_aug
 from pipeline.replay.batched_resize import crop_resize
 from pipeline.replay.digest import view_digest
 from pipeline.replay.mixing import block_mixes, soft_target
-from pipeline.replay.params import AugmentConfig, eval_params, sample_params
+from pipeline.replay.view_params import AugmentConfig, eval_params, sample_params
 from pipeline.replay.pixels import erase_fill, open_image
 from pipeline.replay.transfer import cuda_stream, to_device
 

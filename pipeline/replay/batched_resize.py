@@ -33,7 +33,7 @@ def crop_resize(images: list[torch.Tensor], crops: list, size: int, interpolatio
 
 def resize_native(images, crops, size: int, interpolation: str) -> torch.Tensor:
     """torchvision's resized_crop per sample (sizes differ per sample, so there is no batched call)."""
-    interp = pixels._interp(interpolation)
+    interp = pixels.interpolation_mode(interpolation)
     return torch.stack([F.resized_crop(img, *crop, [size, size], interpolation=interp, antialias=True)
                         for img, crop in zip(images, crops)])
 

@@ -11,7 +11,7 @@ from pipeline.replay import pixels
 from pipeline.replay.batched import merge_plans, render_plan
 from pipeline.replay.batched_ops import apply_op
 from pipeline.replay.mixing import mix_images
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.pixels import open_image
 
 
@@ -61,9 +61,9 @@ def agreement(model, plans, device="cpu", *, batch_size: int = 64) -> float:
 
 def compare_op(name: str, images: torch.Tensor, args: list, device="cpu",
                interpolation: str = "bilinear") -> tuple[float, int]:
-    """One RandAugment op, batched on `device` vs pixels._apply_op per sample on the CPU, on the same uint8
+    """One RandAugment op, batched on `device` vs pixels.apply_op_image per sample on the CPU, on the same uint8
     inputs [n, 3, H, W] with one argument each: (mean, max) absolute difference in uint8 levels."""
-    ref = torch.stack([pixels._apply_op(img, name, a, interpolation) for img, a in zip(images, args)])
+    ref = torch.stack([pixels.apply_op_image(img, name, a, interpolation) for img, a in zip(images, args)])
     out = apply_op(images.to(device), name, list(args), interpolation).cpu()
     diff = (out.int() - ref.int()).abs()
     return float(diff.float().mean()), int(diff.max())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.replay import seeding
-from pipeline.replay.params import AugmentConfig, rounded
+from pipeline.replay.view_params import AugmentConfig, rounded
 
 
 def block_partners(run_seed: int, seed_index: int, first_index: int, n: int) -> list[int]:

@@ -18,7 +18,7 @@ from torchvision.transforms.v2.functional._geometry import _affine_grid as _tv_a
 from PIL import Image
 
 from pipeline.replay import seeding
-from pipeline.replay.params import AugmentConfig
+from pipeline.replay.view_params import AugmentConfig
 
 import simplejpeg
 
@@ -115,11 +115,11 @@ class SourceImage:
         return apply(image, params, cfg, scale)
 
 
-def _interp(name: str):
+def interpolation_mode(name: str):
     return {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}[name]
 
 
-def _apply_op(img: torch.Tensor, name: str, arg, interpolation: str = "bilinear") -> torch.Tensor:
+def apply_op_image(img: torch.Tensor, name: str, arg, interpolation: str = "bilinear") -> torch.Tensor:
     if name == "AutoContrast":
         return F.autocontrast(img)
     if name == "Equalize":
@@ -133,9 +133,9 @@ def _apply_op(img: torch.Tensor, name: str, arg, interpolation: str = "bilinear"
     if name == "ShearY":
         return _shear(img, arg, 1, interpolation)
     if name == "TranslateXRel":
-        return _translate(img, arg, 0)
+        return translate(img, arg, 0)
     if name == "TranslateYRel":
-        return _translate(img, 0, arg)
+        return translate(img, 0, arg)
     if name == "PosterizeIncreasing":
         return F.posterize(img, arg)  # 0 bits -> black; Pillow 13 would raise here
     if name == "SolarizeIncreasing":
@@ -149,13 +149,13 @@ def _apply_op(img: torch.Tensor, name: str, arg, interpolation: str = "bilinear"
     if name == "BrightnessIncreasing":
         return F.adjust_brightness(img, arg)
     if name == "SharpnessIncreasing":
-        return _sharpness(img, arg)
+        return sharpness(img, arg)
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
 def _rotate(img: torch.Tensor, angle: float, interpolation: str) -> torch.Tensor:
     if interpolation == "bilinear":
-        return F.rotate(img, angle, interpolation=_interp(interpolation), fill=FILL)
+        return F.rotate(img, angle, interpolation=interpolation_mode(interpolation), fill=FILL)
     if angle % 360 == 0:  # torchvision's copy fast path (|angle| <= 30 here: 90/180/270 never occur)
         return img.clone()
     return _affine_bicubic(img, _get_inverse_affine_matrix([0.0, 0.0], -(angle % 360), [0.0, 0.0], 1.0, [0.0, 0.0]))
@@ -165,8 +165,8 @@ def _shear(img: torch.Tensor, factor: float, axis: int, interpolation: str) -> t
     shear = [0.0, 0.0]
     shear[axis] = math.degrees(math.atan(factor))
     if interpolation == "bilinear":
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=_interp(interpolation),
-                        fill=FILL)
+        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
+                        interpolation=interpolation_mode(interpolation), fill=FILL)
     return _affine_bicubic(img, _get_inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, 0.0], 1.0, shear))
 
 
@@ -182,7 +182,7 @@ def _affine_bicubic(img: torch.Tensor, matrix: list[float]) -> torch.Tensor:
     return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
-def _translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+def translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """F.affine(img, translate=[dx, dy], NEAREST, fill=FILL), pixel for pixel: with whole-pixel offsets the
     nearest-neighbour grid lands on source pixels, so it is a shifted copy on a FILL canvas (~60x cheaper than
     the float grid_sample)."""
@@ -195,7 +195,7 @@ def _translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     return out
 
 
-def _sharpness(img: torch.Tensor, factor: float) -> torch.Tensor:
+def sharpness(img: torch.Tensor, factor: float) -> torch.Tensor:
     """F.adjust_sharpness for uint8, pixel for pixel, without the depthwise conv2d: torchvision rounds the
     (1,1,1; 1,5,1; 1,1,1)/13 blur, and an integer sum over 13 is never within 1/26 of a rounding tie, so the
     exact sum (integers in float32) divided and rounded gives the same blur; the blend is torchvision's own."""
@@ -222,7 +222,7 @@ def erase_fill(fill_seed: int, shape) -> torch.Tensor:
 
 def apply(image: torch.Tensor, params: dict, cfg: AugmentConfig, scale: float = 1.0) -> torch.Tensor:
     """Render one unmixed view: uint8 [3, H, W] source (decoded at `scale`) -> uint8 [3, S, S]."""
-    out = _crop_resize(image, params, cfg, scale)
+    out = crop_resize_image(image, params, cfg, scale)
     if params["flip"]:
         out = F.horizontal_flip(out)
     if "jitter" in params:
@@ -230,13 +230,13 @@ def apply(image: torch.Tensor, params: dict, cfg: AugmentConfig, scale: float = 
         for k in order:
             out = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)[k](out, (b, c, s)[k])
     for name, arg in params.get("ra", ()):
-        out = _apply_op(out, name, arg, cfg.interpolation)
+        out = apply_op_image(out, name, arg, cfg.interpolation)
     if params["erase"] is not None:
         out = _erase(out, params["erase"])
     return out.contiguous()
 
 
-def _crop_resize(image: torch.Tensor, params: dict, cfg: AugmentConfig, scale: float = 1.0) -> torch.Tensor:
+def crop_resize_image(image: torch.Tensor, params: dict, cfg: AugmentConfig, scale: float = 1.0) -> torch.Tensor:
     """The crop box (rescaled to the decoded size) resized to the view: contiguous uint8 [3, S, S].
 
     From decode()'s channels-last view this runs torch's uint8 antialiased resize in its native HWC layout
@@ -247,7 +247,7 @@ def _crop_resize(image: torch.Tensor, params: dict, cfg: AugmentConfig, scale: f
         top, left = int(round(top * scale)), int(round(left * scale))
         h = max(1, min(int(round(h * scale)), image.shape[1] - top))
         w = max(1, min(int(round(w * scale)), image.shape[2] - left))
-    out = F.resized_crop(image, top, left, h, w, [size, size], interpolation=_interp(cfg.interpolation),
+    out = F.resized_crop(image, top, left, h, w, [size, size], interpolation=interpolation_mode(cfg.interpolation),
                          antialias=True)
     return out.contiguous()
 

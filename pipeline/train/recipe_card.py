@@ -63,7 +63,7 @@ class Run:
 
     @cached_property
     def aug(self):
-        from pipeline.config import augment_config
+        from pipeline.replay.view_params import augment_config
 
         return augment_config(self.cfg)
 
@@ -108,11 +108,10 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def rows(run: Run, ingredients=None) -> list[Row]:
-    from pipeline.train.recipe_ingredients import INGREDIENTS
-
+def rows(run: Run, ingredients) -> list[Row]:
+    """One row per ingredient (pipeline.train.recipe_ingredients.INGREDIENTS), ours read from ``run``."""
     out = []
-    for ing in ingredients if ingredients is not None else INGREDIENTS:
+    for ing in ingredients:
         shown, value = ing.ours(run)
         out.append(Row(ing.name, ing.deit, ing.source, shown, _same(value, ing.deit_value), ing.reason,
                        ing.deit_value, value))

@@ -3,7 +3,7 @@
 Each probe runs or parses the real function it describes, never a restatement of it: the optimiser and the LR
 schedule are the ones pipeline/train/loop.py's make_optimizer and make_scheduler build for the run's train.* (on
 a meta-device student: no memory, no weights), mixing is `block_mixes` on a block under several seed indices, RandAugment's resampling is a rotation rendered by `pixels.apply` compared with both
-filters, the eval rule is the DeiT student's own forward, the learning rate is runs.py's own expression.
+filters, the eval rule is the DeiT student's own forward, the learning rate is student_run.py's own expression.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def call_arguments(module, callee: str) -> tuple[list, dict] | None:
 
 
 def student_lr(train_cfg, global_batch: int) -> tuple[str, float | None]:
-    """(expression, value) of the student's learning rate as pipeline/train/runs.py computes it from train.lr and
+    """(expression, value) of the student's learning rate as pipeline/train/student_run.py computes it from train.lr and
     the global batch: the expression is evaluated on them; (expression or 'not found', None) if it reads more."""
-    from pipeline.train import runs
+    from pipeline.train import student_run
 
-    student = [args for args, _ in calls(runs, "loop_config") if len(args) > 2 and args[1] == "train"]
+    student = [args for args, _ in calls(student_run, "loop_config") if len(args) > 2 and args[1] == "train"]
     if not student:
-        return "not found in pipeline/train/runs.py", None
+        return "not found in pipeline/train/student_run.py", None
     expr = student[0][2]
     try:
         value = eval(expr, {"__builtins__": {}, "float": float, "int": int},  # our own source; other names raise
@@ -68,11 +68,11 @@ def dropout(model) -> float:
 
 
 def loop_config(cfg):
-    """The student's LoopConfig as pipeline/train/runs.py builds it from train.* (lr 1.0: only its groups and
+    """The student's LoopConfig as pipeline/train/student_run.py builds it from train.* (lr 1.0: only its groups and
     schedule shape are probed)."""
     from pathlib import Path
 
-    from pipeline.train.runs import loop_config as build
+    from pipeline.train.run_setup import loop_config as build
 
     return build(cfg.train, "train", 1.0, Path("."))
 
@@ -133,7 +133,7 @@ def rand_augment_filter(aug) -> str:
         return "bilinear"
     # torchvision's tensor rotate refuses bicubic; pixels' own bicubic Rotate is checked against it elsewhere
     # (tests/test_replay.py, tests/test_batched.py)
-    return "bicubic" if torch.equal(out, pixels._apply_op(image, "Rotate", 17.0, "bicubic")) else "other"
+    return "bicubic" if torch.equal(out, pixels.apply_op_image(image, "Rotate", 17.0, "bicubic")) else "other"
 
 
 def erase_noise() -> str:
@@ -164,7 +164,7 @@ def eval_rule(cfg) -> str:
 
 
 def pool_blocks() -> int:
-    """Blocks of consecutive samples the loader's shuffle pool holds (pipeline.data.loader.ViewLoader)."""
-    from pipeline.data.loader import ViewLoader
+    """Blocks of consecutive samples the loader's shuffle pool holds (pipeline.replay.loader.ViewLoader)."""
+    from pipeline.replay.loader import ViewLoader
 
     return int(inspect.signature(ViewLoader).parameters["pool_blocks"].default)

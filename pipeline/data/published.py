@@ -25,7 +25,7 @@ from braceexpand import braceexpand
 
 from pipeline import storage
 from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of, staging_dir
-from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, tar_members
+from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, size_of, tar_members
 from pipeline.data.wds_info import INFO_NAMES, parse_info, split_of
 from pipeline.errors import ConfigError, ShardError
 from pipeline.logs import progress
@@ -91,7 +91,7 @@ def index_shard(url: str, first: int, num_classes: int, exts: set, bar) -> Shard
         raise ShardError(f"{url}: cannot read: {exc}") from None
     count = 0
     with f:
-        size = len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
+        size = size_of(f)
         hashing = Hashing(f, url)
         try:
             for key, fields in _samples(url, hashing):

@@ -9,7 +9,7 @@ this measures the data path) and `photo224` (500x375 JPEG photos from scikit-ima
 224 px views, teacher at 224 px: the teacher dominates, as in real use). Writes bench/out/cache.json and
 prints a markdown table.
 
-Plus stage one's data path grouped vs per seed (issue 13, "decode once, render many"): the views stage one
+Plus stage one's data path grouped vs per seed ("decode once, render many"): the views stage one
 renders for S = --group-seeds seed indices of 500x375 JPEG photos (q 90, bench_replay's photos) at 224 px with the
 DeiT recipe, through the loader stage one uses (ViewLoader.units, main process, one torch thread), once with
 per-seed units (s, shard), as before, and once with grouped units (all S seeds, shard), as `cache.seeds_per_pass`
@@ -60,9 +60,8 @@ def photo_tree(root: Path, n: int) -> Path:
 def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers: int) -> dict:
     from pipeline import distributed, make_shards
     from pipeline.cache import builder as cache_builder
-    from pipeline.config import split_dir
     from pipeline.replay.view_params import augment_config
-    from pipeline.replay.loader import ViewLoader
+    from pipeline.replay.loader import run_loader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     work.mkdir(parents=True, exist_ok=True)
@@ -73,8 +72,7 @@ def run_setting(name: str, work: Path, overrides: list[str], seeds: int, workers
             f"cache.num_seeds={seeds}", f"cache.num_workers={workers}", "cache.batch_size=128", *overrides]
     cfg = config(work, base)
     make_shards.make_shards(cfg)
-    loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=cfg.run_seed,
-                        batch_size=128, num_workers=0)
+    loader = run_loader(cfg, "train", augment_config(cfg), batch_size=128)
     units = [(s, k) for s in range(seeds) for k in range(loader.manifest.num_shards)]
     batches = [b["image"] for b in loader.units(units)]  # the very batches stage one sees, rendered untimed
     threads = distributed.set_threads(0, workers)

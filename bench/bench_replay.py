@@ -282,7 +282,7 @@ def check_fast_ops(jpegs) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv=None) -> dict:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="images per source size (default 256)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions, median reported (default 3)")
@@ -290,72 +290,61 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.n < BLOCK or args.n % BLOCK:
         ap.error(f"--n must be a positive multiple of {BLOCK}")
+    return args
 
-    torch.set_num_threads(1)
-    from pipeline.replay.view_params import AugmentConfig
 
-    cfg = AugmentConfig(image_size=SIZE)
-    cfg_nomix = AugmentConfig(image_size=SIZE, mix_prob=0.0)
-    cfg_toy = AugmentConfig(image_size=32)
-
-    t0 = time.perf_counter()
-    rows: dict[str, tuple] = {}  # key -> (label, source, runner, images)
+def _rows(n: int, cfg, cfg_nomix, cfg_toy) -> tuple[dict, dict, dict]:
+    """key -> (label, source, runner, images); per-source metadata; timm's rows (they count posterize retries)."""
+    rows: dict[str, tuple] = {}
     meta: dict[str, dict] = {}
     timm_rows = {}
     for src, wh in SOURCES.items():
-        jpegs = photo_jpegs(wh, args.n)
+        jpegs = photo_jpegs(wh, n)
         draft_run, draft_frac = row_pil_draft(jpegs, cfg)
         meta[src] = {"jpeg_kib_mean": float(np.mean([len(b) for b in jpegs]) / 1024),
                      "draft_fraction": draft_frac}
         timm_rows[src] = TimmRow(jpegs)
-        rows[f"pil_full@{src}"] = ("decode PIL full", src, row_pil_full(jpegs), args.n)
-        rows[f"pil_draft@{src}"] = ("decode PIL draft (ours' scale)", src, draft_run, args.n)
-        rows[f"tv_decode@{src}"] = ("decode torchvision.io", src, row_tv_decode(jpegs), args.n)
-        rows[f"timm@{src}"] = ("timm create_transform", src, timm_rows[src], args.n)
-        rows[f"ours@{src}"] = ("ours block_views (mix)", src, row_ours(jpegs, cfg), args.n)
-        rows[f"ours_nomix@{src}"] = ("ours block_views, no mix", src, row_ours(jpegs, cfg_nomix), args.n)
+        rows[f"pil_full@{src}"] = ("decode PIL full", src, row_pil_full(jpegs), n)
+        rows[f"pil_draft@{src}"] = ("decode PIL draft (ours' scale)", src, draft_run, n)
+        rows[f"tv_decode@{src}"] = ("decode torchvision.io", src, row_tv_decode(jpegs), n)
+        rows[f"timm@{src}"] = ("timm create_transform", src, timm_rows[src], n)
+        rows[f"ours@{src}"] = ("ours block_views (mix)", src, row_ours(jpegs, cfg), n)
+        rows[f"ours_nomix@{src}"] = ("ours block_views, no mix", src, row_ours(jpegs, cfg_nomix), n)
         rows[f"ours_r{REPEATS}@{src}"] = (f"ours, repeats r={REPEATS} (img/s = views/s)", src,
-                                          row_ours_repeats(jpegs, cfg, REPEATS), REPEATS * args.n)
-    toy = toy_pngs(args.n)
+                                          row_ours_repeats(jpegs, cfg, REPEATS), REPEATS * n)
+    toy = toy_pngs(n)
     if toy is not None:
         rows["toy@32x32"] = ("ours block_views, toy set", "32x32 PNG", row_ours([d for d, _ in toy], cfg_toy,
-                                                                                 [lab for _, lab in toy]), args.n)
-    setup_s = time.perf_counter() - t0
+                                                                                 [lab for _, lab in toy]), n)
+    return rows, meta, timm_rows
 
+
+def _time(rows: dict, n: int, reps: int) -> tuple[dict, dict]:
+    """img/s per rep of every row, by CPU seconds of this process (the machine is shared: wall time would count
+    other tenants' slices) and by wall time; rows interleaved block by block so that every row sees the same
+    machine state."""
     for _, _, run, _ in rows.values():  # warm-up: imports, caches, first-call allocations
         run(0, BLOCK)
-    # CPU seconds of this process (the machine is shared: wall time would count other tenants' slices),
-    # interleaved block by block so that every row sees the same machine state.
     cpu: dict[str, list[float]] = {k: [] for k in rows}
     wall: dict[str, list[float]] = {k: [] for k in rows}
-    for rep in range(args.reps):
+    for _ in range(reps):
         c_acc = dict.fromkeys(rows, 0.0)
         w_acc = dict.fromkeys(rows, 0.0)
-        for lo in range(0, args.n, BLOCK):
+        for lo in range(0, n, BLOCK):
             for key, (_, _, run, _) in rows.items():
                 w, c = time.perf_counter(), time.process_time()
                 run(lo, lo + BLOCK)
                 c_acc[key] += time.process_time() - c
                 w_acc[key] += time.perf_counter() - w
         for key in rows:
-            cpu[key].append(c_acc[key])
-            wall[key].append(w_acc[key])
-    times = cpu
+            cpu[key].append(rows[key][3] / c_acc[key])
+            wall[key].append(rows[key][3] / w_acc[key])
+    return cpu, wall
 
-    rates = {k: [rows[k][3] / t for t in ts] for k, ts in times.items()}
-    wall_rates = {k: statistics.median(rows[k][3] / t for t in ts) for k, ts in wall.items()}
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    bd = breakdown(photo_jpegs(SOURCES["500x375"], args.n), cfg, args.reps)
-    bd_large = breakdown(photo_jpegs(SOURCES["1000x750"], args.n), cfg, args.reps)
 
-    fast_ops = check_fast_ops(photo_jpegs(SOURCES["500x375"], 8))
-    timm_draws = sum(t.images for t in timm_rows.values())
-    timm_retries = sum(t.retries for t in timm_rows.values())
-    ratios = {src: {"ours/timm": med[f"ours@{src}"] / med[f"timm@{src}"],
-                    "ours_nomix/timm": med[f"ours_nomix@{src}"] / med[f"timm@{src}"],
-                    f"ours_r{REPEATS}/ours": med[f"ours_r{REPEATS}@{src}"] / med[f"ours@{src}"],
-                    f"ours_r{REPEATS}/timm": med[f"ours_r{REPEATS}@{src}"] / med[f"timm@{src}"]} for src in SOURCES}
-
+def _print_report(args, rows, res: dict) -> None:
+    med, rates, wall_rates = res["med"], res["rates"], res["wall_rates"]
+    ratios, meta, bd, bd_large = res["ratios"], res["sources"], *res["breakdown"].values()
     lines = ["| row | source | img/s per core (CPU time, median) | min-max | ms/img | vs timm | img/s (wall) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for key, (label, src, _, _) in rows.items():
@@ -372,10 +361,12 @@ def main(argv=None) -> dict:
               f"{ratios[src][f'ours_r{REPEATS}/timm']:.2f}x timm; "
               f"reduced-size decode applies to {meta[src]['draft_fraction']:.0%} of crops; "
               f"mean JPEG {meta[src]['jpeg_kib_mean']:.0f} KiB")
-    print(f"timm posterize ValueError retries: {timm_retries} in {timm_draws} images "
-          f"({timm_retries / max(1, timm_draws):.2%})")
+    retries = res["timm_posterize_retries"]
+    print(f"timm posterize ValueError retries: {retries['retries']} in {retries['images']} images "
+          f"({retries['retries'] / max(1, retries['images']):.2%})")
     print("fast paths vs torchvision ops: " + (", ".join(
-        f"{k} {v['cases'] - v['mismatches']}/{v['cases']} identical" for k, v in fast_ops.items()) or "none"))
+        f"{k} {v['cases'] - v['mismatches']}/{v['cases']} identical" for k, v in res["fast_op_check"].items())
+        or "none"))
     for src, b in (("500x375", bd), ("1000x750", bd_large)):
         print(f"\n### Where ours spends time, {src} (ms per image, timers on; total {b['total_ms_per_image']:.3f})\n")
         print("| stage | ms/img | share |\n|---|---:|---:|")
@@ -384,6 +375,32 @@ def main(argv=None) -> dict:
     print("\nRandAugment op cost (ms per call, 500x375 run): " + ", ".join(
         f"{k} {v:.3f}" for k, v in sorted(bd["ra_op_ms_per_call"].items(), key=lambda kv: -kv[1])))
 
+
+def main(argv=None) -> dict:
+    args = _args(argv)
+    torch.set_num_threads(1)
+    from pipeline.replay.view_params import AugmentConfig
+
+    cfg = AugmentConfig(image_size=SIZE)
+    t0 = time.perf_counter()
+    rows, meta, timm_rows = _rows(args.n, cfg, AugmentConfig(image_size=SIZE, mix_prob=0.0),
+                                  AugmentConfig(image_size=32))
+    setup_s = time.perf_counter() - t0
+    rates, wall = _time(rows, args.n, args.reps)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratios = {src: {"ours/timm": med[f"ours@{src}"] / med[f"timm@{src}"],
+                    "ours_nomix/timm": med[f"ours_nomix@{src}"] / med[f"timm@{src}"],
+                    f"ours_r{REPEATS}/ours": med[f"ours_r{REPEATS}@{src}"] / med[f"ours@{src}"],
+                    f"ours_r{REPEATS}/timm": med[f"ours_r{REPEATS}@{src}"] / med[f"timm@{src}"]} for src in SOURCES}
+    res = {
+        "med": med, "rates": rates, "wall_rates": {k: statistics.median(v) for k, v in wall.items()},
+        "ratios": ratios, "sources": meta,
+        "breakdown": {src: breakdown(photo_jpegs(SOURCES[src], args.n), cfg, args.reps)
+                      for src in ("500x375", "1000x750")},
+        "fast_op_check": check_fast_ops(photo_jpegs(SOURCES["500x375"], 8)),
+        "timm_posterize_retries": {"retries": sum(t.retries for t in timm_rows.values()),
+                                   "images": sum(t.images for t in timm_rows.values())}}
+    _print_report(args, rows, res)
     result = {
         "config": {"n": args.n, "reps": args.reps, "image_size": SIZE, "block": BLOCK, "repeats": REPEATS,
                    "timm_auto_augment": TIMM_AA,
@@ -394,12 +411,12 @@ def main(argv=None) -> dict:
                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "sources": meta,
         "rows": {k: {"label": rows[k][0], "source": rows[k][1], "img_per_s_median": med[k], "img_per_s_reps": rates[k],
-                     "img_per_s_wall_median": wall_rates[k]}
+                     "img_per_s_wall_median": res["wall_rates"][k]}
                  for k in rows},
         "ratios": ratios,
-        "timm_posterize_retries": {"retries": timm_retries, "images": timm_draws},
-        "breakdown": {"500x375": bd, "1000x750": bd_large},
-        "fast_op_check": fast_ops,
+        "timm_posterize_retries": res["timm_posterize_retries"],
+        "breakdown": res["breakdown"],
+        "fast_op_check": res["fast_op_check"],
         "setup_s": setup_s,
         "wall_s": time.perf_counter() - t0,
     }

@@ -1,4 +1,4 @@
-"""What trust costs (issue 12): checksum verification on stage two's read path against a student step, and
+"""What trust costs: checksum verification on stage two's read path against a student step, and
 sha256 hashing of shards as they stream against reading and rendering them.
 
     python -m bench.bench_trust [--out bench/out/bench_trust.json]

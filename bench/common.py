@@ -11,9 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 _HYDRA = threading.Lock()  # Hydra's compose API keeps global state: one composition at a time
 
-# The toy recipe the published benchmarks (docs/results.md: toy32 speed, the Fashion-MNIST study) measured, from
-# before the toy demo's defaults moved to a narrow RegNetY teacher, a 2-block student and milder augmentation
-# (issue 15): benches pass these so that their commands still measure what their tables say.
+# The toy recipe the published benchmarks (docs/results.md: toy32 speed, the Fashion-MNIST study) measured: stronger
+# augmentation and a deeper student than the toy demo's defaults. Benches pass these so that their commands
+# measure what their tables say.
 RECIPE_V1 = ["augment.rand_augment=rand-m6-mstd0.5-inc1", "augment.erase_prob=0.25", "student.kwargs.depth=4",
              "teacher.train.augment.rand_augment=null", "teacher.train.augment.erase_prob=0.0"]
 
@@ -22,7 +22,9 @@ def compose(overrides: list[str]):
     """pipeline/conf/config.yaml with Hydra ``overrides``, as the ``python -m pipeline.<stage>`` entries see it."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    with _HYDRA, initialize_config_dir(str(REPO / "pipeline" / "conf"), version_base="1.3"):
+    from pipeline.compose import CONF
+
+    with _HYDRA, initialize_config_dir(str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
 
 

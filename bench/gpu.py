@@ -13,7 +13,7 @@ Rows (all on ``--device``, bf16 autocast on CUDA, channels_last teacher; img/s f
 - online: the same loop with the teacher (regnety_160) in it, per-sample views;
 - stage one: `teacher_cache` end to end, with each backend, against the pure teacher forward on the very same
   batches.
-Goals (issue 14): cached end to end >= 0.8x pure DeiT-Ti; cached / online >= 3.4x (DeiT-Ti), >= 2.5x (DeiT-S);
+Targets: cached end to end >= 0.8x pure DeiT-Ti; cached / online >= 3.4x (DeiT-Ti), >= 2.5x (DeiT-S);
 teacher_cache >= 0.9x pure teacher forward. Writes bench/out/gpu.json and prints a markdown table. The caches
 hold seeded random logits with the real digests (speed does not depend on the values; teachers are randomly
 initialised: no hub access).
@@ -72,9 +72,9 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
     """teacher_cache end to end (views rendered by `backend`) against the pure teacher forward on the very batches
     it sees (measured here unless `pure` is given: the views, hence the forward, are the same for both backends)."""
     from pipeline.cache.builder import build_cache
-    from pipeline.config import split_dir, validate
+    from pipeline.config import validate
     from pipeline.replay.view_params import augment_config
-    from pipeline.replay.loader import ViewLoader
+    from pipeline.replay.loader import run_loader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     cfg = validate(compose([f"data.shards={root}", "data.num_classes=1000", "data.image_size=224",
@@ -84,8 +84,7 @@ def stage_one(root: Path, work: Path, teacher: str, batch: int, workers: int, de
                             f"cache.batch_size={batch}", f"cache.num_workers={workers}", f"cache.device={device}",
                             f"workdir={work}", "overwrite=true", *extra]))
     if pure is None:
-        loader = ViewLoader(split_dir(cfg, "train"), augment_config(cfg), run_seed=0, batch_size=batch,
-                            num_workers=workers)
+        loader = run_loader(cfg, "train", augment_config(cfg), run_seed=0, batch_size=batch, num_workers=workers)
         batches = [b["image"] for b in loader.units([(0, k) for k in range(loader.manifest.num_shards)])]
         runner = TeacherRunner(create_teacher(cfg.teacher, 1000), cfg.teacher, torch.device(device))
         runner(batches[0])  # warm-up (and compilation, when asked)

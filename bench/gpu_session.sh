@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Issue 14's GPU checks as one prepared command, for a session that is lent a GPU box (the `device` tool: a
-# bare machine with Python 3.12, torch and timm but none of our other dependencies, no network, ~15 min in all).
+# The GPU checks as one command, for any machine with an NVIDIA GPU and a CUDA build of torch:
 #
-#   bench/gpu_session.sh wheels     # here, with network: our dependencies as py3.12 wheels in .whl/ (~20 MB),
-#                                   # the versions this venv runs (.whl/ is git-ignored: carry it)
-#   bench/gpu_session.sh run        # there: install .whl/ into /tmp/site, then three phases under one deadline,
-#                                   # each with its own timeout, so one that breaks leaves the rest; logs in $OUT
+#   OUT=/tmp/gpu bench/gpu_session.sh run   # on the GPU machine, in this checkout (project installed, or see
+#                                           # `wheels`): three phases under one deadline, each with its own
+#                                           # timeout, so one that breaks leaves the rest; logs and gpu.json in $OUT
+#   bench/gpu_session.sh wheels             # only for a GPU machine without network or our dependencies (torch and
+#                                           # timm there): on a machine with network, our dependencies at the
+#                                           # versions this venv runs, as wheels for its Python (TARGET_PY, default
+#                                           # this venv's) in .whl/ (git-ignored); copy the checkout with .whl/ over
+#                                           # and `run` installs them into /tmp/site first
 #
-# Phases of `run` (555 s at most for the three, within one device call: `run` with timeout_s=600):
+# Phases of `run` (BUDGET s for the three, default 555; BENCH_S of them, default 200, kept for the bench):
 #   1. the CUDA tests (tests/test_batched.py::TestCuda: nvJPEG decode, per-op pixels vs the CPU path, digests,
 #      teacher agreement; tests/test_cuda_streams.py: the batched render, model_input and the teacher's read-back
 #      do not make the host or the device wait, and nvJPEG never overwrites memory queued kernels still read);
@@ -15,15 +18,17 @@
 #      channels_last), train_student under torchrun with one NCCL rank (torch.compile, batched backend allowed),
 #      evaluate; the toy set, so the stages run end to end in seconds;
 #   3. `python -m bench.gpu` (224 px, bf16, batch 256): $OUT/gpu.json and the table.
-# A dry run of the whole flow on CPU: `SMOKE=1 OUT=/tmp/gs bench/gpu_session.sh run` (tiny sizes, no numbers).
-# (~1 min here; it also passed on CPU under the device's versions: Python 3.12, torch 2.11.0, torchvision 0.26.0.)
+# Environment: OUT (required), PY (the Python to run, default python3), BUDGET, BENCH_S, SMOKE.
+# A dry run of the whole flow on CPU (tiny sizes, no numbers; tests/test_gpu_session.py runs it):
+#   SMOKE=1 OUT=/tmp/gs bench/gpu_session.sh run
 set -uo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$SELF")/.."
 WHEELS=(webdataset braceexpand zarr donfig numcodecs google-crc32c hydra-core omegaconf simplejpeg timm)
 
 wheels() {
-  local venv_py="${PY:-.venv/bin/python}" specs=() name version
+  local venv_py="${PY:-.venv/bin/python}" specs=() name version target
+  target="${TARGET_PY:-$("$venv_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')}"
   for name in "${WHEELS[@]}"; do
     version=$("$venv_py" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
     [[ -n "$version" ]] || { echo "gpu_session: $name is not installed in $venv_py" >&2; exit 2; }
@@ -31,12 +36,13 @@ wheels() {
   done
   mkdir -p .whl
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-  "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version "$target" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "${specs[@]}" || exit 2
   # hydra's grammar runtime is published as a source archive only: build its (pure Python) wheel here
   version=$("$venv_py" -m pip show antlr4-python3-runtime | sed -n 's/^Version: //p')
   "$venv_py" -m pip wheel -q --no-deps -w .whl "antlr4-python3-runtime==$version" || exit 2
+  echo "$target" > .whl/python-version
   ls -la .whl && du -sh .whl
 }
 
@@ -76,8 +82,10 @@ run() {
   OUT="${OUT:?set OUT to the folder for logs}"
   mkdir -p "$OUT"
   local py="${PY:-python3}"
-  # the wheels are for the device's Python 3.12 (a dry run elsewhere uses its own environment)
-  if compgen -G ".whl/*.whl" > /dev/null && "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+  # wheels from `wheels` are installed where their Python runs (a machine with our dependencies ignores them)
+  local here
+  here=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if compgen -G ".whl/*.whl" > /dev/null && [[ "$(cat .whl/python-version 2>/dev/null)" == "$here" ]]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       || exit 2
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -105,5 +113,5 @@ case "${1:-}" in
   wheels) wheels ;;
   run) run ;;
   stages) shift; stages "$@" ;;  # phase 2 alone (run calls it under its timeout)
-  *) sed -n '2,18p' "$SELF"; exit 2 ;;
+  *) sed -n '2,24p' "$SELF"; exit 2 ;;
 esac

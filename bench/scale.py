@@ -9,20 +9,25 @@ checks) from W writer processes covered by the creating process's writer lease, 
 the teacher is a bank of synthetic logits (bench.bench_storage.synthetic_logits), so only the cache is measured.
 Per store (local disk, and a local S3 server: moto, 127.0.0.1, at ``--s3-n`` samples):
 
-- write: views/s per writer and in total, and the share of it spent computing the targets (top-K sort,
-  logsumexp: pipeline.cache.targets) rather than in the store;
-- read: targets/s per reader rank in the student's access pattern (rank r of R reads shards r::R of a seed
+- write: views/s per writer and in total, views per CPU second of each writer (what it would run at on a core
+  of its own: the box may be shared), and the share of it spent computing the targets (top-K selection,
+  logsumexp: pipeline.cache.targets) rather than in the store; the targets of 1000 views alone, and the full
+  stable sort they replaced, in CPU ms;
+- read: targets/s (and per CPU second) per reader rank in the student's access pattern (rank r of R reads shards r::R of a seed
   through pipeline.cache.reader.CacheTargets: commit marker, crc32c codec, tagged checksum record of the mode's
   fields; every digest compared with the written one, as the loader does);
-- open: what stage two's start-up reads (lease probe, group and array metadata, provenance check);
-- resume scan: ``pending_units`` (one read of ``done``); the integrity pass resume runs over done units
-  (pipeline.cache.integrity) per unit; verify: that check on a random ``--verify-fraction`` of the units;
+- open: what stage two's start-up reads (lease probe, group and array metadata, provenance check), and the same
+  once Zarr's consolidated metadata is written (measured last: it is not part of the store format);
+- resume: the scan ``pending_units`` (one read of ``done``); resume's default check (pipeline.cache.integrity:
+  every done unit's checksum record, tag and files, and the bytes of a sample); the full check of a unit's bytes
+  (verify_cache, cache.resume_check=full) per unit, on a random ``--verify-fraction`` of the units;
 - files (objects) and bytes per seed, and per (seed, shard) unit.
 
-``--scan-seeds`` (300): a hard-only store of that many seeds at N whose markers are all set: the resume scan
+``--scan-seeds`` (300): a hard-only store of that many seeds at N whose markers and tagged checksum records are
+all set and whose files exist (empty: no targets are computed): the resume scan and resume's metadata check
 measured at ImageNet scale (384,600 units at full N). Other numbers for S=300 are derived: files from the layout's
-file shapes (checked against the measured store's count), bytes from the measured bytes per view, the integrity
-pass from the measured time per unit; the JSON says which numbers are measured and which derived.
+file shapes (checked against the measured store's count), bytes from the measured bytes per view, the bytes checks
+from the measured time per unit; the JSON says which numbers are measured and which derived.
 """
 
 from __future__ import annotations
@@ -94,13 +99,33 @@ def write_units(path, record: dict, units: list, ready, results) -> None:
         return out
     store.targets_from_logits = timed
     ready.wait()
-    t0, views = time.perf_counter(), 0
+    t0, c0, views = time.perf_counter(), time.process_time(), 0
     for j, (s, k) in enumerate(units):
         count = store.shard_counts[k]
         store.write_unit(s, k, bank[j % BANK, :count], digests(s, k, count))
         views += count
     results.put({"units": len(units), "views": views, "seconds": time.perf_counter() - t0,
-                 "targets_seconds": spent[0]})
+                 "cpu_seconds": time.process_time() - c0, "targets_seconds": spent[0]})
+
+
+def targets_time(reps: int = 5) -> dict:
+    """CPU ms per 1000 views (one thread, best of ``reps``) of the cache's targets (pipeline.cache.targets) and of
+    the full stable sort of every row that the top-K selection replaced (its output is the same, bit for bit)."""
+    from pipeline.cache.targets import stored_arrays
+
+    torch.set_num_threads(1)
+    x = synthetic_logits(np.random.default_rng(0), SHARD, CLASSES)
+    t = torch.from_numpy(x)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            c0 = time.process_time()
+            fn()
+            times.append(time.process_time() - c0)
+        return min(times) * 1e3 * 1000 / SHARD
+    return {"targets_ms": best(lambda: stored_arrays(x, TOPK["soft"], np.dtype(np.uint16))),
+            "full_sort_ms": best(lambda: torch.sort(t, dim=-1, descending=True, stable=True))}
 
 
 def read_units(path, fields: tuple, units: list, ready, results) -> None:
@@ -110,13 +135,14 @@ def read_units(path, fields: tuple, units: list, ready, results) -> None:
     hook = CacheTargets(path, fields)
     hook.store()  # open before the clock: the open is measured on its own
     ready.wait()
-    t0, views = time.perf_counter(), 0
+    t0, c0, views = time.perf_counter(), time.process_time(), 0
     for s, k in units:
         rows = hook(s, k)
         if not np.array_equal(rows["digest"], digests(s, k, len(rows["digest"]))):
             raise RuntimeError(f"{path}: unit (seed {s}, shard {k}): digests differ from the written ones")
         views += len(rows["digest"])
-    results.put({"units": len(units), "views": views, "seconds": time.perf_counter() - t0})
+    results.put({"units": len(units), "views": views, "seconds": time.perf_counter() - t0,
+                 "cpu_seconds": time.process_time() - c0})
 
 
 def run_procs(target, path, args_per_proc: list) -> dict:
@@ -146,7 +172,8 @@ def run_procs(target, path, args_per_proc: list) -> dict:
             raise RuntimeError(f"{target.__name__} process exited with {p.exitcode}")
     views = sum(r["views"] for r in per)
     return {"processes": len(procs), "per_process": per, "wall_seconds": wall, "views_s_total": views / wall,
-            "views_s_per_process": [r["views"] / r["seconds"] for r in per]}
+            "views_s_per_process": [r["views"] / r["seconds"] for r in per],
+            "views_per_cpu_s": [r["views"] / r["cpu_seconds"] for r in per]}  # a core each: the box is shared
 
 
 def write(path, mode: str, n: int, seeds: int, writers: int) -> dict:
@@ -189,6 +216,21 @@ def open_time(path, n: int, mode: str, reps: int = 3) -> dict:
     return {"best_s": min(times), "median_s": float(np.median(times))}
 
 
+def open_consolidated(path, n: int, mode: str) -> dict:
+    """:func:`open_time` once Zarr's consolidated metadata (every array's metadata in the group's zarr.json) is
+    written into the store: what consolidating would save stage two's start-up. Last, as it changes the store."""
+    import warnings
+
+    import zarr
+
+    from pipeline import storage
+
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification": measured, not adopted
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(storage.zarr_store(storage.as_path(path), "r+"))
+        return open_time(path, n, mode)
+
+
 def scan_time(path) -> dict:
     """Resume's first step: the pending units among all (one read of ``done``, on a freshly opened store)."""
     from pipeline.cache.store import CacheStore
@@ -218,6 +260,34 @@ def check_time(path, fraction: float, seed: int = 0) -> dict:
     return {"units": len(pick), "seconds": dt, "ms_per_unit": dt / len(pick) * 1e3}
 
 
+def resume_check_time(path) -> dict:
+    """Resume's default check (pipeline.cache.integrity.check_store with the resume's sample), on a fresh open."""
+    from pipeline.cache import integrity
+    from pipeline.cache.store import CacheStore
+
+    t0 = time.perf_counter()
+    report = integrity.check_store(CacheStore.open(path, "r"), sample=integrity.RESUME_SAMPLE)
+    dt = time.perf_counter() - t0
+    if report["damaged"]:
+        raise RuntimeError(f"{path}: damaged unit(s) in a fresh build: {report['damaged'][:1]}")
+    return {"units": report["units_done"], "bytes_checked": report["units_checked"], "seconds": dt}
+
+
+def metadata_time(path) -> dict:
+    """Resume's metadata check alone (every done unit's record, tag and files), on a fresh open."""
+    from pipeline.cache import integrity
+    from pipeline.cache.store import CacheStore
+
+    t0 = time.perf_counter()
+    store = CacheStore.open(path, "r")
+    suspects = integrity.metadata_suspects(store, store.done_mask())
+    dt = time.perf_counter() - t0
+    if suspects:
+        raise RuntimeError(f"{path}: {len(suspects)} unit(s) fail the metadata check, e.g. {min(suspects)}")
+    units = store.num_seeds * store.num_shards
+    return {"units": units, "seconds": dt, "us_per_unit": dt / units * 1e6}
+
+
 def files(path, seeds: int, shards: int) -> dict:
     """Files (objects) and bytes of the store, per seed index and per unit; metadata (zarr.json) counted apart."""
     from pipeline import storage
@@ -239,12 +309,25 @@ def files(path, seeds: int, shards: int) -> dict:
 
 
 def mark_all_done(path, n: int, seeds: int) -> None:
-    """A hard-only store of ``seeds`` x shards units whose markers are all set (the chunks stay unwritten): what
-    resume scans after a finished build. Markers are set in one batched write; only the scan is timed."""
+    """A hard-only store of ``seeds`` x shards units whose markers and tagged checksum records are all set and
+    whose files exist (empty: the targets stay uncomputed): what resume's scan and metadata check read after a
+    finished build. Records and markers are set in batched writes; only the scan and the check are timed."""
     from pipeline.cache import lease
+    from pipeline.cache.layout import file_coords, seeds_per_file, unit_tag
 
     store, _ = create(path, "hard", n, seeds)
-    store._arrays["done"][...] = True  # bench only: the markers of a finished build, without computing it
+    records = np.ones(store._arrays["checksums"].shape, np.uint32)  # bench only: a finished build's records ...
+    for s in range(seeds):
+        records[s, :, -1] = [unit_tag(store.key, s, k) for k in range(store.num_shards)]
+    store._arrays["checksums"][...] = records
+    for name in store.fields:  # ... its files (empty) ...
+        arr = store._arrays[name]
+        for s in range(0, seeds, seeds_per_file(seeds)):
+            for k in range(store.num_shards):
+                f = Path(path) / name / arr.metadata.encode_chunk_key(file_coords(name, store.layout, s, k))
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.touch()
+    store._arrays["done"][...] = True  # ... and its markers, without computing it
     lease.release(path)
 
 
@@ -264,8 +347,10 @@ def measure(root, mode: str, n: int, seeds: int, writers: list[int], readers: li
         res["read"][r] = read(path, mode, r)
     res["open"] = open_time(path, n, mode)
     res["scan"] = scan_time(path)
+    res["resume_check"] = resume_check_time(path)
     res["check"] = check_time(path, fraction)
     res["files"] = files(path, seeds, res["shards"])
+    res["open_consolidated"] = open_consolidated(path, n, mode)
     return res
 
 
@@ -283,19 +368,24 @@ def layout_files(mode: str, n: int, seeds: int) -> int:
 
 def imagenet(res: dict, mode: str, seeds: int = DEIT_EPOCHS) -> dict:
     """S=300 at ImageNet-1k's N, derived (not measured): files from the layout (checked against the measured
-    store by ``layout_files_match``), bytes from the measured bytes per view, the integrity pass from the measured
-    time per unit (the resume scan is measured at scale instead: ``--scan-seeds``)."""
+    store by ``layout_files_match``), bytes from the measured bytes per view, the full check (every unit's bytes)
+    and the sample of resume's default check from the measured time per unit (the resume scan and the metadata
+    check are measured at scale instead: ``--scan-seeds``)."""
+    from pipeline.cache.integrity import RESUME_SAMPLE
+
     units = seeds * len(shard_counts(IMAGENET_N))
     files = layout_files(mode, IMAGENET_N, seeds)
     return {"derived": True, "seeds": seeds, "units": units, "chunk_files": files, "files_per_unit": files / units,
             "GB": res["files"]["bytes_per_seed"] / res["N"] * IMAGENET_N * seeds / 1e9,
             "integrity_pass_s": res["check"]["ms_per_unit"] * units / 1e3,
+            "resume_sample_s": res["check"]["ms_per_unit"] * RESUME_SAMPLE / 1e3,
             "layout_files_match": layout_files(mode, res["N"], res["seeds"]) == res["files"]["chunk_files"]}
 
 
 def run(args) -> dict:
     """Every measurement of the command line; disk under ``args.tmp``, S3 on a moto server of its own."""
     out = {"machine": machine(), "load_avg_start": os.getloadavg()[0], "goals": GOALS, "disk": {}, "s3": {}}
+    out["targets"] = targets_time()
     with tempfile.TemporaryDirectory(prefix="bench_scale_", dir=args.tmp) as tmp:
         for mode in args.modes:
             out["disk"][mode] = measure(tmp, mode, args.n, args.seeds, args.writers, args.readers, args.verify_fraction)
@@ -303,6 +393,7 @@ def run(args) -> dict:
         if args.scan_seeds:
             mark_all_done(f"{tmp}/scan.zarr", args.n, args.scan_seeds)
             out["disk_scan"] = scan_time(f"{tmp}/scan.zarr")
+            out["disk_scan"]["metadata"] = metadata_time(f"{tmp}/scan.zarr")
     if args.s3_n:
         from bench.bench_storage_s3 import start_moto
 
@@ -325,15 +416,22 @@ def rows(res: dict) -> list[str]:
             f = r["files"]
             for w, wr in r["write"].items():
                 out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | write, {w} writer(s) | "
-                           f"{np.mean(wr['views_s_per_process']):,.0f} views/s per writer, "
+                           f"{np.mean(wr['views_s_per_process']):,.0f} views/s per writer "
+                           f"({np.mean(wr['views_per_cpu_s']):,.0f} per CPU second), "
                            f"{wr['views_s_total']:,.0f} total ({wr['targets_share']:.0%} of it computing targets) |")
             for n, rd in r["read"].items():
                 out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | read, {n} rank(s) | "
-                           f"{np.mean(rd['views_s_per_process']):,.0f} targets/s per rank, "
+                           f"{np.mean(rd['views_s_per_process']):,.0f} targets/s per rank "
+                           f"({np.mean(rd['views_per_cpu_s']):,.0f} per CPU second), "
                            f"{rd['views_s_total']:,.0f} total |")
-            out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | open / resume scan / check | "
-                       f"{r['open']['best_s']:.3f} s / {r['scan']['seconds']:.3f} s ({r['scan']['units']:,} units, "
+            out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | open (consolidated) / resume scan / "
+                       f"check | {r['open']['best_s']:.3f} s ({r['open_consolidated']['best_s']:.3f} s) / "
+                       f"{r['scan']['seconds']:.3f} s ({r['scan']['units']:,} units, "
                        f"{r['scan']['us_per_unit']:.0f} us each) / {r['check']['ms_per_unit']:.1f} ms per unit |")
+            rc = r["resume_check"]
+            out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | resume's default check | "
+                       f"{rc['seconds']:.2f} s ({rc['units']:,} units' records and files, the bytes of "
+                       f"{rc['bytes_checked']}) |")
             out.append(f"| {backend} | {mode} | {r['N']:,} x S={r['seeds']} | files, bytes | "
                        f"{f['files_per_unit']:.2f} files per unit, {f['files_per_seed']:,.0f} per seed, "
                        f"{f['bytes_per_seed'] / 1e6:.1f} MB per seed |")
@@ -341,18 +439,24 @@ def rows(res: dict) -> list[str]:
                 d = r["imagenet_S300"]
                 out.append(f"| {backend} | {mode} | ImageNet-1k x S=300 (derived) | files, GB, resume | "
                            f"{d['chunk_files']:,.0f} files ({d['files_per_unit']:.2f} per unit), {d['GB']:.1f} GB, "
-                           f"resume's integrity pass {d['integrity_pass_s'] / 3600:.1f} h |")
+                           f"full check {d['integrity_pass_s'] / 3600:.1f} h, resume's sample "
+                           f"{d['resume_sample_s']:.1f} s |")
     if "disk_scan" in res:
         d = res["disk_scan"]
-        out.append(f"| disk | hard | markers only, {d['units']:,} units | resume scan | {d['seconds']:.2f} s "
+        out.append(f"| disk | hard | markers, {d['units']:,} units | resume scan | {d['seconds']:.2f} s "
                    f"({d['us_per_unit']:.1f} us per unit) |")
+        m = d["metadata"]
+        out.append(f"| disk | hard | records and files, {m['units']:,} units | resume's metadata check | "
+                   f"{m['seconds']:.2f} s ({m['us_per_unit']:.1f} us per unit) |")
     return out
 
 
 def table(res: dict) -> str:
+    t = res["targets"]
     head = [f"Machine: {res['machine']}; load average {res['load_avg_start']:.1f} at the start, "
-            f"{res['load_avg_end']:.1f} at the end.", "", "| store | mode | size | what | measured |",
-            "|---|---|---|---|---|"]
+            f"{res['load_avg_end']:.1f} at the end. Targets of 1000 views (K=10, C=1000): "
+            f"{t['targets_ms']:.1f} CPU ms (the full stable sort they replace: {t['full_sort_ms']:.1f} ms).", "",
+            "| store | mode | size | what | measured |", "|---|---|---|---|---|"]
     return "\n".join(head + rows(res))
 
 

@@ -1,4 +1,5 @@
-"""The cache from your own training loop: replayed views with their cached teacher targets, no Hydra.
+"""The cache from your own training loop: replayed views with their cached teacher targets, no Hydra
+(docs/api.md; with timm's tasks: pipeline.train.timm_task).
 
     from pipeline import CachedViews, distillation_targets
 
@@ -12,7 +13,7 @@
 A thin layer over what stage two already uses: :class:`pipeline.replay.loader.ViewLoader` (units, workers, rank
 split, equal steps per rank) with :class:`pipeline.cache.reader.CacheTargets` as its ``extras`` hook (every view's
 digest checked against its replay), after :func:`pipeline.cache.reader.open_cache`'s checks (no writer holding
-the store, data fingerprint, augmentation hash, run seed, class count, shard layout). The augmentation, the view
+the store, data fingerprint, augmentation key by key, run seed, class count, shard layout). The augmentation, the view
 size, the run seed and the replay backend default to the store's provenance, so they need not be retyped; one
 given explicitly must match the store or is refused (ProvenanceMismatch naming the key).
 """
@@ -21,23 +22,57 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import posixpath
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from pipeline.cache.provenance import canonical, first_difference
 from pipeline.cache.reader import CacheTargets, check_units_done, open_cache
 from pipeline.cache.store import CacheStore
 from pipeline.cache.targets import FIELDS, TeacherTargets
 from pipeline.replay.loader import Seeds, ViewLoader, unit_seeds
 from pipeline.data.shards import load_manifest
-from pipeline.errors import CacheError, ConfigError, ProvenanceMismatch, ScheduleError
+from pipeline.errors import CacheError, ConfigError, ScheduleError
 from pipeline.replay.view_params import AugmentConfig
-from pipeline.train.losses import soft_teacher_log_probs
+from pipeline.train.losses import teacher_target
 
-__all__ = ["CachedViews", "distillation_targets", "store_augment"]
+__all__ = ["CachedViews", "ValViews", "distillation_targets", "store_augment"]
+
+
+def _location(value, what: str) -> str:
+    """One path or URL (a split directory, a store); a list of shard files is refused, naming their directory."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        parents = {posixpath.dirname(os.fspath(v).rstrip("/")) for v in value if isinstance(v, (str, os.PathLike))}
+        hint = f": pass their directory {parents.pop()!r}" if len(parents) == 1 else ""
+        raise ConfigError(f"{what}: expected one path or URL (the split directory holding manifest.json), got a "
+                          f"list of {len(value)}{hint}")
+    raise ConfigError(f"{what}={value!r}: expected a path or URL")
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch.device that exists here (a CUDA device without CUDA is refused, not ignored)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: CUDA is not available on this machine "
+                          f"(torch.cuda.is_available() is False): pass device='cpu'")
+    return dev
+
+
+def _transformed(batches, transform: Callable) -> Iterator[dict]:
+    """Each batch with ``image`` replaced by ``transform(image)``; closing it closes the loader's epoch."""
+    try:
+        for batch in batches:
+            batch["image"] = transform(batch["image"])
+            yield batch
+    finally:
+        batches.close()
 
 
 def store_augment(store: CacheStore) -> AugmentConfig:
@@ -72,16 +107,6 @@ def _augment(augment, store: CacheStore, image_size: int | None) -> AugmentConfi
         raise ConfigError(f"augment: {exc}") from None
 
 
-def _check_augment(store: CacheStore, aug: AugmentConfig) -> None:
-    """Name the first augmentation key that differs from the store's (open_cache names only the hash)."""
-    stored = store.provenance.get("augment")
-    if isinstance(stored, Mapping):
-        diff = first_difference(canonical(stored), canonical(aug.canonical()))
-        if diff is not None:
-            field, theirs, ours = diff
-            raise ProvenanceMismatch(store.path, f"augment.{field}", theirs, ours)
-
-
 class CachedViews(IterableDataset):
     """Batches of one epoch of replayed views with their cached teacher targets, for any training loop.
 
@@ -98,7 +123,9 @@ class CachedViews(IterableDataset):
     augmentation, every sample r times), else ``epoch_seeds[epoch]`` (each entry an index or an r-tuple), else
     seed index ``epoch`` (epochs beyond the cached S are refused: pass ``epoch_seeds`` to re-use views).
     ``rank``/``world_size`` split the shards with equal step counts on every rank (``len(views)``); call
-    :meth:`set_epoch` before each epoch, as with DistributedSampler (it also reshuffles).
+    :meth:`set_epoch` before each epoch, as with DistributedSampler (it also reshuffles). ``transform``: a
+    callable applied to each batch's ``image`` (e.g. torchvision's ``v2.Normalize`` after ``v2.ToDtype``);
+    ``device``: where the batched replay backend renders (a CUDA device without CUDA is refused).
 
     Iterate it directly; it starts its own DataLoader workers (``num_workers``), so do not wrap it in a
     DataLoader with workers (``DataLoader(views, batch_size=None)`` with no workers is fine).
@@ -107,17 +134,18 @@ class CachedViews(IterableDataset):
     def __init__(self, shards, cache, *, augment=None, image_size: int | None = None,
                  epoch_seeds: Sequence[Seeds] | None = None, seed_index: Seeds | None = None, batch_size: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle: bool = True, epoch: int = 0,
-                 run_seed: int | None = None, pool_blocks: int = 8, pin_memory: bool = False, device="cpu"):
+                 run_seed: int | None = None, pool_blocks: int = 8, pin_memory: bool = False, device="cpu",
+                 repeat_mode: str = "local", transform: Callable | None = None):
         super().__init__()
         if seed_index is not None and epoch_seeds is not None:
             raise ConfigError("pass seed_index or epoch_seeds, not both")
-        self.shards, self.cache = os.fspath(shards), os.fspath(cache)
+        self.shards, self.cache = _location(shards, "shards"), _location(cache, "cache")
+        self.transform, device = transform, _device(device)
         manifest = load_manifest(self.shards)
         stored = CacheStore.open(self.cache, "r")
         self.augment = _augment(augment, stored, image_size)
-        _check_augment(stored, self.augment)
         self.run_seed = int(stored.provenance.get("run_seed", 0) if run_seed is None else run_seed)
-        # Every other check (writer lease, data fingerprint, augmentation hash, run seed, classes, layout):
+        # Every check (writer lease, data fingerprint, augmentation by key, run seed, classes, layout):
         self.store, self.warnings = open_cache(self.cache, manifest=manifest, aug=self.augment,
                                                run_seed=self.run_seed, mode="hard")
         self.fields = tuple(f for f in FIELDS if f in self.store.fields)
@@ -138,7 +166,8 @@ class CachedViews(IterableDataset):
                                  world_size=int(world_size),
                                  extras=CacheTargets(self.cache, self.fields, self.store.store_id),
                                  pool_blocks=pool_blocks, pin_memory=pin_memory, repeats=self.repeats,
-                                 backend=self.store.provenance.get("replay_backend", "per_sample"), device=device)
+                                 backend=self.store.provenance.get("replay_backend", "per_sample"), device=device,
+                                 repeat_mode=repeat_mode)
         self.epoch = int(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -166,11 +195,47 @@ class CachedViews(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         seeds = self.seeds()
         check_units_done(self.store, seeds)
-        return self.loader.epoch(seeds if self.repeats > 1 else seeds[0], self.epoch)
+        batches = self.loader.epoch(seeds if self.repeats > 1 else seeds[0], self.epoch)
+        return batches if self.transform is None else _transformed(batches, self.transform)
 
     def __repr__(self):
         return (f"CachedViews({self.shards!r}, {self.cache!r}, S={self.num_seeds}, fields={list(self.fields)}, "
                 f"augment_hash={self.augment.hash()}, epoch={self.epoch})")
+
+
+class ValViews(IterableDataset):
+    """Batches of the deterministic validation views of a split (resize to ``image_size / crop_pct``, centre
+    crop): ``image`` (uint8 [B, 3, H, W], or ``transform(image)``), ``label``, ``target`` (one-hot), ``index``,
+    ``digest``, ``seed`` (0). The view size, crop_pct and interpolation: ``augment`` (an AugmentConfig or a dict of
+    conf/augment keys), else the store ``cache``'s, else ``AugmentConfig(image_size)``. One pass = one epoch, the
+    same views every time; ``rank``/``world_size`` split the shards (every rank the same step count)."""
+
+    def __init__(self, shards, cache=None, *, augment=None, image_size: int | None = None, batch_size: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False, device="cpu",
+                 transform: Callable | None = None):
+        super().__init__()
+        self.shards, self.transform, device = _location(shards, "shards"), transform, _device(device)
+        if cache is not None:
+            self.augment = _augment(augment, CacheStore.open(_location(cache, "cache"), "r"), image_size)
+        elif isinstance(augment, (AugmentConfig, Mapping)):
+            d = augment if isinstance(augment, AugmentConfig) else AugmentConfig(**{"image_size": image_size,
+                                                                                    **dict(augment)})
+            self.augment = d if image_size is None else dataclasses.replace(d, image_size=int(image_size))
+        elif image_size is not None:
+            self.augment = AugmentConfig(image_size=int(image_size))
+        else:
+            raise ConfigError("ValViews: pass cache=... (its augmentation), augment=... or image_size=...")
+        self.loader = ViewLoader(self.shards, self.augment, run_seed=0, batch_size=int(batch_size),
+                                 num_workers=int(num_workers), train=False, rank=int(rank),
+                                 world_size=int(world_size), pin_memory=pin_memory, device=device)
+        self.num_classes = self.loader.manifest.num_classes
+
+    def __len__(self) -> int:
+        return self.loader.steps_per_epoch(0)
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self.loader.epoch(0, 0)
+        return batches if self.transform is None else _transformed(batches, self.transform)
 
 
 def distillation_targets(batch: Mapping, num_classes: int, *, mode: str = "hard", tau: float = 1.0) -> Tensor:
@@ -181,17 +246,7 @@ def distillation_targets(batch: Mapping, num_classes: int, *, mode: str = "hard"
     logsumexp (exact when K = C; for K < C the tail mass is spread over the other classes; at ``tau`` = 1 the
     top-K probabilities are exact), for ``SoftTargetCrossEntropy`` or a KL term.
     """
-    t = TeacherTargets.from_batch(dict(batch))
-    if mode == "hard":
-        if t.argmax is None:
-            raise ConfigError("mode='hard' needs the batch's 'argmax' (a CachedViews batch)")
-        return t.argmax.long()
-    if mode == "soft":
-        missing = [f for f in ("topk_values", "topk_indices", "logsumexp") if getattr(t, f) is None]
-        if missing:
-            raise ConfigError(f"mode='soft' needs {'/'.join(missing)} in the batch: the cache holds hard labels "
-                              f"only (built with cache.topk=0)")
-        if tau <= 0:
-            raise ConfigError(f"tau={tau} must be > 0")
-        return soft_teacher_log_probs(t, int(num_classes), float(tau)).exp()
-    raise ConfigError(f"mode={mode!r}: expected 'hard' or 'soft'")
+    if mode not in ("hard", "soft"):
+        raise ConfigError(f"mode={mode!r}: expected 'hard' or 'soft'")
+    t = teacher_target(TeacherTargets.from_batch(dict(batch)), mode, int(num_classes), tau, what="mode")
+    return t if mode == "hard" else t.exp()

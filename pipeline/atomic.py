@@ -43,6 +43,24 @@ def atomic_write(path, write: Callable[[Path], None], *, previous=None) -> Path:
     return path
 
 
+def ensure_dir(path) -> Path:
+    """``path`` as a directory (created with its parents if missing) that this process can write; else a
+    WriteError naming it (a file in its place, a read-only filesystem, no permission). Creates nothing else."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise WriteError(f"{path}: exists and is not a directory: remove it or choose another path") from None
+    except NotADirectoryError:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise WriteError(f"{path}: cannot create this directory: {blocker} is a file, not a directory") from None
+    except OSError as e:
+        raise WriteError(f"{path}: cannot create this directory: {e.strerror or e}") from e
+    if not os.access(path, os.W_OK | os.X_OK):  # EROFS counts: access() checks the mount too
+        raise WriteError(f"{path}: directory is not writable (read-only filesystem or no permission)")
+    return path
+
+
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

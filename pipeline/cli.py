@@ -93,8 +93,12 @@ def run(name: str, body, doc: str, keys: tuple[str, ...], argv: list[str] | None
             print(stage_help(doc, keys, [a for a in args if a not in ("--help", "-h")]))
         return
     with stage(name):
+        from pipeline import storage_faults
+
         params, overrides = split_params(args)
-        body(validate(compose(overrides, params)))
+        cfg = validate(compose(overrides, params))
+        storage_faults.configure(**cfg.storage)
+        body(cfg)
 
 
 def stage_help(doc: str, keys: tuple[str, ...], args: list[str]) -> str:

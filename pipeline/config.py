@@ -3,7 +3,8 @@
 pipeline/conf/ (Hydra YAML) holds every default; the dataclasses below hold every key and its type, with no defaults
 of their own. `validate(cfg)` merges the composed config into the schema, so a misspelled or unknown key, a
 missing mandatory value (``???``) or a value of the wrong type fails before any work, naming the key; then
-range checks name the key and the allowed range. Every entry module calls it first (pipeline.cli).
+every value that could poison a run is checked (pipeline.config_rules), naming the key and what is
+allowed. Every entry module calls it first (pipeline.cli).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline import config_rules
 from pipeline.errors import ConfigError
 
 
@@ -35,7 +37,7 @@ class DataSchema:
     val_size: Optional[int] = None    # toy
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
-    allow_empty_classes: Optional[bool] = None  # folder: keep a class folder without images (default: refused)
+    allow_empty_classes: Optional[bool] = None  # folder: keep a class without images in a split (default: refused)
     max_side: Optional[int] = None   # ingest: re-encode images whose longer side exceeds this (None: keep bytes)
     max_side_quality: Optional[int] = None  # JPEG quality of those re-encodes (default 90)
     train_label_noise: Optional[float] = None  # train split: this fraction of labels replaced by another class
@@ -140,6 +142,7 @@ class CacheSchema:
     num_workers: int = MISSING
     nproc: int = MISSING
     verify_fraction: float = MISSING
+    resume_check: str = MISSING      # sample | full
     tolerance: float = MISSING
     cycle: bool = MISSING
     device: str = MISSING
@@ -150,6 +153,8 @@ class CacheSchema:
 class TrainSchema(LoopSchema):
     seed_schedule: Optional[list[int]] = MISSING
     repeats: int = MISSING
+    repeat_mode: str = "local"      # local | ranks (DeiT's RASampler layout, pipeline.replay.deal)
+    init: Optional[str] = None       # a student state dict to start from (+finetune=deit_384: a 224 px run's)
     eval_batch_size: Optional[int] = MISSING
     bf16: bool = MISSING
     nproc: int = MISSING
@@ -172,6 +177,16 @@ class ExportSchema:
     checkpoint: str = MISSING        # the student state dict to export
     out: str = MISSING               # folder: model.safetensors + config.json (timm's Hub format)
     push_to: Optional[str] = MISSING  # Hugging Face Hub repo id, or None (no upload)
+    model: str = "student"           # student (export.checkpoint) or teacher (teacher.checkpoint)
+
+
+@dataclass
+class StorageSchema:
+    """Object storage (s3://) requests: pipeline.storage_faults (defaults: obstore's own)."""
+
+    retries: int = MISSING           # retries of one failed request (5xx, dropped connection, timeout)
+    retry_timeout: float = MISSING   # seconds for one request and all its retries
+    timeout: float = MISSING         # seconds for one attempt (a silent endpoint fails after this)
 
 
 @dataclass
@@ -186,35 +201,15 @@ class RunSchema:
     replay: ReplaySchema = MISSING
     eval: EvalSchema = MISSING
     export: ExportSchema = MISSING
+    storage: StorageSchema = MISSING
     run_seed: int = MISSING
     workdir: str = MISSING
     overwrite: bool = MISSING
     num_threads: int = MISSING
 
 
-LR_STEPS = ("update", "epoch")  # pipeline.train.loop.make_scheduler
-INTERPOLATIONS = ("bilinear", "bicubic")  # augment.interpolation: the filter of every resampling of a view
-MIX_PAIRINGS = ("pair", "block")  # augment.mix_pairing (pipeline.replay.mixing)
-CHOICES = {"distill.mode": ("none", "hard", "soft"), "distill.source": ("cache", "online"),
-           "data.source": ("toy", "fashion_mnist", "folder", "published"), "replay.backend": ("per_sample", "batched"),
-           "augment.mix_pairing": MIX_PAIRINGS, "train.lr_step": LR_STEPS, "teacher.train.lr_step": LR_STEPS,
-           "augment.interpolation": INTERPOLATIONS}
-AT_LEAST = {  # key -> smallest allowed value
-    "data.num_classes": 1, "data.image_size": 1, "data.shard_size": 1, "data.train_size": 1, "data.val_size": 1,
-    "data.train_limit": 1, "data.val_limit": 1, "data.max_side": 16, "data.max_side_quality": 1, "augment.mix_block": 2, "student.img_size": 1,
-    "student.patch_size": 1, "cache.num_seeds": 1, "cache.seeds_per_pass": 1, "train.repeats": 1, "cache.topk": 0, "cache.batch_size": 1, "cache.num_workers": 0,
-    "cache.nproc": 1, "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
-    "train.num_workers": 0, "train.nproc": 1, "train.max_steps_per_epoch": 1, "teacher.train.epochs": 1,
-    "teacher.train.batch_size": 1, "teacher.train.num_workers": 0, "teacher.input_size": 1, "run_seed": 0,
-    "num_threads": 0, "data.seed": 0, "train.init_seed": 0, "teacher.train.init_seed": 0,
-}
-FRACTIONS = ("distill.alpha", "cache.verify_fraction", "augment.hflip", "augment.erase_prob", "augment.mix_prob",
-             "augment.switch_prob", "augment.label_smoothing")
-DEVICES = ("cache.device", "train.device", "teacher.train.device")
-
-
 def validate(cfg: DictConfig) -> DictConfig:
-    """``cfg`` checked against the schema and the value ranges above; raises naming the key."""
+    """``cfg`` checked against the schema and pipeline.config_rules; raises naming the key."""
     missing = unset_keys(cfg)  # before the merge, where a schema default would hide a ???
     if missing:
         raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: add "
@@ -222,28 +217,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     checked = OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)  # unknown key / wrong type: names the key
     OmegaConf.resolve(checked)
     OmegaConf.to_container(checked, throw_on_missing=True)  # a ??? left unset: names the key
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(checked, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
-    for key, low in AT_LEAST.items():
-        value = OmegaConf.select(checked, key)
-        if value is not None and value < low:
-            raise ConfigError(f"{key}={value} must be >= {low}")
-    for key in FRACTIONS:
-        if not 0.0 <= OmegaConf.select(checked, key) <= 1.0:
-            raise ConfigError(f"{key}={OmegaConf.select(checked, key)} must be in [0, 1]")
-    noise = checked.data.train_label_noise
-    if noise is not None and not 0.0 <= noise < 1.0:
-        raise ConfigError(f"data.train_label_noise={noise} must be in [0, 1)")
-    if (checked.data.max_side_quality or 0) > 100:
-        raise ConfigError(f"data.max_side_quality={checked.data.max_side_quality} must be in [1, 100]")
-    if checked.distill.tau <= 0:
-        raise ConfigError(f"distill.tau={checked.distill.tau} must be > 0")
-    for key in DEVICES:
-        value = OmegaConf.select(checked, key)
-        if value != "auto" and value.split(":")[0] not in ("cpu", "cuda"):
-            raise ConfigError(f"{key}={value!r}: expected auto, cpu, cuda or cuda:<n>")
+    config_rules.check(checked)
     return checked
 
 

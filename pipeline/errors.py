@@ -25,6 +25,12 @@ class WriteError(UserError, OSError):
     what was there before is left intact."""
 
 
+class StorageError(UserError, OSError):
+    """Object storage that refuses or fails a request (no credentials, no such bucket, access denied, an endpoint
+    that fails or stays silent past the retry budget): names the URL and what to do. An OSError, so a unit being
+    written stays pending as for a local write error."""
+
+
 class ShardError(UserError, RuntimeError):
     """Invalid, missing, corrupt or mismatching shard data; the message names the file (and key)."""
 
@@ -42,8 +48,12 @@ class ProvenanceMismatch(CacheError):
 
     def __init__(self, path, field: str, store_value, config_value, fix: str = ""):
         self.path, self.field, self.store_value, self.config_value = str(path), field, store_value, config_value
-        super().__init__(f"{path}: provenance field '{field}' differs: store has {_fmt(store_value)}, "
-                         f"config has {_fmt(config_value)}" + (f" ({fix})" if fix else ""))
+        super().__init__(f"{path}: provenance field '{field}' differs: store has {as_text(store_value)}, "
+                         f"config has {as_text(config_value)}" + (f" ({fix})" if fix else ""))
+
+
+class PixelMismatch(CacheError):
+    """The replay path renders other pixels here than where the store was built (pipeline.replay.fingerprint)."""
 
 
 class TeacherError(UserError, RuntimeError):
@@ -58,5 +68,6 @@ class CheckpointError(UserError, ValueError):
     """A training checkpoint that does not belong to this run, or a resume target that does not exist."""
 
 
-def _fmt(v) -> str:
+def as_text(v) -> str:
+    """A provenance value in a message: a string as it is, anything else as JSON."""
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)

@@ -25,9 +25,8 @@ def _read(path) -> dict:
 
 def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline import distributed
-    from pipeline.config import split_dir
     from pipeline.replay.view_params import augment_config
-    from pipeline.replay.loader import ViewLoader
+    from pipeline.replay.loader import run_loader
     from pipeline.finished import missing_student
     from pipeline.models.student import load_student
     from pipeline.models.teacher import load_runner
@@ -36,8 +35,8 @@ def evaluate_run(cfg: DictConfig) -> dict:
     from pipeline.train.tasks import DistillationTask, ValTeacher
 
     ctx = distributed.setup(str(cfg.train.device), int(cfg.num_threads), 0)
-    val = ViewLoader(split_dir(cfg, "val"), augment_config(cfg), run_seed=int(cfg.run_seed),
-                     batch_size=int(cfg.train.eval_batch_size or cfg.train.batch_size), train=False)
+    val = run_loader(cfg, "val", augment_config(cfg), batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                     ctx=ctx)
     num_classes = val.manifest.num_classes
     out_dir = Path(cfg.train.out_dir)
     student_path = out_dir / "student.pt"

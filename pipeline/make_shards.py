@@ -16,8 +16,9 @@ Beside the splits goes timm's ``_info.json`` (split sizes and shard names): timm
 Re-running with the same input verifies and keeps the shards ("up to date"); a different shard set is refused
 unless ``overwrite=true``. Every input image is decoded in full once (folder sources; 16-bit and float images are
 stored as 8-bit PNGs, pipeline.data.images), and every split is written and checked before any is installed:
-errors (bad input, a corrupt or truncated image, an empty class folder without data.allow_empty_classes=true,
-a refused overwrite, a full disk) exit with status 2 naming the file, and install nothing.
+errors (bad input, a corrupt or truncated image, a symlink that does not resolve, an empty class folder or one
+missing from val without data.allow_empty_classes=true, a refused overwrite, a full disk) exit with status 2
+naming the file, and install nothing.
 """
 
 from __future__ import annotations
@@ -40,23 +41,28 @@ def make_shards(cfg: DictConfig) -> dict:
 
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
     staged = {}  # split -> (temporary directory, destination, manifest)
+    published = data["source"] == "published"  # read in place: only our manifest is written
+    splits = {} if published else {split: from_config(data, split) for split in SPLITS}  # listed before any decode
     try:
         for split in SPLITS:
             out = storage.as_path(data["shards"]) / split  # a local Path, or s3://bucket/prefix (pipeline.storage)
-            if data["source"] == "published":  # read in place: only our manifest is written
+            if published:
                 tmp, new = index_split(data, split, out)
                 staged[split] = (tmp, out, new)
                 continue
-            samples = from_config(data, split)
+            samples = splits[split]
             bar = progress(len(samples), unit="img", desc=f"{data['name']}/{split}")
-            tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
-                                    shard_size=data["shard_size"], num_classes=data["num_classes"],
-                                    class_names=samples.class_names, source=samples.source)
+            try:
+                tmp, new = stage_shards(_counted(samples, bar), out, n=len(samples), split=split,
+                                        shard_size=data["shard_size"], num_classes=data["num_classes"],
+                                        class_names=samples.class_names, source=samples.source)
+            finally:  # closed now, not when the abandoned generator is collected: an error line comes last
+                bar.close()
             staged[split] = (tmp, out, new)
         plans = {split: install_plan(out, new, bool(cfg.overwrite)) for split, (_, out, new) in staged.items()}
         done = {split: install_shards(tmp, out, new, bool(cfg.overwrite), plan=plans[split])
                 for split, (tmp, out, new) in staged.items()}
-        if data["source"] != "published":  # a published set has its own
+        if not published:  # a published set has its own
             write_info(storage.as_path(data["shards"]), data["name"], done)  # timm: create_dataset("wds/<name>")
         return done
     finally:

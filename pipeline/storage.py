@@ -12,8 +12,11 @@ local MinIO/moto). ``gs://`` uses obstore's GCS backend with its own environment
 supported by the library, untested here. ``http(s)://`` and ``hf://datasets/...`` are read-only
 (:class:`pipeline.web.WebPath`: published shards and manifests, read in place).
 
-Errors: a missing object is ``FileNotFoundError``; any other storage failure an ``OSError`` naming the URL, so
-callers' existing ``except OSError`` paths (a unit that stays pending, a WriteError) hold for object storage too.
+Errors (pipeline.storage_faults): a missing object is ``FileNotFoundError``; no credentials, no such bucket, access
+denied, an endpoint that fails or stays silent past the retry budget (the config's ``storage`` keys) a
+``StorageError`` naming the URL and the fix, which is also an ``OSError``: callers' existing ``except OSError``
+paths (a unit that stays pending, a WriteError) hold for object storage too. Zarr's requests go through the same
+translation (:class:`_ZarrObjectStore`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline.errors import ConfigError
+from pipeline import storage_faults
+from pipeline.errors import ConfigError, StorageError
 from pipeline.web import SCHEMES as WEB_SCHEMES, WebPath, is_web
 
 SCHEMES = ("s3", "gs")
-_STORES: dict = {}  # (pid, scheme, bucket, prefix) -> obstore store (rebuilt after a fork)
+_STORES: dict = {}  # (pid, scheme, bucket, prefix, settings) -> obstore store (rebuilt after a fork)
 _LOCK = threading.Lock()
 _USED: set[int] = set()  # pids that started obstore's (tokio) runtime, which does not survive a fork
 
@@ -72,25 +76,26 @@ def _config(scheme: str) -> tuple[dict, dict]:
 
 
 def obstore_store(scheme: str, bucket: str, prefix: str = ""):
-    """The obstore client of ``scheme://bucket/prefix`` (one per process and location)."""
+    """The obstore client of ``scheme://bucket/prefix`` (one per process and location), with the ``storage``
+    settings in force when it is first asked for."""
     from obstore.store import from_url
 
-    key = (os.getpid(), scheme, bucket, prefix)
+    settings = storage_faults.settings()
+    key = (os.getpid(), scheme, bucket, prefix, tuple(settings.values()))
     _USED.add(os.getpid())
     with _LOCK:
         if key not in _STORES:
             cfg, client = _config(scheme)
             url = f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
-            _STORES[key] = from_url(url, config=cfg, client_options=client or None)
+            if scheme == "s3":
+                storage_faults.check_credentials(url, cfg)
+            options, retry = storage_faults.client_options(settings)
+            _STORES[key] = from_url(url, config=cfg, client_options={**client, **options}, retry_config=retry)
         return _STORES[key]
 
 
 def _oserror(e: Exception, url: str) -> OSError:
-    from obstore.exceptions import NotFoundError
-
-    if isinstance(e, (NotFoundError, FileNotFoundError)):
-        return FileNotFoundError(f"{url}: no such object")
-    return OSError(f"{url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return storage_faults.translate(e, url)
 
 
 class ObjectPath:
@@ -176,9 +181,12 @@ class ObjectPath:
         """(key, size) of every object under this prefix."""
         import obstore
 
-        for batch in obstore.list(self.store, self.key + "/" if self.key else None):
-            for o in batch:
-                yield o["path"], o["size"]
+        try:
+            for batch in obstore.list(self.store, self.key + "/" if self.key else None):
+                for o in batch:
+                    yield o["path"], o["size"]
+        except Exception as e:  # noqa: BLE001
+            raise _oserror(e, str(self)) from None
 
     # -- data
     def read_bytes(self) -> bytes:
@@ -216,8 +224,11 @@ class ObjectPath:
         import obstore
 
         keys = [k for k, _ in self.walk_objects()]
-        for i in range(0, len(keys), 1000):
-            obstore.delete(self.store, keys[i:i + 1000])
+        try:
+            for i in range(0, len(keys), 1000):
+                obstore.delete(self.store, keys[i:i + 1000])
+        except Exception as e:  # noqa: BLE001
+            raise _oserror(e, str(self)) from None
 
 
 def open_binary(path, siblings=()):
@@ -251,13 +262,80 @@ def tree_size(path, allocated: bool = False) -> int:
     return total
 
 
+def relative_files(path) -> set[str]:
+    """Every file (object) under a directory or prefix, as "/"-separated paths relative to it (one listing)."""
+    if isinstance(path, ObjectPath):
+        prefix = path.key + "/" if path.key else ""
+        return {key[len(prefix):] for key, _ in path.walk_objects()}
+    root = os.path.join(str(path), "")  # with its separator, cut off each directory os.walk yields below it
+    out = set()
+    for d, _, fs in os.walk(root):
+        rel = d[len(root):].replace(os.sep, "/")
+        out.update(f"{rel}/{f}" if rel else f for f in fs)
+    return out
+
+
 def zarr_store(path, mode: str):
     """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore."""
     if not isinstance(path, ObjectPath):
         return str(path)
+    return _zarr_object_store(path, read_only=mode == "r")
+
+
+def _zarr_object_store(path: ObjectPath, read_only: bool):
+    return _zarr_class()(obstore_store(path.scheme, path.bucket, path.key), read_only=read_only, root=str(path))
+
+
+def _zarr_class():
+    """zarr's ObjectStore on our client, its requests' failures translated as ObjectPath's (naming the object).
+    Built on first use (zarr imported only then); found by name in this module, so a pickled store unpickles."""
+    if "_ZarrObjectStore" in globals():
+        return globals()["_ZarrObjectStore"]
     from zarr.storage import ObjectStore
 
-    return ObjectStore(obstore_store(path.scheme, path.bucket, path.key), read_only=mode == "r")
+    class _ZarrObjectStore(ObjectStore):
+        def __init__(self, store, *, read_only: bool = False, root: str = ""):
+            super().__init__(store, read_only=read_only)
+            self.root = root
+
+        def with_read_only(self, read_only: bool = False):
+            return type(self)(self.store, read_only=read_only, root=self.root)
+
+    for name in ("get", "get_partial_values", "exists", "set", "set_if_not_exists", "delete", "getsize"):
+        setattr(_ZarrObjectStore, name, _translated(getattr(ObjectStore, name)))
+    for name in ("list", "list_prefix", "list_dir"):
+        setattr(_ZarrObjectStore, name, _translated_gen(getattr(ObjectStore, name)))
+    _ZarrObjectStore.__module__, _ZarrObjectStore.__qualname__ = __name__, "_ZarrObjectStore"
+    globals()["_ZarrObjectStore"] = _ZarrObjectStore
+    return _ZarrObjectStore
+
+
+def __getattr__(name: str):
+    if name == "_ZarrObjectStore":  # unpickling a zarr store in a fresh process
+        return _zarr_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _translated(method):
+    async def call(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except (StorageError, FileNotFoundError, ValueError, TypeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - obstore's errors, as ObjectPath raises them
+            key = args[0] if args and isinstance(args[0], str) else ""
+            raise _oserror(e, f"{self.root}/{key}" if key else self.root) from None
+    return call
+
+
+def _translated_gen(method):
+    async def call(self, *args, **kwargs):
+        try:
+            async for item in method(self, *args, **kwargs):
+                yield item
+        except Exception as e:  # noqa: BLE001
+            raise _oserror(e, self.root) from None
+    return call
 
 
 def upload_tree(local: Path, dest: ObjectPath, last: str | None = None) -> None:

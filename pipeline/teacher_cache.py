@@ -4,6 +4,7 @@
     torchrun --nproc-per-node=8 -m pipeline.teacher_cache # units round-robin over ranks
     python -m pipeline.teacher_cache overwrite=true       # rebuild
     python -m pipeline.teacher_cache cache.verify_fraction=0.05   # then re-check 5% of views with the teacher
+    python -m pipeline.teacher_cache cache.resume_check=full      # resume re-checks every done unit's bytes
 """
 
 import json
@@ -39,7 +40,7 @@ def main(cfg: DictConfig) -> None:
             atomic_write_text(metrics, json.dumps(flat, indent=2) + "\n")
 
 
-KEYS = ('cache.path', 'cache.num_seeds', 'cache.topk', 'cache.batch_size', 'cache.num_workers', 'cache.device', 'cache.verify_fraction', 'teacher.name', 'teacher.checkpoint', 'augment.rand_augment', 'run_seed', 'overwrite')
+KEYS = ('cache.path', 'cache.num_seeds', 'cache.topk', 'cache.batch_size', 'cache.num_workers', 'cache.device', 'cache.verify_fraction', 'cache.resume_check', 'teacher.name', 'teacher.checkpoint', 'augment.rand_augment', 'run_seed', 'overwrite')
 
 if __name__ == "__main__":
     cli.run("teacher_cache", main, __doc__, KEYS)

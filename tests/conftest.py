@@ -11,6 +11,11 @@ import pytest
 
 from pipeline.data import shards, sources
 
+# No test may reach a real instance-metadata endpoint for credentials: the AWS SDKs' switch (which
+# pipeline.storage_faults honours), and obstore's endpoint pointed at a closed local port should anything ask.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["AWS_METADATA_ENDPOINT"] = "http://127.0.0.1:9"
+
 TOY_SEED = 0
 TOY_TRAIN, TOY_VAL, TOY_SHARD_SIZE = 512, 128, 64  # 8 train shards, 2 val shards
 BUCKET = "pipeline"

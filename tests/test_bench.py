@@ -51,7 +51,7 @@ def test_run_all_quick(tmp_path):
         assert rows["hard-only"]["digest"] == pytest.approx(4.0, abs=0.2)  # uint32 digests do not compress
         for r in rows.values():
             assert r["imagenet_gb_per_seed"] == pytest.approx(r["total"] * 1_281_167 / 1e9)
-    assert res["storage"]["sources"]["synthetic-1000"]["rows"]["soft K=10"]["total"] <= 40  # the goal
+    assert res["storage"]["sources"]["synthetic-1000"]["rows"]["soft K=10"]["total"] <= 40  # the target: 40 bytes per view
     assert res["storage"]["sources"]["synthetic-1000"]["rows"]["hard-only"]["total"] <= 8
 
     # the report is rebuilt from the JSON files alone; a run compares itself with a published one

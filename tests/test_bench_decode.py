@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from bench import bench_decode
+from bench import bench_decode, decode_levers
 
 # torchvision 0.29 warns on every torchvision.io decode (deprecated for TorchCodec); the pipeline's path uses it
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -90,9 +90,9 @@ def test_scale_rule_is_pillows():
         g = np.add.outer(np.arange(wh[1]) % 256, np.arange(wh[0]) % 256).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(np.stack([g, g, 255 - g], -1)).save(buf, "JPEG")
-        boxes = bench_decode.sample_boxes(32, wh) + [[0, 0, wh[1], wh[1]], [0, 0, 447, 447], [0, 0, 448, 448]]
-        plans = bench_decode.make_plans([buf.getvalue()] * len(boxes), boxes)
+        boxes = decode_levers.sample_boxes(32, wh) + [[0, 0, wh[1], wh[1]], [0, 0, 447, 447], [0, 0, 448, 448]]
+        plans = decode_levers.make_plans([buf.getvalue()] * len(boxes), boxes)
         assert {p.d for p in plans} <= {1, 2, 4, 8} and max(p.d for p in plans) == (2 if wh[0] == 1000 else 4)
-    assert bench_decode.draft_denom([0, 0, 447, 447], (1000, 750)) == 1
-    assert bench_decode.draft_denom([0, 0, 448, 448], (1000, 750)) == 2
-    assert bench_decode.draft_denom([0, 0, 1500, 1500], (2000, 1500)) == 4
+    assert decode_levers.draft_denom([0, 0, 447, 447], (1000, 750)) == 1
+    assert decode_levers.draft_denom([0, 0, 448, 448], (1000, 750)) == 2
+    assert decode_levers.draft_denom([0, 0, 1500, 1500], (2000, 1500)) == 4

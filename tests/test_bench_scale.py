@@ -34,10 +34,13 @@ def test_counts_and_files(result, backend, mode):
     # whole shards per writer (their files are shared by seed indices): shards 0 and 2, and shard 1
     assert w["processes"] == 2 and sorted(p["units"] for p in w["per_process"]) == [SEEDS, 2 * SEEDS]
     assert sum(p["views"] for p in w["per_process"]) == SEEDS * N and 0 < w["targets_share"] < 1
+    assert len(w["views_per_cpu_s"]) == 2 and min(w["views_per_cpu_s"]) > 0
     rd = res["read"]["2"]  # one seed index, every view's digest compared with the written one
     assert sum(p["units"] for p in rd["per_process"]) == SHARDS and sum(p["views"] for p in rd["per_process"]) == N
     assert res["scan"] == {**res["scan"], "units": units, "pending": 0}
-    assert res["check"]["units"] == 1 and res["open"]["best_s"] > 0
+    assert res["check"]["units"] == 1 and res["open"]["best_s"] > 0 and res["open_consolidated"]["best_s"] > 0
+    # resume's default check: every unit's record and files, the bytes of all of them (fewer than its sample)
+    assert res["resume_check"] == {**res["resume_check"], "units": units, "bytes_checked": units}
     f = res["files"]
     # per shard: one file per per-view array (it packs both seed indices), one of markers, one of records
     assert f["chunk_files"] == (ARRAYS[mode] + 2) * SHARDS and f["files_per_unit"] == (ARRAYS[mode] + 2) / SEEDS
@@ -52,5 +55,7 @@ def test_counts_and_files(result, backend, mode):
 def test_scan_store_and_report(result):
     res, md, stdout = result
     assert res["disk_scan"]["units"] == 3 * SHARDS and res["disk_scan"]["pending"] == 0
-    assert md.strip() in stdout and md.count("\n| disk |") == 2 * 5 + 1 and md.count("\n| s3 |") == 2 * 4
+    assert res["disk_scan"]["metadata"]["units"] == 3 * SHARDS  # every record tagged and every file there
+    assert md.strip() in stdout and md.count("\n| disk |") == 2 * 6 + 2 and md.count("\n| s3 |") == 2 * 5
+    assert 0 < res["targets"]["targets_ms"] and 0 < res["targets"]["full_sort_ms"]
     assert res["machine"].startswith(("x86_64", "aarch64")) and set(res["goals"]) >= {"open_s", "files_per_unit"}

@@ -2,7 +2,7 @@
 committed baseline and `dvc exp run -S distill=soft` compared with README's `dvc exp show` command (120 columns) /
 `exp diff` / `plots diff`, config errors as one line that change nothing, an experiment that would delete
 hand-made shards refused, a failed stage undone by README's one command, and `dvc exp apply` bringing an
-experiment's outputs back."""
+experiment's outputs back; a comment in one file per room marks exactly the stages whose bytes that room decides."""
 
 import hashlib
 import json
@@ -140,6 +140,7 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
     assert (work / "runs" / "export" / "toy-hard-cache" / "model.safetensors").is_file()
     assert "student (hard, cache) class head" in first  # the summary table
     assert _stages_run(_run([DVC, "repro"], work)) == set()
+    _check_stale_by_room(work)
 
     # Metrics: flat, short files, git-tracked where DVC reads them; `dvc metrics show` fits a terminal.
     for path, keys in METRICS.items():
@@ -186,6 +187,38 @@ def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
     after = _snapshot(work)
     assert {p: after.get(p) for p in soft_student} == soft_student
     print(f"test_dvc: {time.time() - t0:.0f} s")
+
+
+STAGES = {"make_shards", "train_teacher", "teacher_cache", "train_student", "evaluate", "export"}
+# A comment added to one file per room, and the stages `dvc status` then marks stale: code decides a stage's bytes
+# through its room's folder or its room's contract file (dvc.yaml); plumbing re-runs nothing.
+STALE_AFTER_A_COMMENT = {
+    "pipeline/data/shards.py": {"make_shards"},
+    "pipeline/replay/pixels.py": set(),  # stands behind pipeline/replay/contract.py
+    "pipeline/replay/contract.py": {"train_teacher", "teacher_cache", "train_student", "evaluate"},
+    "pipeline/models/teacher.py": STAGES - {"make_shards"},
+    "pipeline/cache/lease.py": set(),
+    "pipeline/cache/targets.py": {"teacher_cache", "train_student", "evaluate"},
+    "pipeline/cache/contract.py": {"teacher_cache", "train_student"},
+    "pipeline/train/loop.py": {"train_teacher", "train_student", "evaluate"},
+    "pipeline/config.py": set(),
+    "stages/launch.sh": STAGES,
+}
+
+
+def _check_stale_by_room(work: Path) -> None:
+    for path, expected in STALE_AFTER_A_COMMENT.items():
+        file = work / path
+        text = file.read_text()
+        file.write_text(text + "# a comment\n")
+        try:
+            status = _run([DVC, "status", "--json"], work, check=False)
+            assert status.returncode == 0, status.stderr
+            stale = set(json.loads(status.stdout or "{}"))
+        finally:
+            file.write_text(text)
+        assert stale == expected, f"a comment in {path} marks {sorted(stale)} stale, expected {sorted(expected)}"
+    assert json.loads(_run([DVC, "status", "--json"], work, check=False).stdout or "{}") == {}
 
 
 def _check_compare(work: Path) -> None:

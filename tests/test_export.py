@@ -94,3 +94,38 @@ def test_export_without_a_checkpoint_names_the_path(toy_shards, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"export: error: {missing}"), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "export").exists()
 
+
+
+def test_teacher_export_round_trip_through_timm(toy_shards, tmp_path):
+    """`export.model=teacher`: the teacher checkpoint as a timm folder, rebuilt by timm with no kwargs."""
+    import timm
+
+    from pipeline.models.teacher import create_teacher
+
+    torch.manual_seed(3)
+    torch.save(timm.create_model("resnet10t", num_classes=toy_shards.num_classes).state_dict(), tmp_path / "t.pt")
+    args = [*overrides(toy_shards, tmp_path), "teacher=resnet_toy", f"teacher.checkpoint={tmp_path / 't.pt'}",
+            "export.model=teacher", f"export.out={tmp_path / 'teacher'}"]
+    proc = run_stage("pipeline.export", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["label_names"] == toy_shards.class_names
+    cfg = make_cfg(args)
+    assert config["pretrained_cfg"]["mean"] == list(cfg.teacher.mean)
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    x = torch.randn(4, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "teacher"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        want = create_teacher(cfg.teacher, toy_shards.num_classes)(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt")["logits"], want, rtol=0, atol=1e-6)
+    assert not (tmp_path / "export").exists()  # the student's folder untouched
+
+    missing = tmp_path / "none.pt"
+    proc = run_stage("pipeline.export", [*args, f"teacher.checkpoint={missing}", f"export.out={tmp_path / 'x'}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"export: error: teacher.checkpoint={missing}: no trained teacher"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()

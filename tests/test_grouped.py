@@ -1,4 +1,4 @@
-"""Stage one renders a group of seed indices per decode (issue 13): grouped views are the per-seed views bit for
+"""Stage one renders a group of seed indices per decode: grouped views are the per-seed views bit for
 bit, a grouped build writes the very store a per-seed build writes, and a half-done grouped build resumes.
 
 Small on purpose (2 shared cores): 128 toy samples in 4 shards, S = 3, a seeded random regnety_002 at 32 px.
@@ -121,7 +121,7 @@ def test_group_units_cover_pending_chunks_once():
         for world in (1, 2, 3):  # torchrun: work units round-robin over ranks; every chunk on exactly one rank
             chunks = [(s, k) for r in range(world) for seeds, k in units[r::world] for s in seeds]
             assert sorted(chunks) == sorted(pending)
-    assert group_units(pending, 5, 1) == [((s,), k) for s, k in sorted(pending)]  # per seed: today's units
+    assert group_units(pending, 5, 1) == [((s,), k) for s, k in sorted(pending)]  # per seed: one seed index a unit
     with pytest.raises(ValueError, match="seeds_per_pass"):
         group_units(pending, 5, 0)
 

@@ -7,6 +7,7 @@ interpreter's site-packages (a .pth line adds a directory to sys.path without ru
 editable install of the checkout stays out)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from readme_blocks import blocks, copy_checkout
+
 REPO = Path(__file__).resolve().parents[1]
 # Tiny caps: the point is that each stage starts, finds its config and writes its output, not what it learns.
 TINY = ["data.train_size=128", "data.val_size=64", "data.shard_size=64", "teacher.train.epochs=1",
@@ -24,7 +27,7 @@ TINY = ["data.train_size=128", "data.val_size=64", "data.shard_size=64", "teache
 
 # Run inside the installed venv: every import in the installed package, mapped to the distribution providing it,
 # must be declared in the wheel's own metadata (Requires-Dist); a module-level import must be a core dependency,
-# an import inside a function may come from an extra (obstore for s3://).
+# an import inside a function may come from an extra (obstore for s3://; dvclive, optional: dev).
 IMPORT_CHECK = textwrap.dedent("""
     import ast, importlib.metadata as md, pathlib, re, sys
     import pipeline
@@ -67,27 +70,29 @@ IMPORT_CHECK = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """(venv python, environment) with the wheel built from the tracked files installed, checkout unreachable."""
+    """(venv python, environment, its site-packages) with the wheel built from a copy of the checkout installed;
+    the checkout is not importable."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
-    for f in files:
-        if (REPO / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, src / f)
+    src = copy_checkout(tmp / "src")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(src)],
          tmp)
     wheel = next(tmp.glob("pipeline-*.whl"))
-    venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp)
-    py = venv / "bin" / "python"
+    py, env, site = _venv(tmp / "venv")
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)],
          tmp)
-    site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp).strip())
+    return py, env, site
+
+
+def _venv(venv: Path):
+    """A fresh venv without the checkout that reaches this interpreter's packages (pip included) by a .pth line;
+    pip run in it installs into it and never uninstalls outside it. (python, environment, site-packages)."""
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], venv.parent)
+    py = venv / "bin" / "python"
+    site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], venv).strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(OMP_WAIT_POLICY="PASSIVE", PYTHONNOUSERSITE="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("PIP_")}
+    env.update(OMP_WAIT_POLICY="PASSIVE", PYTHONNOUSERSITE="1", VIRTUAL_ENV=str(venv),
+               PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}")
     return py, env, site
 
 
@@ -121,6 +126,51 @@ def test_every_import_is_a_declared_dependency(installed, tmp_path):
     finally:
         probe.unlink()
     assert proc.returncode == 1 and "_probe.py: import yaml (module level)" in proc.stdout, proc.stdout
+
+
+# An NGC container's torch and torchvision: local pre-release versions, which pip keeps (installed, not chosen).
+NGC = {"torch": "2.6.0a0+ecf3bae40a.nv25.1", "torchvision": "0.20.0a0"}
+
+
+@pytest.mark.slow
+def test_install_doc_commands_run_as_written(tmp_path):
+    """docs/install.md's bash blocks, in order, offline, in a fresh venv that holds the dependencies: the first
+    under an NGC container's torch/torchvision (kept), the second with CI's constraints, the third from anywhere."""
+    codes = [b.code for b in blocks(page=REPO / "docs" / "install.md") if b.lang == "bash"]
+    assert len(codes) == 3 and "pip install ." in codes[0] and "-c constraints.txt" in codes[1], codes
+    src = copy_checkout(tmp_path / "src")
+    py, env, site = _venv(tmp_path / "venv")
+    (tmp_path / "tmp").mkdir()
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", TMPDIR=str(tmp_path / "tmp"))  # offline, this machine's config out
+    fakes = [site / f"{name}-{version}.dist-info" for name, version in NGC.items()]
+    for (name, version), d in zip(NGC.items(), fakes):  # found before the real ones: pip sees these versions
+        d.mkdir()
+        (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (d / "INSTALLER").write_text("test\n")
+    out = _bash(codes[0], src, env)
+    installed = [line for line in out.splitlines() if line.startswith("Successfully installed")]
+    assert installed == ["Successfully installed pipeline-0.1.0"], out[-3000:]
+    for name, version in NGC.items():  # "Requirement already satisfied: torch<3,>=2.4 in <site> (from ...) (<v>)"
+        assert re.search(rf"already satisfied: {name}[<>=,.\d]* in {re.escape(str(site))} .*\({re.escape(version)}\)",
+                         out), out[-3000:]
+    for d in fakes:
+        shutil.rmtree(d)
+    out = _bash(codes[1], src, env)
+    assert "Successfully installed pipeline-0.1.0" in out and "torch==2.14.1" not in out, out[-3000:]
+    out = _bash(codes[2], src, env)
+    assert "train\nval\n" in out, out  # ls data/shards/toy
+    (shards,) = (tmp_path / "tmp").glob("tmp.*/data/shards/toy/train")
+    assert len(list(shards.glob("shard-*.tar"))) == 1  # 128 samples, shard_size 256
+    where = _run([py, "-c", "import pipeline; print(pipeline.__file__)"], tmp_path, env).strip()
+    assert Path(where).is_relative_to(site), where
+
+
+def _bash(code: str, cwd: Path, env: dict) -> str:
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"{code} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -37,14 +37,14 @@ OWN = "Precompute soft labels for your own data"
 HUB_MODELS = ["regnety_160.deit_in1k", "convnext_tiny.fb_in1k"]  # what the documented teacher names resolve to
 
 # Caps only: sample limits (and shards small enough to give every rank one), seeds, epochs, batches, workers.
-IMAGENET_CAPS = ("data.train_limit=8 data.val_limit=4 data.shard_size=2 cache.num_seeds=1 cache.batch_size=8 "
+IMAGENET_CAPS = ("data.train_limit=8 data.val_limit=4 data.shard_size=2 cache.num_seeds=3 cache.batch_size=8 "
                  "cache.num_workers=0 train.epochs=1 train.batch_size=4 train.num_workers=0")
 TOY_CAPS = ("data.train_size=128 data.val_size=64 data.shard_size=32 teacher.train.epochs=1 "
             "teacher.train.num_workers=0 cache.num_seeds=1 cache.num_workers=0 train.epochs=1 train.batch_size=32 "
             "train.num_workers=0")
 OWN_CAPS = ("teacher.train.epochs=1 teacher.train.batch_size=4 teacher.train.num_workers=0 cache.num_seeds=2 "
             "cache.batch_size=8 cache.num_workers=0")
-IMAGENET_STORE = "cache/imagenet-regnety_160.deit_in1k-s1.zarr"
+IMAGENET_STORE = "cache/imagenet-regnety_160.deit_in1k-s3.zarr"  # train=deit: 3 copies, seeds 0-2
 
 # ```bash blocks run elsewhere (section, first line) -> the test or script that runs them.
 ELSEWHERE = {
@@ -61,9 +61,14 @@ ELSEWHERE = {
         "tests/test_bench.py (bench.run_all --quick and bench.accuracy on tiny sizes, not these full runs)",
     ("DeiT's recipe card", "NPROC=8 python -m pipeline.recipe $R distill=hard"): "tests/test_recipe.py",
     ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
+    ("Install", "python -m pip install ."): "tests/test_package.py (docs/install.md's blocks, offline, in a fresh venv)",
+    ("Install", "python -m pip install -c constraints.txt ."): "tests/test_package.py",
+    ("Install", 'cd "$(mktemp -d)" && python -m pipeline.make_shards data.train_size=128 data.val_size=64 && ls '
+                'data/shards/toy'): "tests/test_package.py",
 }
 # Other fenced blocks that are code: the python example (run verbatim by tests/test_api.py).
-OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py"}
+OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py",
+              ("The API for your own training loop", "python"): "tests/test_api.py::test_api_doc_runs"}
 
 
 # ------------------------------------------------------------------------------------------ the blocks
@@ -322,7 +327,7 @@ def test_imagenet_block_on_one_node_with_two_ranks(work, imagenet_tree, hub, tmp
     out = run_script(script, work, _env(work, hf_home), tmp_path / "imagenet.log")
     assert "name: regnety_160.deit_in1k" in out  # pipeline.params printed the composed config
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
 
@@ -339,7 +344,7 @@ def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: P
 def test_two_node_block_static_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
     logs = _two_nodes(static_scripts(_free_port()), work, imagenet_tree, hf_home, tmp_path)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
 
@@ -349,7 +354,7 @@ def test_two_node_block_c10d_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
     script = c10d_script(_free_port())
     logs = _two_nodes([script, script], work, imagenet_tree, hf_home, tmp_path)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]
 
@@ -362,7 +367,7 @@ def test_slurm_script_with_fake_srun(work, imagenet_tree, hub, tmp_path):
                SLURM_JOB_NAME="deit-distill", SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(tmp_path))
     out = run_script(slurm_script(work, imagenet_tree, _free_port()), tmp_path, env, tmp_path / "slurm.log")
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
-    check_store(work / IMAGENET_STORE, seeds=1, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
+    check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
     assert out.count(": 8 views written") == 1, out[-3000:]

@@ -188,6 +188,52 @@ def test_economics_arithmetic():
     assert abs(serial - a["student_online"]) / a["student_online"] < 0.02
 
 
+@pytest.mark.parametrize("student, model", [("deit_tiny", "deit_tiny_distilled_patch16_224"),
+                                            ("deit_small", "deit_small_distilled_patch16_224"),
+                                            ("deit_base", "deit_base_distilled_patch16_224")])
+def test_each_deit_student_composes_deits_recipe(documented, student, model):
+    """DeiT trains Ti, S and B with one recipe (global batch 1024: its README runs Ti/S on 4 GPUs x 256 and B on
+    16 x 64; lr 5e-4 x 1024/512; drop path 0.1): under train=deit each student's card has the same rows as the
+    documented run's, and its own student row is DeiT's."""
+    table, run = _rows(documented, f"student={student}")
+    base, _ = _rows(documented)
+    by = {r.name: r for r in table}
+    assert str(run.cfg.student.name) == model and by["student"].same and by["drop path"].same
+    assert by["global batch"].same and by["learning rate"].same and not card.drifts(table)
+    assert [(r.name, r.verdict) for r in table] == [(r.name, r.verdict) for r in base]
+
+
+def test_eval_transform_gap_is_what_the_card_states():
+    """The eval row's numbers: our eval views of scikit-image's photos against DeiT's transform (torchvision
+    Resize(256, bicubic) then CenterCrop(224) on the PIL image), uint8 levels."""
+    import io
+
+    import numpy as np
+    import skimage.data
+    import torch
+    import yaml
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from pipeline.replay.view_params import AugmentConfig
+    from pipeline.replay.views import block_views
+    from pipeline.train.recipe_ingredients import EVAL_GAP
+
+    deit_yaml = REPO / "pipeline" / "conf" / "augment" / "deit.yaml"
+    cfg = AugmentConfig.from_cfg(yaml.safe_load(deit_yaml.read_text()), 224, 0.875)
+    deit = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+    for name, (mean, top) in EVAL_GAP.items():
+        photo = getattr(skimage.data, name.split()[0])()
+        assert "x".join(map(str, photo.shape[:2])) == name.split()[1]
+        png = io.BytesIO()
+        Image.fromarray(photo).save(png, "PNG")
+        ours = block_views([(0, png.getvalue(), 0)], run_seed=0, seed_index=0, cfg=cfg, num_classes=1,
+                           train=False)[0]["image"]
+        theirs = torch.from_numpy(np.asarray(deit(Image.fromarray(photo).convert("RGB")))).permute(2, 0, 1)
+        diff = (ours.int() - theirs.int()).abs()
+        assert (round(float(diff.float().mean()), 2), int(diff.max())) == (mean, top), name
+
+
 GENERATED = re.compile(r"(<!-- generated .*? -->\n).*?(<!-- end generated -->)", re.S)
 
 

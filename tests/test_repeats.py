@@ -1,4 +1,4 @@
-"""Repeated augmentation (issue 13, `train.repeats`): every sample r times per epoch under r distinct seed
+"""Repeated augmentation (`train.repeats`): every sample r times per epoch under r distinct seed
 indices, the same views under any loader layout, the seed schedule in slots, cached rows of each view's own seed.
 
 Ranks are emulated in one process (tests/test_loader.py's way). Small on purpose (2 shared cores): 160 toy
@@ -104,7 +104,7 @@ def test_copies_of_a_sample_land_in_different_steps(data):
                 assert step >= steps[rank] - 2, (rank, step, steps[rank])
 
 
-def test_repeats_one_is_todays_loader(data):
+def test_repeats_one_is_the_plain_loader(data):
     plain = ViewLoader(data / "data" / "train", CFG, run_seed=7, batch_size=48, shuffle=True, world_size=2, rank=1)
     one = ViewLoader(data / "data" / "train", CFG, run_seed=7, batch_size=48, shuffle=True, world_size=2, rank=1,
                      repeats=1)

@@ -62,7 +62,8 @@ def _fix_manifest(m, k):
     mf = m.split_dir / shards.MANIFEST
     d = json.loads(mf.read_text())
     d["shards"][k]["sha256"] = shards.sha256_file(m.shard_path(k))
-    d["fingerprint"] = shards.fingerprint_of([s["sha256"] for s in d["shards"]], d["N"], d["num_classes"])
+    d["fingerprint"] = shards.fingerprint_of([s["sha256"] for s in d["shards"]], d["N"], d["num_classes"],
+                                             d["class_names"])
     mf.write_text(json.dumps(d))
 
 
@@ -337,6 +338,70 @@ def test_folder_bad_inputs(tmp_path):
         sources.folder(tmp_path / "tree", "val")
     with pytest.raises(FileNotFoundError):
         sources.folder(tmp_path / "nothing", "train")
+
+
+def test_a_class_missing_from_a_split_is_refused_by_name_unless_allowed(tmp_path):
+    tree = tmp_path / "tree"
+    _tree(tree)
+    shutil.rmtree(tree / "val" / "eel")
+    with pytest.raises(ShardError) as info:
+        sources.folder(tree, "val")
+    assert str(info.value) == (f"{tree / 'val' / 'eel'}: class 'eel' of {tree / 'train'} has no folder in val/; "
+                               f"add it, or set data.allow_empty_classes=true to keep the class without val samples")
+    v = sources.folder(tree, "val", allow_empty_classes=True)
+    assert v.class_names == ["cat", "dog", "eel"] and len(v) == 4
+    (tree / "val" / "yak").mkdir()  # the reverse: a val class that train does not have
+    with pytest.raises(ShardError, match=rf"{tree / 'val' / 'yak'}: class folder not present in {tree / 'train'}"):
+        sources.folder(tree, "val", allow_empty_classes=True)
+
+
+def test_a_symlink_that_does_not_resolve_is_refused_by_path(tmp_path):
+    tree = tmp_path / "tree"
+    _tree(tree)
+    good = tree / "train" / "cat" / "img1.jpg"
+    (tree / "train" / "cat" / "alias.jpg").symlink_to(good)  # a symlink that resolves is an image like any other
+    assert len(sources.folder(tree, "train")) == 19
+    for link, target, why in [(tree / "train" / "dog" / "gone.jpg", tree / "nowhere.jpg", "No such file"),
+                              (tree / "val" / "eel" / "loop.jpg", tree / "val" / "eel" / "loop.jpg", "symbolic links"),
+                              (tree / "train" / "fox", tmp_path / "no-such-folder", "No such file")]:
+        link.symlink_to(target)
+        with pytest.raises(ShardError, match=rf"^{link}: symlink does not resolve \(.*{why}.*\): fix or remove it$"):
+            sources.folder(tree, link.relative_to(tree).parts[0])
+        link.unlink()
+
+
+@pytest.mark.parametrize("break_it, needle", [
+    (lambda tree: (tree / "train" / "dog" / "gone.jpg").symlink_to(tree / "nowhere.jpg"),
+     "train/dog/gone.jpg: symlink does not resolve (No such file or directory): fix or remove it"),
+    (lambda tree: shutil.rmtree(tree / "val" / "dog"), "val/dog: class 'dog' of"),  # val is listed before any decode
+])
+def test_make_shards_refuses_a_broken_tree_in_one_line_and_writes_nothing(tmp_path, break_it, needle):
+    tree = tmp_path / "tree"
+    _tree(tree)
+    break_it(tree)
+    r = _cli("data=folder", f"data.root={tree}", "data.num_classes=3", f"workdir={tmp_path / 'w'}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
+    assert lines[0].startswith("make_shards: error: ")
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.tar"))
+
+
+def test_class_names_are_part_of_the_fingerprint(tmp_path):
+    m = _write_toy(tmp_path / "train", 64)
+    mf = m.split_dir / shards.MANIFEST
+    d = json.loads(mf.read_text())
+    assert d["version"] == 2
+    names = list(d["class_names"])
+    assert shards.fingerprint_of([s.sha256 for s in m.shards], m.n, m.num_classes, names) == m.fingerprint
+    swapped = [names[1], names[0], *names[2:]]
+    assert shards.fingerprint_of([s.sha256 for s in m.shards], m.n, m.num_classes, swapped) != m.fingerprint
+    mf.write_text(json.dumps({**d, "class_names": swapped}))  # two names swapped by hand
+    with pytest.raises(ShardError, match=rf"{mf}: invalid manifest: fingerprint does not match the shard hashes and "
+                                         rf"class_names \['{swapped[0]}', '{swapped[1]}'"):
+        load_manifest(m.split_dir)
+    mf.write_text(json.dumps({**d, "version": 1}))  # written by an earlier version: refused with the fix
+    with pytest.raises(ShardError, match=rf"{mf}: manifest version 1, .*pipeline.make_shards overwrite=true"):
+        load_manifest(m.split_dir)
 
 
 # -------------------------------------------------------------------------------------------- bad input

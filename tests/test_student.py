@@ -221,12 +221,16 @@ def test_tampered_digest_names_the_key(env, tmp_path):
         train_student(cfg)
 
 
-@pytest.mark.parametrize("override, field", [("run_seed=1", "run_seed"),
-                                             ("augment.erase_prob=0.5", "augment_hash")])
-def test_other_provenance_refused(env, tmp_path, override, field):
-    with pytest.raises(ProvenanceMismatch, match=field) as info:
-        train_student(make_cfg(env.overrides(tmp_path / "out", override)))
-    assert info.value.field == field
+@pytest.mark.parametrize("overrides, field, says", [
+    (["run_seed=1"], "run_seed", "store has 0, config has 1"),
+    (["augment.erase_prob=0.5"], "augment.erase_prob", "store has 0.1, config has 0.5"),
+    (["augment.mix_pairing=block", "augment.hflip=0.0"], "augment.hflip",  # every augmentation key that differs
+     "store has 0.5, config has 0.0 (also augment.mix_pairing: store has pair, config has block; "),
+])
+def test_other_provenance_refused(env, tmp_path, overrides, field, says):
+    with pytest.raises(ProvenanceMismatch) as info:
+        train_student(make_cfg(env.overrides(tmp_path / "out", *overrides)))
+    assert info.value.field == field and f"'{field}' differs: {says}" in str(info.value), str(info.value)
 
 
 def test_hard_only_store_refused_for_soft(env, tmp_path):

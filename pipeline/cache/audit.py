@@ -68,7 +68,7 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
     """Replay a random subset of committed units (not ``skip``), rerun the teacher, compare with the store."""
     from pipeline import distributed
     from pipeline.cache.provenance import build_provenance
-    from pipeline.replay.loader import ViewLoader
+    from pipeline.replay.loader import run_loader
     from pipeline.models.teacher import TeacherRunner, create_teacher
 
     ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)
@@ -86,8 +86,8 @@ def teacher_recheck(cfg: DictConfig, store: CacheStore, fraction: float, seed: i
     count = min(len(done), max(1, int(round(fraction * len(done)))))
     chosen = sorted(done[i] for i in rng.choice(len(done), size=count, replace=False)) if done else []
     runner = TeacherRunner(teacher, cfg.teacher, ctx.device)
-    loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=int(cfg.run_seed), batch_size=int(cfg.cache.batch_size),
-                        num_workers=int(cfg.cache.num_workers), backend=cfg.replay.backend, device=ctx.device)
+    loader = run_loader(cfg, "train", aug, batch_size=cfg.cache.batch_size, num_workers=cfg.cache.num_workers,
+                        ctx=ctx)
     stored = {u: store.read_unit(*u) for u in chosen}
     views = agree = digest_bad = 0
     max_diff = max_lse = 0.0

@@ -26,11 +26,23 @@ from pipeline.cache.provenance import build_provenance
 from pipeline.cache.store import CacheStore
 from pipeline.config import split_dir
 from pipeline.replay.view_params import augment_config
-from pipeline.replay.loader import ViewLoader
+from pipeline.replay.loader import run_loader
 from pipeline.data.shards import Manifest, load_manifest
-from pipeline.errors import UserError
+from pipeline.errors import CacheError, UserError
 from pipeline.logs import progress
 from pipeline.models.teacher import TeacherRunner, create_teacher, warn_if_random
+from pipeline.replay.fingerprint import fingerprint
+
+
+def _unfingerprinted(path, overwrite: bool) -> tuple[str, ...]:
+    """("pixels",) when resuming a store built before stores kept a pixel fingerprint: it is resumed as it is
+    (stage two then reads it with a warning) rather than refused for the field it never had."""
+    if overwrite or not path.exists():
+        return ()
+    try:
+        return () if "pixels" in CacheStore.open(path, "r", check_contract=False).provenance else ("pixels",)
+    except CacheError:  # not a (current) cache store: create() says what it is
+        return ()
 
 
 def group_units(pending: list[tuple[int, int]], num_seeds: int,
@@ -112,6 +124,17 @@ def _reraise(exc: BaseException):
     raise RuntimeError(f"cache writer failed: {exc}") from exc
 
 
+def _create_or_resume(cfg: DictConfig, path, manifest, aug, teacher) -> None:
+    """Rank 0: the store at ``path`` created, or resumed when its layout and provenance match."""
+    provenance = {**build_provenance(cfg, manifest, aug, teacher), "pixels": fingerprint()}  # stage two re-renders
+    CacheStore.create(path, provenance=provenance,
+                      num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
+                      shard_size=manifest.shard_size, num_classes=manifest.num_classes,
+                      topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
+                      overwrite=bool(cfg.overwrite), resume_check=str(cfg.cache.resume_check),
+                      ignore_fields=_unfingerprinted(path, bool(cfg.overwrite)))
+
+
 def build_cache(cfg: DictConfig) -> dict:
     """Build or resume the store at cfg.cache.path; returns a summary (rank 0's, for all ranks)."""
     ctx = distributed.setup(cfg.cache.device, int(cfg.num_threads), cfg.cache.num_workers)
@@ -124,16 +147,11 @@ def build_cache(cfg: DictConfig) -> dict:
     runner.check(aug.image_size)
     if ctx.is_main:
         warn_if_random(cfg.teacher, cfg.data.source)
-    loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=int(cfg.run_seed), batch_size=int(cfg.cache.batch_size),
-                        num_workers=int(cfg.cache.num_workers), train=True,
-                        pin_memory=ctx.device.type == "cuda", backend=cfg.replay.backend, device=ctx.device)
+    loader = run_loader(cfg, "train", aug, batch_size=cfg.cache.batch_size, num_workers=cfg.cache.num_workers,
+                        ctx=ctx)  # units(): every rank names its own units, the rank split is not used
     path = storage.as_path(cfg.cache.path)  # local, or s3://bucket/prefix (pipeline.storage)
     if ctx.is_main:
-        CacheStore.create(path, provenance=build_provenance(cfg, manifest, aug, teacher),
-                          num_seeds=int(cfg.cache.num_seeds), shard_counts=[s.count for s in manifest.shards],
-                          shard_size=manifest.shard_size, num_classes=manifest.num_classes,
-                          topk=min(int(cfg.cache.topk), manifest.num_classes), store_logits=bool(cfg.cache.store_logits),
-                          overwrite=bool(cfg.overwrite))
+        _create_or_resume(cfg, path, manifest, aug, teacher)
     distributed.barrier()
     store = CacheStore.open(path, mode="r+")
     # Rank 0 holds the writer lease; every other rank (on any node) commits only while rank 0 still holds it.

@@ -40,24 +40,11 @@ class ids, 0 for digests) and ``write_empty_chunks`` is on, so an unfinished uni
 a finished one always has its chunk; ``done`` is the truth, and :meth:`CacheStore.read_unit` refuses units whose
 marker is false.
 
-Compression (measured, Blosc-zstd clevel 9 per array; bytes on disk per view, shard_size 1000, 8k views of
-synthetic logits: 10 classes = N(0,1) plus a N(6,1.5) peak, 1000 classes = N(0,2) plus a N(8,2) peak;
-chunks only, zarr.json excluded)::
-
-                          10 classes    1000 classes   codec
-    topk_values (K=10)       17.3          11.8        blosc zstd9 byte-shuffle (bitshuffle: 17.7 / 12.6)
-    topk_indices (K=10)       4.3          12.6        byte-shuffle if C <= 256 else bitshuffle
-    logsumexp                 3.2           2.9        blosc zstd9 bitshuffle
-    argmax                    0.5           1.3        byte-shuffle if C <= 256 else bitshuffle
-    digest                    4.0           4.0        none (random 32 bits; any codec only adds a header)
-    done                    0.001         0.001        none (1 byte per unit)
-    total K=10 soft          29.3          32.6        goal <= 40 (TinyViT: 44)
-    total hard-only           4.5           5.3        goal <= 8
-
-Plain ZstdCodec (levels 3-19, no shuffle) was worse on every array; clevel 5 costs ~5% more bytes than 9
-(clevel 9 encodes a 1000-view unit in ~6 ms: negligible beside the teacher). The sharding index adds 16 bytes
-per chunk (0.016 B/view). A local filesystem allocates whole blocks (4 KiB on ext4) per file: packing
-seeds_per_file units per file amortises that rounding (see ``bytes_per_view(allocated=True)``).
+Codecs, per array (bytes on disk per view measured by ``python -m bench.bench_storage``, docs/results.md):
+Blosc-zstd clevel 9 with byte-shuffle for top-K values, bitshuffle for logsumexp, byte-shuffle (C <= 256) or
+bitshuffle for class ids; none for digests (random bits) and markers. The sharding index adds 16 bytes per chunk;
+a local filesystem allocates whole blocks per file, which packing seeds_per_file units per file amortises (see
+``CacheStore.bytes_per_view(allocated=True)``).
 """
 
 

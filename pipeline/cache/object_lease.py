@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 
+from pipeline import storage_faults
 from pipeline.cache import held_leases
 from pipeline.errors import CacheError
 
@@ -47,7 +48,7 @@ def _get(path) -> tuple[dict, str | None]:
     except (NotFoundError, FileNotFoundError):
         return {}, None
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot read the writer lease {path}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot read the writer lease: {storage_faults.translate(e, str(path))}") from None
     try:
         return (json.loads(raw) if raw.strip() else {}), etag
     except ValueError:
@@ -81,7 +82,7 @@ def _put(path, record: dict, etag: str | None) -> str | None:
     except (AlreadyExistsError, PreconditionError):
         return None
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot write the writer lease {path}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot write the writer lease: {storage_faults.translate(e, str(path))}") from None
 
 
 class ObjectLease:

@@ -12,11 +12,14 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from importlib import metadata
 
 import numpy as np
 
+from pipeline.errors import ProvenanceMismatch, as_text
 from pipeline.replay.contract import CONTRACT_VERSION
+from pipeline.replay.view_params import IMPLIED
 from pipeline.version import __version__
 
 VERSION_LIBS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pillow": "pillow",
@@ -50,8 +53,6 @@ def _json_default(x):
 def canonical(x):
     """JSON round trip: tuples become lists, numpy scalars plain numbers; what the store's attrs hold."""
     return json.loads(json.dumps(x, default=_json_default, allow_nan=True))
-
-
 
 
 def store_key(layout: dict, provenance: dict) -> str:
@@ -97,6 +98,31 @@ def check_consistent(prov: dict, layout: dict) -> None:
             raise ValueError(f"provenance {field}={v} contradicts the store layout {key}={layout[key]}")
 
 
+def augment_differences(stored: Mapping, ours: Mapping) -> list[tuple[str, object, object]]:
+    """(``augment.<key>``, store value, config value) for every augmentation key that differs, in key order; keys
+    a canonical dict leaves out at their implied value (replay.view_params.IMPLIED) compare as that value."""
+    a, b = canonical({**IMPLIED, **stored}), canonical({**IMPLIED, **ours})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        diff = first_difference(a.get(key, MISSING), b.get(key, MISSING))
+        if diff is not None:
+            out.append((f"augment.{key}", diff[1], diff[2]))
+    return out
+
+
+def check_augment(path, stored, aug) -> None:
+    """Refuse a store whose recorded augmentation (``stored``: its provenance ``augment``) differs from the run's
+    AugmentConfig ``aug``, naming every key that differs (the hash alone says only that something does). A store
+    that records no augmentation dict is left to the hash check."""
+    if not isinstance(stored, Mapping):
+        return
+    diffs = augment_differences(stored, aug.canonical())
+    if diffs:
+        field, theirs, ours = diffs[0]
+        also = "; ".join(f"{f}: store has {as_text(t)}, config has {as_text(o)}" for f, t, o in diffs[1:])
+        raise ProvenanceMismatch(path, field, theirs, ours,
+                                 (f"also {also}; " if also else "") + "the cache holds other views: run with the "
+                                 "cache.s augmentation, or rebuild it with python -m pipeline.teacher_cache")
 
 
 def without(d: dict, dotted_fields) -> dict:

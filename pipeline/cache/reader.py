@@ -2,9 +2,10 @@
 cached rows to replayed views.
 
 - :func:`open_cache`: no writer may hold the store's lease (stage one running: CacheError naming it); provenance
-  (data fingerprint, augmentation hash, run seed, class count) must match the config (ProvenanceMismatch names the
-  field and both values), the shard layout must match the manifest and the mode's fields must be stored.
-  Library-version differences come back as warnings.
+  (data fingerprint, augmentation, run seed, class count) must match the config (ProvenanceMismatch names the
+  field and both values; every augmentation key that differs), the shard layout must match the manifest and the
+  mode's fields must be stored. Library-version differences come back as warnings; the store's pixel fingerprint
+  must render the same here (:func:`check_pixels`).
 - :func:`check_units_done`: every unit the schedule reads must be committed.
 - :class:`CacheTargets`: the loader's ``extras`` hook. Picklable; opens the store lazily once per process
   (DataLoader worker); one batched read of chunk (s, shard) per field per unit, ``digest`` always included so
@@ -24,11 +25,12 @@ import os
 from collections.abc import Sequence
 
 from pipeline.cache import lease
-from pipeline.cache.provenance import expected_provenance
+from pipeline.cache.provenance import check_augment, expected_provenance
 from pipeline.cache.store import CacheStore, store_id_on_disk
+from pipeline.cache.targets import MODE_FIELDS
 from pipeline.errors import CacheError, ScheduleError
+from pipeline.replay import fingerprint
 
-MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
 
 
 def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
@@ -36,18 +38,34 @@ def open_cache(path, *, manifest: Manifest, aug: AugmentConfig, run_seed: int,
     """Open and check the store for a run in ``mode``; returns (store, library-version warnings)."""
     lease.refuse_if_written(path, "train_student")
     store = CacheStore.open(path, "r")
-    warnings = store.check_compatible(expected_provenance(manifest, aug, run_seed))
+    check_augment(store.path, store.provenance.get("augment"), aug)  # names the keys; the hash check, only that
+    warnings = store.check_compatible(expected_provenance(manifest, aug, run_seed)) + check_pixels(store)
     if store.shard_size != manifest.shard_size or store.shard_counts != [s.count for s in manifest.shards]:
         raise CacheError(f"{store.path}: shard layout (shard_size {store.shard_size}, {store.num_shards} shards) "
                          f"differs from the train manifest (shard_size {manifest.shard_size}, "
                          f"{manifest.num_shards} shards)")
-    fields = MODE_FIELDS[mode]
-    missing = [f for f in fields if f not in store.fields]
+    require_store_fields(store, mode)
+    return store, warnings
+
+
+def require_store_fields(store: CacheStore, mode: str, what: str = "distill.mode") -> None:
+    """Refuse a store that lacks the fields ``mode`` reads (a soft loss on a hard-labels-only store)."""
+    missing = [f for f in MODE_FIELDS[mode] if f not in store.fields]
     if missing:
-        raise CacheError(f"{store.path}: distill.mode={mode} needs {'/'.join(missing)}, but the store holds "
+        raise CacheError(f"{store.path}: {what}={mode} needs {'/'.join(missing)}, but the store holds "
                          f"{list(store.fields)} (built with cache.topk={store.topk}"
                          f"{': hard labels only' if store.topk == 0 else ''}); rebuild with cache.topk > 0")
-    return store, warnings
+
+
+def check_pixels(store: CacheStore) -> list[str]:
+    """Re-render the store's pixel fingerprint here (PixelMismatch names the first differing view and the library
+    versions on both sides). A store built before fingerprints were recorded is read, with a warning."""
+    recorded = store.provenance.get("pixels")
+    if recorded is None:
+        return [f"{store.path}: no pixel fingerprint recorded (built before stores kept one): the pixels this run "
+                f"replays are not checked against stage one's; rebuild (overwrite=true) to record it"]
+    fingerprint.check(recorded, str(store.path))
+    return []
 
 
 def check_units_done(store: CacheStore, seeds: Sequence[int]) -> None:

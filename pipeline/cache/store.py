@@ -29,7 +29,7 @@ from pipeline.cache.layout import (PER_VIEW, UNIT_TAG, ZARR_CONFIG, array_specs,
 from pipeline.cache.provenance import (MISSING, VERSION_LIBS, canonical, check_consistent, first_difference,
                                        library_versions, lookup, store_key, without)
 from pipeline.cache.targets import stored_arrays
-from pipeline.errors import CacheError, ProvenanceMismatch
+from pipeline.errors import CacheError, ProvenanceMismatch, StorageError
 from pipeline.replay.contract import CONTRACT_VERSION
 
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -74,7 +74,7 @@ class CacheStore:
     @classmethod
     def create(cls, path, *, provenance: dict, num_seeds: int, shard_counts: list[int], shard_size: int,
                num_classes: int, topk: int, store_logits: bool = False, overwrite: bool = False,
-               ignore_fields: tuple[str, ...] = ()) -> CacheStore:
+               ignore_fields: tuple[str, ...] = (), resume_check: str = "sample") -> CacheStore:
         """Create a store, or open an existing one with equal layout and provenance (resume).
 
         An existing store whose layout or provenance differs raises :class:`ProvenanceMismatch` naming the first
@@ -86,7 +86,8 @@ class CacheStore:
         First of all this process takes the store's writer lease (pipeline.cache.lease; a live writer elsewhere
         is a CacheError naming it, before anything is touched), and keeps it. Resuming integrity-checks the done
         units and clears the commit marker of damaged ones, which the caller then recomputes
-        (:func:`pipeline.cache.integrity.repair`, which logs each unit).
+        (:func:`pipeline.cache.integrity.repair`, which logs each unit): ``resume_check="sample"`` checks every
+        done unit's checksum record, tag and files and the bytes of a sample, ``"full"`` every done unit's bytes.
         """
         path = storage.as_path(path)  # a local Path, or an s3://... ObjectPath (pipeline.storage)
         counts = check_layout_args(num_seeds, shard_counts, shard_size, num_classes, topk)
@@ -109,7 +110,7 @@ class CacheStore:
                 _cache_group(path, "r")  # raises unless it is a cache store (any version): never rmtree anything else
                 storage.rmtree(path)
             else:
-                return cls._resume(path, attrs, ignore_fields)
+                return cls._resume(path, attrs, ignore_fields, resume_check)
 
         def build(target):
             group = zarr.open_group(store=target, mode="w-", zarr_format=3, attributes=attrs)
@@ -130,12 +131,12 @@ class CacheStore:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if path.is_dir() and any(path.iterdir()):
-                return cls._resume(path, attrs, ignore_fields)
+                return cls._resume(path, attrs, ignore_fields, resume_check)
             raise CacheError(f"{path}: cannot create cache store: {e}") from e
         return cls.open(path, "r+", check_contract=False)
 
     @classmethod
-    def _resume(cls, path: Path, attrs: dict, ignore_fields) -> CacheStore:
+    def _resume(cls, path: Path, attrs: dict, ignore_fields, resume_check: str = "sample") -> CacheStore:
         store = cls.open(path, "r+", check_contract=False)  # a contract change: named below
         have = {"layout": store.layout, "provenance": without(store.provenance, ignore_fields)}
         want = {"layout": attrs["layout"], "provenance": without(attrs["provenance"], ignore_fields)}
@@ -143,7 +144,9 @@ class CacheStore:
             diff = first_difference(have[part], want[part])
             if diff is not None:  # a writer's refusal: the store stays as it is, the fix is a new one
                 raise ProvenanceMismatch(path, *diff, fix=REBUILD)
-        integrity.repair(store)
+        if resume_check not in ("sample", "full"):
+            raise ValueError(f"resume_check={resume_check!r}: 'sample' or 'full'")
+        integrity.repair(store, full=resume_check == "full")
         return store
 
     @classmethod
@@ -281,9 +284,10 @@ class CacheStore:
             record = [crc32c(out[f]) for f in self.checksum_fields] + [unit_tag(self.key, s, k)]
             self._arrays["checksums"][s, k] = np.array(record, np.uint32)
             self.set_done(s, k, True)  # commit marker, last (set_done re-checks the store id and the lease first)
-        except OSError as e:  # ENOSPC, EIO, EACCES...: the unit stays pending, a re-run recomputes it
+        except OSError as e:  # ENOSPC, EIO, EACCES, an outage...: the unit stays pending, a re-run recomputes it
+            fix = "" if isinstance(e, StorageError) else ": free space or fix the store, then re-run to resume"
             raise CacheError(f"{self.path}: cannot write unit (seed {s}, shard {k}): {e}; the unit stays pending "
-                             f"(not committed): free space or fix the store, then re-run to resume") from e
+                             f"(not committed){fix}") from e
 
     def _check_writable(self, s: int, k: int) -> None:
         """Before each write of a unit: the store is open for writing, is the same store (store id) as when it was
@@ -435,6 +439,8 @@ def store_id_on_disk(path) -> str | None:
     read, so writers check it before every commit and readers after every unit."""
     try:
         meta = json.loads((storage.as_path(path) / "done" / "zarr.json").read_text())
+    except StorageError:
+        raise  # an outage or a refusal, not a removed store
     except (OSError, ValueError):
         return None
     return (meta.get("attributes") or {}).get("store_id")

@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 FIELDS = ("argmax", "topk_values", "topk_indices", "logsumexp")
+SPARE = 4  # top-K candidates beyond K; (K + 4) * 64 <= C keeps torch.topk on its partial sort (K = 10, C = 1000)
+# What each distillation mode reads (stage two's distill.mode, the timm tasks' distill_type)
+MODE_FIELDS = {"none": (), "hard": ("argmax",), "soft": ("topk_values", "topk_indices", "logsumexp")}
 
 
 @dataclass
@@ -36,9 +39,35 @@ def teacher_targets(logits: Tensor, k: int) -> TeacherTargets:
     argmax = x.argmax(-1)  # first maximum: the same class a stable descending sort puts first
     if k == 0:  # cache.topk=0: hard labels only
         return TeacherTargets(argmax=argmax)
-    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
-    return TeacherTargets(argmax=argmax, topk_values=values[:, :k].half(), topk_indices=indices[:, :k],
+    values, indices = stable_topk(x, k)
+    return TeacherTargets(argmax=argmax, topk_values=values.half(), topk_indices=indices,
                           logsumexp=torch.logsumexp(x.double(), dim=-1).float())
+
+
+def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.sort(x, dim=-1, descending=True, stable=True)`` cut to its first k columns, bit for bit, ties
+    included, without sorting every row: ``torch.topk`` picks k + SPARE candidates, which are stable-sorted by
+    (value descending, class id ascending). That is the full sort's head unless the k-th value equals the last
+    candidate's (then a tied class left out may have the lower id) or the row holds NaN (ordered differently by
+    topk and sort): those rows, rare in real logits, take the full sort."""
+    rows, classes = x.shape
+    m = k + SPARE
+    if m >= classes or rows == 0:
+        values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[:, :k], indices[:, :k]
+    cand_values, cand_ids = torch.topk(x, m, dim=-1, sorted=False)
+    cand_ids, order = torch.sort(cand_ids, dim=-1)  # by class id, so the stable sort below breaks ties by it
+    cand_values, order = torch.sort(cand_values.gather(-1, order), dim=-1, descending=True, stable=True)
+    cand_ids = cand_ids.gather(-1, order)
+    # a row sum is NaN when the row holds NaN (or both infinities: a needless but harmless full sort)
+    redo = (cand_values[:, k - 1] == cand_values[:, m - 1]) | torch.isnan(x.sum(-1))
+    values, indices = cand_values[:, :k], cand_ids[:, :k]
+    if bool(redo.any()):
+        rows_ = redo.nonzero().squeeze(-1)
+        full_values, full_ids = torch.sort(x[rows_], dim=-1, descending=True, stable=True)
+        values, indices = values.clone(), indices.clone()
+        values[rows_], indices[rows_] = full_values[:, :k], full_ids[:, :k]
+    return values, indices
 
 
 def stored_arrays(logits: np.ndarray, topk: int, ids: np.dtype, *, store_logits: bool = False) -> dict:

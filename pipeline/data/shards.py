@@ -36,7 +36,7 @@ from pipeline.data.images import check_decodes
 from pipeline.errors import ShardError, WriteError
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: class names enter the fingerprint
 SHARD_PATTERN = "shard-{:05d}.tar"
 _MTIME = 0  # fixed tar member mtime: re-runs are byte-identical
 
@@ -123,8 +123,12 @@ class Manifest:
         }
 
 
-def fingerprint_of(shard_hashes: Iterable[str], n: int, num_classes: int) -> str:
-    h = hashlib.sha256(f"pipeline-shards-v{MANIFEST_VERSION}\nN={n}\nnum_classes={num_classes}\n".encode())
+def fingerprint_of(shard_hashes: Iterable[str], n: int, num_classes: int, class_names: Iterable[str]) -> str:
+    """The data set's identity (what a cache records): its shards, N and its classes by id and name, so names
+    edited or swapped in a manifest are refused rather than reaching a trained model's labels."""
+    names = json.dumps([str(c) for c in class_names], ensure_ascii=True)
+    h = hashlib.sha256(f"pipeline-shards-v{MANIFEST_VERSION}\nN={n}\nnum_classes={num_classes}\n"
+                       f"class_names={names}\n".encode())
     for s in shard_hashes:
         h.update(s.encode("ascii") + b"\n")
     return h.hexdigest()[:16]
@@ -138,6 +142,10 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
         raise ShardError(f"{path}: missing manifest (write the shards with: python -m pipeline.make_shards)")
     try:
         d = json.loads(path.read_text())
+        if d.get("version") == 1:
+            raise ShardError(f"{path}: manifest version 1, written before class names entered the fingerprint: "
+                             f"write the shards again with python -m pipeline.make_shards overwrite=true (the "
+                             f"shards come out byte-identical; the fingerprint, and so any cache of them, is new)")
         if d.get("version") != MANIFEST_VERSION:
             raise ValueError(f"version {d.get('version')!r}, expected {MANIFEST_VERSION}")
         known = {"version", "split", "N", "num_classes", "class_names", "key_width", "shard_size", "image_exts",
@@ -182,8 +190,9 @@ def _check_manifest(m: Manifest) -> str | None:
             return f"shard {k} ({s.name}) covers first={s.first} count={s.count}, expected {k * m.shard_size}, {count}"
         if "/" in s.name or "\\" in s.name or s.name.startswith("."):
             return f"bad shard name {s.name!r}"
-    if fingerprint_of((s.sha256 for s in m.shards), m.n, m.num_classes) != m.fingerprint:
-        return "fingerprint does not match the shard hashes"
+    if fingerprint_of((s.sha256 for s in m.shards), m.n, m.num_classes, m.class_names) != m.fingerprint:
+        return (f"fingerprint does not match the shard hashes and class_names {m.class_names} (a class name or a "
+                f"shard hash was edited)")
     return None
 
 
@@ -378,7 +387,7 @@ def _write_into(tmp: Path, samples, n, width, shard_size, num_classes, class_nam
     m = Manifest(
         split_dir=tmp, split=split, n=n, num_classes=num_classes, class_names=list(class_names), key_width=width,
         shard_size=shard_size, image_exts=sorted(exts), source=dict(source), shards=shards,
-        fingerprint=fingerprint_of((s.sha256 for s in shards), n, num_classes),
+        fingerprint=fingerprint_of((s.sha256 for s in shards), n, num_classes, class_names),
     )
     (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")
     return m

@@ -200,12 +200,25 @@ def fashion_mnist(root: str | os.PathLike, split: str) -> SampleSet:
 
 
 # ------------------------------------------------------------------------------------------- folder
+def entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, hidden ones left out; a symlink that does not resolve (dangling, or a loop) is a
+    ShardError naming it: skipping it would drop a sample or a class without a word."""
+    out = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    for p in out:
+        if p.is_symlink():
+            try:
+                p.stat()
+            except OSError as exc:
+                raise ShardError(f"{p}: symlink does not resolve ({exc.strerror}): fix or remove it") from None
+    return out
+
+
 def folder_classes(root: str | os.PathLike) -> list[str]:
     """Class names of a folder tree: the sorted subfolder names of ``<root>/train``."""
     train = Path(root) / "train"
     if not train.is_dir():
         raise MissingInput(f"{train}: no such directory (expected <root>/train/<class>/*)")
-    names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = [p.name for p in entries(train) if p.is_dir()]
     if not names:
         raise ShardError(f"{train}: no class subfolders")
     return names
@@ -215,13 +228,13 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
     """Images under ``<root>/<split>/<class>/*`` (jpg/jpeg/png/webp/bmp, any case).
 
     Classes are the sorted subfolders of ``<root>/train`` (so train and val agree on label ids; a val
-    class folder unknown to train is an error). A class folder without images is refused by name unless
-    ``allow_empty_classes`` (``data.allow_empty_classes``): then it stays a class, with no samples in that split.
-    The global order is a permutation, seeded by ``seed``, of the file list sorted by (class, file name). Every
-    file is decoded in full once as it is read (a truncated or corrupt one is a ShardError naming it); bytes are
-    kept as they are (JPEG stays JPEG) unless the image is not 8-bit (16-bit, float): then an 8-bit PNG is stored
-    (pipeline.data.images.normalised). Each sample carries its file name, ``{"filename": "<class>/<file>"}``
-    (the shard's ``.json`` sidecar).
+    class folder unknown to train is an error). A class folder without images, or missing from val, is refused by
+    name unless ``allow_empty_classes`` (``data.allow_empty_classes``): then it stays a class, with no samples in
+    that split. A symlink that does not resolve is refused by name. The global order is a permutation, seeded by
+    ``seed``, of the file list sorted by (class, file name). Every file is decoded in full once as it is read (a
+    truncated or corrupt one is a ShardError naming it); bytes are kept as they are (JPEG stays JPEG) unless the
+    image is not 8-bit (16-bit, float): then an 8-bit PNG is stored (pipeline.data.images.normalised). Each
+    sample carries its file name, ``{"filename": "<class>/<file>"}`` (the shard's ``.json`` sidecar).
     """
     _split_id(split)
     root = Path(root)
@@ -229,14 +242,13 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
     split_dir = root / split
     if not split_dir.is_dir():
         raise MissingInput(f"{split_dir}: no such directory")
-    known = set(classes)
+    subs = [p for p in entries(split_dir) if p.is_dir()]
+    _check_split_classes(root, split, classes, [p.name for p in subs], allow_empty_classes)
     files: list[tuple[Path, str, int]] = []
-    for sub in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.name not in known:
-            raise ShardError(f"{sub}: class folder not present in {root / 'train'}")
+    for sub in subs:
         label = classes.index(sub.name)
         found = len(files)
-        for f in sorted(sub.iterdir()):
+        for f in entries(sub):
             ext = IMAGE_EXTS.get(f.suffix[1:].lower())
             if ext is not None and f.is_file():
                 files.append((f, ext, label))
@@ -257,6 +269,22 @@ def folder(root: str | os.PathLike, split: str, seed: int = 0, allow_empty_class
     return SampleSet(
         len(files), classes, {"kind": "folder", "root": str(root), "split": split, "seed": int(seed)}, iterate
     )
+
+
+def _check_split_classes(root: Path, split: str, classes: list[str], present: list[str], allow_missing: bool) -> None:
+    """Every class folder of ``split`` is a class of train/, and every class of train/ has a folder in ``split``
+    (unless ``allow_missing``: data.allow_empty_classes)."""
+    unknown = [name for name in present if name not in classes]
+    if unknown:
+        raise ShardError(f"{root / split / unknown[0]}: class folder not present in {root / 'train'} (the classes "
+                         f"are train/'s subfolders)")
+    missing = [name for name in classes if name not in present]
+    if missing and not allow_missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" \
+            if len(missing) > 1 else ""
+        raise ShardError(f"{root / split / missing[0]}: class {missing[0]!r} of {root / 'train'} has no folder in "
+                         f"{split}/{more}; add it, or set data.allow_empty_classes=true to keep the class without "
+                         f"{split} samples")
 
 
 # ------------------------------------------------------------------------------------------- config

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError, MissingInput
 from pipeline.models.teacher import model_input
 
 
@@ -45,6 +45,22 @@ def create_student(student_cfg, num_classes: int, *, checkpoint_path: str | None
                          f"use a deit_*_distilled_* model")
     model.set_distilled_training(True)
     return model
+
+
+def init_student(model: nn.Module, path) -> None:
+    """Start ``model`` from a student state dict of another input size (DeiT's fine-tune at 384 from a 224 run):
+    timm's own checkpoint filter resamples the position embedding (bicubic, as DeiT's main.py); every other
+    tensor must match (train.init names a student of this architecture)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if not Path(path).is_file():
+        raise MissingInput(f"train.init={path}: no such file (a run's student.pt)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state, unwrap(model), adapt_layer_scale=True))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise CheckpointError(f"train.init={path}: not a state dict of this student: {first[0].strip()}") from exc
 
 
 def load_student(student_cfg, num_classes: int, path) -> nn.Module:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.errors import TeacherError
+from pipeline.models.weights import load_weights
 
 log = logging.getLogger("pipeline")
 
@@ -110,11 +111,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise TeacherError(f"teacher checkpoint {path} not found (train one with `python -m pipeline.train_teacher`, "
                            f"or set teacher.checkpoint=null teacher.pretrained=true for hub weights)")
-    try:  # .safetensors (e.g. a Hub download, an exported folder's weights) through timm's own reader
-        obj = (timm.models.load_state_dict(str(path)) if path.suffix == ".safetensors"
-               else torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as exc:  # corrupt file, pickled objects that weights_only refuses, ...
-        raise TeacherError(f"teacher checkpoint {path}: cannot be read: {type(exc).__name__}: {exc}") from exc
+    if path.suffix != ".safetensors":
+        obj = load_weights(path, TeacherError, "teacher checkpoint")
+    else:  # e.g. a Hub download, an exported folder's weights: through timm's own reader
+        try:
+            obj = timm.models.load_state_dict(str(path))
+        except Exception as exc:  # noqa: BLE001 - a corrupt file
+            raise TeacherError(f"teacher checkpoint {path}: cannot be read: {type(exc).__name__}: "
+                               f"{(str(exc).strip().splitlines() or [''])[0]}") from exc
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), Mapping):

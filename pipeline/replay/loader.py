@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
 from pipeline.errors import ConfigError, DigestMismatch
+from pipeline.replay import deal
+from pipeline.replay.deal_loader import dealt_batches
 from pipeline.replay import seeding
 from pipeline.data.images import named_decode_errors
 from pipeline.data.shards import Manifest, iter_shard, load_manifest
@@ -29,6 +31,8 @@ from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views, group_views
 
 BACKENDS = ("per_sample", "batched")
+# train.repeat_mode: local = a sample's r copies in different steps of one rank; ranks = DeiT's RASampler layout
+REPEAT_MODES = ("local", "ranks")
 # extras(seed_index, shard) -> {field: array with one row per sample of the shard}; "digest" is checked.
 Extras = Callable[[int, int], dict]
 # A unit's seeds: one seed index, or a tuple of seed indices rendered in one pass over the shard.
@@ -50,12 +54,15 @@ class ViewSource:
     extras: Extras | None = None
     backend: str = "per_sample"  # or "batched": plan here (bytes + params), render in the consumer (replay.backend)
 
-    def unit_blocks(self, seeds: Seeds, shard: int, rng: np.random.Generator | None = None):
+    def unit_blocks(self, seeds: Seeds, shard: int, rng: np.random.Generator | None = None,
+                    keep: dict[int, set[int]] | None = None):
         """Yield collated blocks of the unit's views; with rng, blocks and samples come in shuffled order.
 
         seeds: one seed index, or a tuple of them: then each block is decoded once and rendered under every seed
         index in turn (one collated block per seed index, in tuple order), with the extras of each view's own
-        seed index (one extras call per (seed, shard))."""
+        seed index (one extras call per (seed, shard)).
+        keep (per_sample backend): seed index -> the global indices whose views to render (others are skipped,
+        and so is a block's seed index without any)."""
         group = unit_seeds(seeds)
         entry = self.manifest.shards[shard]
         path = self.manifest.shard_path(shard)
@@ -67,7 +74,9 @@ class ViewSource:
             starts = [starts[k] for k in rng.permutation(len(starts))]
         for start in starts:
             block = items[start:start + g]
-            for seed_index, batch in zip(group, self._render(block, group, rng)):
+            for seed_index, batch in zip(group, self._render(block, group, rng, keep)):
+                if batch is None:
+                    continue
                 if rows is not None:
                     pos = batch["index"].numpy() - entry.first
                     for name, arr in rows[seed_index].items():
@@ -79,7 +88,7 @@ class ViewSource:
                 yield batch
 
 
-    def _render(self, block, group: tuple[int, ...], rng):
+    def _render(self, block, group: tuple[int, ...], rng, keep=None):
         """One collated batch per seed index of ``group``: rendered views (per_sample), or plans whose pixels the
         consumer renders (batched; ``perm`` orders them as the per-sample path would)."""
         kw = dict(run_seed=self.run_seed, cfg=self.cfg, num_classes=self.manifest.num_classes, train=self.train)
@@ -91,9 +100,13 @@ class ViewSource:
                 yield collate_plan(plan, seed_index, perm)
             return
         with named_decode_errors(self.manifest, block):  # an image that does not decode: shard and key
-            rendered = (group_views(block, seed_indices=group, **kw) if len(group) > 1
-                        else [block_views(block, seed_index=group[0], **kw)])
+            rendered = (group_views(block, seed_indices=group, keep=keep, **kw) if len(group) > 1
+                        else [block_views(block, seed_index=group[0],
+                                          keep=None if keep is None else keep.get(group[0], set()), **kw)])
         for seed_index, views in zip(group, rendered):
+            if not views:
+                yield None
+                continue
             if rng is not None:
                 views = [views[k] for k in rng.permutation(len(views))]
             yield collate(views, seed_index)
@@ -163,7 +176,7 @@ class ViewLoader:
     def __init__(self, split_dir, cfg: AugmentConfig, *, run_seed: int, batch_size: int, num_workers: int = 0,
                  train: bool = True, shuffle: bool = False, rank: int = 0, world_size: int = 1,
                  extras: Extras | None = None, pool_blocks: int = 8, pin_memory: bool = False, repeats: int = 1,
-                 backend: str = "per_sample", device="cpu"):
+                 backend: str = "per_sample", device="cpu", repeat_mode: str = "local"):
         self.manifest = load_manifest(split_dir)
         if backend not in BACKENDS:
             raise ConfigError(f"replay.backend={backend!r} is unknown; expected one of {BACKENDS}")
@@ -173,6 +186,9 @@ class ViewLoader:
         self.repeats = int(repeats)
         if self.repeats < 1:
             raise ConfigError(f"train.repeats={repeats} must be >= 1")
+        if repeat_mode not in REPEAT_MODES:
+            raise ConfigError(f"train.repeat_mode={repeat_mode!r} is unknown; expected one of {REPEAT_MODES}")
+        self.dealt = repeat_mode == "ranks"  # DeiT's copies across ranks (pipeline.replay.deal)
         self.shuffle, self.rank, self.world_size = shuffle, int(rank), int(world_size)
         self.pool_blocks, self.pin_memory = pool_blocks, pin_memory
         if self.manifest.num_shards < self.world_size:
@@ -191,6 +207,9 @@ class ViewLoader:
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         """The same on every rank: enough steps for the rank with the most views (repeats x its samples)."""
+        if self.dealt:
+            return deal.epoch_steps(self.manifest.n, epoch=epoch, repeats=self.repeats, world=self.world_size,
+                                    batch_size=self.batch_size)
         most = max(self._count(self.rank_shards(epoch, r)) for r in range(self.world_size))
         return math.ceil(self.repeats * most / self.batch_size)
 
@@ -201,11 +220,22 @@ class ViewLoader:
         if len(seeds) != self.repeats or len(set(seeds)) != len(seeds):
             raise ConfigError(f"epoch {epoch}: seed indices {list(seeds)} for train.repeats={self.repeats}: need "
                               f"{self.repeats} distinct seed indices")
+        if self.dealt:
+            return dealt_batches(self, self.deal(epoch, seeds))
         unit = seeds if self.repeats > 1 else seeds[0]
         shards = self.rank_shards(epoch)
         sizes = batch_sizes(self.repeats * self._count(shards), self.steps_per_epoch(epoch))
         seed = (self.source.run_seed, epoch, self.rank) if self.shuffle else None
         return self._batches([(unit, k) for k in shards], sizes, seed)
+
+    def deal(self, epoch: int, seeds: Sequence[int], rank: int | None = None) -> list[list[tuple[int, int]]]:
+        """repeat_mode=ranks: the rank's (sample, seed index) views of ``epoch``, step by step (copy c under
+        ``seeds[c]``)."""
+        shards = [(e.first, e.count) for e in self.manifest.shards]
+        return deal.epoch_deal(shards, mix_block=self.source.cfg.mix_block, window=self.pool_blocks,
+                               run_seed=self.source.run_seed, epoch=epoch, world=self.world_size,
+                               batch_size=self.batch_size, rank=self.rank if rank is None else rank,
+                               seeds=list(seeds))
 
     def units(self, units: list[tuple[Seeds, int]]) -> Iterator[dict]:
         """Stage one: the given units (seed index or tuple of them, shard) in order, batches of batch_size (the
@@ -215,13 +245,7 @@ class ViewLoader:
         return self._batches(list(units), batch_sizes(total, steps) if total else [], None)
 
     def _batches(self, units, sizes: list[int], shuffle_seed) -> Iterator[dict]:
-        stream = UnitStream(self.source, units, shuffle_seed)
-        context = storage.worker_context(self.manifest.split_dir, self.manifest.shard_path(0),  # published: its own
-                                         getattr(self.source.extras, "path", None),
-                                         num_workers=self.num_workers)  # object storage: no fork (pipeline.storage)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None,
-                            persistent_workers=False, multiprocessing_context=context)
+        loader = self.data_loader(UnitStream(self.source, units, shuffle_seed))
         rng = np.random.default_rng(list(shuffle_seed)) if shuffle_seed is not None else None
         pool: list[dict] = []
         blocks = iter(loader)
@@ -229,6 +253,15 @@ class ViewLoader:
             yield from self._cut(blocks, sizes, pool, rng)
         finally:
             _shutdown(blocks)
+
+    def data_loader(self, stream: IterableDataset) -> DataLoader:
+        """``stream``'s items from this loader's workers."""
+        context = storage.worker_context(self.manifest.split_dir, self.manifest.shard_path(0),  # published: its own
+                                         getattr(self.source.extras, "path", None),
+                                         num_workers=self.num_workers)  # object storage: no fork (pipeline.storage)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          prefetch_factor=4 if self.num_workers else None,
+                          persistent_workers=False, multiprocessing_context=context)
 
     def _cut(self, blocks, sizes, pool, rng):
         pooled = 0
@@ -251,6 +284,23 @@ class ViewLoader:
             pooled -= size
         if next(blocks, None) is not None or pooled:
             raise RuntimeError("loader produced more samples than planned")
+
+
+def run_loader(cfg, split: str, aug: AugmentConfig, *, batch_size: int, num_workers: int = 0, ctx=None,
+               run_seed: int | None = None, **kwargs) -> ViewLoader:
+    """The ViewLoader of a configured run over ``<data.shards>/<split>``: training views for "train", the
+    deterministic eval views otherwise; ``run_seed`` (default ``cfg.run_seed``) and ``replay.backend`` from the
+    config; rank, world size, device and pinned memory from ``ctx`` (a pipeline.distributed.Context; None: one
+    process, CPU). Every other ViewLoader argument (shuffle, extras, repeats, a val split's own rank/world_size,
+    ...) passes through unchanged and wins over these defaults."""
+    from pipeline.config import split_dir
+
+    kw = {"train": split == "train", "backend": str(cfg.replay.backend)}
+    if ctx is not None:
+        kw.update(rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, pin_memory=ctx.device.type == "cuda")
+    kw.update(kwargs)
+    return ViewLoader(split_dir(cfg, split), aug, run_seed=int(cfg.run_seed if run_seed is None else run_seed),
+                      batch_size=int(batch_size), num_workers=int(num_workers), **kw)
 
 
 def _shutdown(blocks) -> None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import INTERPOLATIONS, MIX_PAIRINGS
+from pipeline.config_rules import INTERPOLATIONS, MIX_PAIRINGS, timm_rand_augment
 
 _LEVEL_DENOM = 10.0
 _ROUND = 6  # floats in params are rounded so digests do not hinge on the last bit of a libm call
@@ -33,11 +33,7 @@ class RandAugmentSpec:
     @classmethod
     def parse(cls, config_str: str) -> "RandAugmentSpec":
         # timm parses its own syntax; we read the op set and settings off its objects and sample ourselves.
-        from timm.data.auto_augment import rand_augment_transform
-
-        ra = rand_augment_transform(config_str, {})
-        if ra.choice_weights is not None:
-            raise ValueError(f"augment.rand_augment={config_str!r}: weighted op choice is not supported")
+        ra = timm_rand_augment(config_str)
         op = ra.ops[0]
         return cls(
             ops=tuple(o.name for o in ra.ops),
@@ -47,6 +43,9 @@ class RandAugmentSpec:
             magnitude_max=float(op.magnitude_max or _LEVEL_DENOM),
             prob=float(op.prob),
         )
+
+
+IMPLIED = {"mix_pairing": "pair"}  # keys added to the recipe later: absent from the canonical dict at this value
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,9 @@ class AugmentConfig:
     def canonical(self) -> dict:
         d = asdict(self)
         d.pop("ra")
-        if d["mix_pairing"] == "pair":  # the views before the key existed: their hash and stores stay valid
-            d.pop("mix_pairing")
+        for key, value in IMPLIED.items():
+            if d[key] == value:  # the views before the key existed: their hash and stores stay valid
+                d.pop(key)
         return d
 
     def hash(self) -> str:

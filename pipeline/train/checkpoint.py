@@ -12,7 +12,7 @@ from pipeline.errors import CheckpointError
 
 CHECKPOINT_LAST = "checkpoint-last.pt"
 CHECKPOINT_PREV = "checkpoint-prev.pt"
-CHECKPOINT_FORMAT = "pipeline-student-checkpoint"  # the name predates the teacher's use of the same loop
+CHECKPOINT_FORMAT = "pipeline-student-checkpoint"  # also the teacher's (one loop); renaming it would refuse every checkpoint
 CHECKPOINT_VERSION = 1
 _KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "history", "run")
 

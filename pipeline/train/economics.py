@@ -72,7 +72,7 @@ def render(run: Inputs) -> str:
     a, b = costs(run), costs(fresh)
     lines = [
         f"Inputs: N = {run.n:,} train images (ImageNet-1k, given); E = {run.epochs} epochs, r = {run.repeats} "
-        f"(train.repeats), S = {run.seeds} (cache.num_seeds), from the composed config. Anchors (img/s on one "
+        f"(views per image per epoch: train.repeats, 1 under train.repeat_mode=ranks), S = {run.seeds} (cache.num_seeds), from the composed config. Anchors (img/s on one "
         f"H100, bf16, 224 px; measured by `python -m bench.gpu`, given here: docs/results.md does not record "
         f"them): DeiT-Ti pure step {run.student_pure:,.0f}, DeiT-Ti with regnety_160 online "
         f"{run.student_online:,.0f}, regnety_160 inference {run.teacher:,.0f}.", "",
@@ -86,5 +86,6 @@ def render(run: Inputs) -> str:
 
 
 def inputs_from(cfg, n: int = IMAGENET_TRAIN) -> Inputs:
-    return Inputs(n=n, epochs=int(cfg.train.epochs), repeats=int(cfg.train.get("repeats") or 1),
+    ranks = str(cfg.train.get("repeat_mode") or "local") == "ranks"  # DeiT's layout: an epoch is N views
+    return Inputs(n=n, epochs=int(cfg.train.epochs), repeats=1 if ranks else int(cfg.train.get("repeats") or 1),
                   seeds=int(cfg.cache.num_seeds))

@@ -61,7 +61,8 @@ def log_live(live, metrics: dict) -> None:
 
 
 class IndexLog:
-    """``<out_dir>/indices/rank<r>.jsonl``: the sample indices one rank trained on, one line per epoch (tests)."""
+    """``<out_dir>/indices/rank<r>.jsonl``: the sample indices one rank trained on, one line per epoch, with each
+    view's step and seed index (tests)."""
 
     def __init__(self, out_dir: Path, rank: int, start_epoch: int):
         self.path = out_dir / "indices" / f"rank{rank}.jsonl"
@@ -76,6 +77,8 @@ class IndexLog:
                     continue
         self.path.write_text("".join(line + "\n" for line in keep))
 
-    def write(self, epoch: int, seed: int, steps: int, indices: list[int]) -> None:
+    def write(self, epoch: int, seed: int, steps: int, indices: list[int], views: list | None = None) -> None:
+        """views: [step, sample index, seed index] of every view trained on."""
         with open(self.path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "seed": seed, "steps": steps, "indices": indices}) + "\n")
+            f.write(json.dumps({"epoch": epoch, "seed": seed, "steps": steps, "indices": indices,
+                                "views": views or []}) + "\n")

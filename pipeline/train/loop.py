@@ -24,6 +24,7 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from pipeline import distributed
+from pipeline.atomic import ensure_dir
 from pipeline.errors import UserError
 from pipeline.logs import progress
 from pipeline.models.student import plain_state_dict, unwrap
@@ -119,9 +120,9 @@ def fit(model, task, train_loader, val_loader, schedule: list[int], cfg: LoopCon
         stats = train_one_epoch(net, model, task, train_loader.epoch(seed, epoch), optimizer, scheduler, ema,
                                 steps[epoch], updates, ctx, cfg, desc=f"{name} {epoch + 1}/{cfg.epochs} ({label})",
                                 step_callback=step_callback, info={"epoch": epoch, "seed": seed})
-        updates, indices = stats.pop("updates"), stats.pop("indices")
+        updates, indices, views = stats.pop("updates"), stats.pop("indices"), stats.pop("views")
         if index_log is not None:
-            index_log.write(epoch, seed, steps[epoch], indices)
+            index_log.write(epoch, seed, steps[epoch], indices, views)
         metrics = {"epoch": epoch + 1, "seed": seed, "steps": steps[epoch], "updates": updates,
                    "lr": optimizer.param_groups[0]["lr"], **stats.pop("train")}
         if cfg.lr_step == "epoch":
@@ -154,6 +155,7 @@ def train_one_epoch(net, model, task, batches, optimizer, scheduler, ema, steps:
     t0 = time.time()
     sums: dict[str, float] = {"n": 0.0, "loss": 0.0}
     indices: list[int] = []
+    views: list[list[int]] = []
     bar = progress(total=steps, unit="step", desc=desc, disable=not ctx.is_main)
     try:
         for step, batch in enumerate(batches):
@@ -180,8 +182,9 @@ def train_one_epoch(net, model, task, batches, optimizer, scheduler, ema, steps:
             sums["loss"] += loss_value * n
             for key, value in out["parts"].items():
                 sums[key] = sums.get(key, 0.0) + value * n
-            if cfg.log_indices:
+            if cfg.log_indices:  # (step, sample, seed index) of every view
                 indices.extend(batch["index"].tolist())
+                views.extend([step, i, s] for i, s in zip(batch["index"].tolist(), batch["seed"].tolist()))
             if step_callback is not None:
                 step_callback({**info, "step": step, "index": batch["index"], "teacher": out.get("teacher"),
                                "loss": loss_value, "parts": out["parts"], "rank": ctx.rank,
@@ -199,7 +202,7 @@ def train_one_epoch(net, model, task, batches, optimizer, scheduler, ema, steps:
     train = {"train_loss": tot["loss"] / tot["n"]}
     train.update({f"train_{k}": tot[k] / tot["n"] for k in keys if k not in ("n", "loss")})
     return {"train": train, "img_per_s": tot["n"] / max(tot["seconds"] / ctx.world_size, 1e-9),
-            "epoch_seconds": seconds, "updates": updates, "indices": indices}
+            "epoch_seconds": seconds, "updates": updates, "indices": indices, "views": views}
 
 
 @torch.inference_mode()
@@ -229,7 +232,7 @@ def _restore(model, ema, optimizer, scheduler, cfg: LoopConfig, ctx, run_key: di
     """(start epoch, updates, history) from the newest good checkpoint of this run, or a fresh start."""
     chosen = None
     if ctx.is_main:
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(cfg.out_dir)
         chosen = choose_checkpoint(cfg.out_dir, cfg.resume, log.warning)
     chosen = distributed.broadcast_object(str(chosen) if chosen else None)
     if not chosen:

@@ -14,6 +14,11 @@ from pipeline.train.recipe_card import DEIT_TEACHER_URL, Ingredient, Run
 DEIT_STUDENTS = ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
                  "deit_base_distilled_patch16_224")
 CODE_WORK = "code work (training code, not config)"
+# Eval views of scikit-image's photos (224 px, crop_pct 0.875, bicubic, PNG) against DeiT's transform
+# (torchvision Resize(256, bicubic) then CenterCrop(224) on the PIL image): (mean, max) |difference| in uint8
+# levels; tests/test_recipe.py measures them again.
+EVAL_GAP = {"astronaut 512x512": (0.01, 9), "coffee 400x600": (0.02, 13), "chelsea 300x451": (3.73, 48),
+            "rocket 427x640": (2.07, 94)}
 
 
 def _key(path: str):
@@ -106,8 +111,17 @@ def _ra_filter(run: Run):
     return f"{name} (pixels.apply, probed)", name
 
 
+def _repeat_mode(run: Run) -> str:
+    return str(run.tr.get("repeat_mode") or "local")
+
+
 def _repeats(run: Run):
     r = int(run.tr.get("repeats") or 1)
+    if _repeat_mode(run) == "ranks" and r > 1:
+        ranks = min(r, run.world)
+        return (f"train.repeats={r}, train.repeat_mode=ranks: {r} copies of each image in one step on {ranks} "
+                f"rank(s), copy c of block t (epochs {r}t..{r}t+{r - 1}) under seed {r}t+c; epoch = N views "
+                f"(pipeline/replay/deal.py)", (r, f"{ranks} ranks, epoch N, per block of {r} epochs"))
     return (f"train.repeats={r}: {r} view(s) per sample per epoch on one rank, epoch = {r} x N views",
             (r, "one rank, epoch r x N"))
 
@@ -117,26 +131,34 @@ def _fresh_views(run: Run):
     from pipeline.train.schedule import plan_schedule
 
     c, tr = run.cfg.cache, run.tr
-    r = int(tr.get("repeats") or 1)
+    r, ranks = int(tr.get("repeats") or 1), _repeat_mode(run) == "ranks"
     try:
-        plan = plan_schedule(int(tr.epochs), int(c.num_seeds), tr.seed_schedule, bool(c.cycle), repeats=r)
+        plan = plan_schedule(int(tr.epochs), int(c.num_seeds), tr.seed_schedule, bool(c.cycle), repeats=r,
+                             repeat_mode=_repeat_mode(run))
     except ScheduleError as exc:
         return f"refused: {exc}", False
+    if ranks and r > 1:  # the epochs of a block share its seeds, each drawing other images: one entry per block
+        plan = plan[::r]
     flat = [s for e in plan for s in (e if isinstance(e, list) else [e])]
     fresh = len(set(flat)) == len(flat)
     reads = len(flat) / len(set(flat))
-    return (f"cache.num_seeds={c.num_seeds} for {tr.epochs} epochs x {r}: {len(set(flat))} distinct seeds, "
+    per = f"in blocks of {r} epochs sharing {r} seeds" if ranks and r > 1 else f"x {r}"
+    return (f"cache.num_seeds={c.num_seeds} for {tr.epochs} epochs {per}: {len(set(flat))} distinct seeds, "
             f"each view read {'once' if fresh else f'{reads:.3g} times'}"), fresh
 
 
 def _order(run: Run):
+    if _repeat_mode(run) == "ranks":
+        return (f"a permutation per block of epochs: shards shuffled, windows of {probe.pool_blocks()} mixup blocks "
+                f"shuffled, samples shuffled inside a window (pipeline/replay/deal.py)", "shard-local")
     return (f"each rank reads whole shards; blocks shuffled in a pool of {probe.pool_blocks()} blocks",
             "shard-local")
 
 
 def _eval(run: Run):
     pct, interp = float(run.cfg.data.crop_pct), str(run.aug.interpolation)
-    return f"data.crop_pct={pct}, augment.interpolation={interp}", (pct, interp)
+    return (f"data.crop_pct={pct}, augment.interpolation={interp}: the centre box (shorter side x {pct}) resized "
+            f"once (pipeline/replay/view_params.py eval_params)", (pct, interp, "one box resize"))
 
 
 def _ema(run: Run):
@@ -222,15 +244,25 @@ INGREDIENTS: list[Ingredient] = [
       "information either (pipeline/replay/pixels.py erase_fill)"),
     I("repeated augmentation", "3 copies of each image on 3 ranks in the same step; epoch = N views",
       (3, "3 ranks, epoch N"), "main.py:105-107, main.py:215-217; samplers.py:16, 35, 48, 55; paper Tables 8, 9",
-      _repeats, "train.repeats=r renders r views per sample on one rank and makes the epoch r x N views; DeiT's "
-      "RASampler layout (copies across ranks, epoch N views) is " + CODE_WORK),
+      _repeats, "train.repeat_mode=ranks deals DeiT's layout, but each block of 3 epochs draws one permutation "
+      "and each epoch takes a third of it (every image once per block, without replacement; DeiT draws an "
+      "independent third every epoch), so that copy c of block t is the view under seed 3t+c and S = epochs "
+      "seeds hold every view fresh; a step holds whole images (world x batch // 3 of them: 1023 copies of 1024 "
+      "slots at 8 x 128), where DeiT lets an image's copies straddle two steps"),
     I("fresh views every epoch", "yes: views drawn online", True, "datasets.py:82-91 (random transforms per load)",
       _fresh_views, "stage one costs one teacher pass per cached seed: fewer seeds than epochs trade repeated views "
-      "for a cheaper cache (docs/economics.md); cache.num_seeds = epochs x repeats gives fresh views"),
+      "for a cheaper cache (docs/economics.md); cache.num_seeds = epochs x repeats (train.repeat_mode=ranks: "
+      "= epochs) gives fresh views"),
     I("sample order", "a global random permutation per epoch", "global", "samplers.py:41-43", _order,
-      "shards are read sequentially (webdataset): each rank reads whole shards, every sample once per epoch"),
-    I("eval transform", "shorter side to 224/0.875 = 256, centre crop 224, bicubic", (0.875, "bicubic"),
-      "main.py:174; datasets.py:101-105", _eval, "eval renders with augment.interpolation: bicubic is " + CODE_WORK),
+      "shards are read sequentially (webdataset): each rank reads whole shards, every sample once per epoch; "
+      "under train.repeat_mode=ranks the permutation shuffles shards, then windows of mixup blocks in a shard, "
+      "then samples in a window, and each rank streams the shards of its epoch's part"),
+    I("eval transform", "shorter side to 224/0.875 = 256, centre crop 224, bicubic",
+      (0.875, "bicubic", "resize, then centre crop"), "main.py:174; datasets.py:101-105", _eval,
+      "one resize of the centre box (as the train crops) instead of resizing the whole image and cropping: the box "
+      "lands up to half a source pixel apart and DeiT's truncated longer side shifts the aspect slightly; mean "
+      "(max) absolute difference in uint8 levels on scikit-image photos: " + ", ".join(
+          f"{name} {mean:.2f} ({top})" for name, (mean, top) in EVAL_GAP.items())),
     I("eval prediction", "average of both heads", "average of both heads", "models.py:59",
       lambda r: (f"{probe.eval_rule(r.cfg)} (timm, probed)", probe.eval_rule(r.cfg))),
     I("EMA", "on, decay 0.99996; non-EMA model reported, EMA kept", (True, 0.99996),

@@ -8,6 +8,10 @@ Repeated augmentation (``train.repeats = r > 1``): the schedule is read in slots
 the r seed indices of slots e*r ... e*r + r - 1 (default ``t mod S`` for slot t, or ``explicit[t]``), with the
 same refusals and cycling over the e*r + r slots. The r seed indices of an epoch must be distinct (a sample's r
 views in one epoch are different views), so r > S is refused even with ``cache.cycle=true``.
+
+DeiT's layout (``train.repeat_mode=ranks``, pipeline.replay.deal): epochs come in blocks of r that share the r
+seed indices of one block of slots (block t = e // r reads slots t*r ... t*r + r - 1; each epoch of the block
+draws other images), so fresh views need S = r * ceil(epochs / r) seeds, about one per epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def seed_schedule(epoch: int, num_seeds: int, explicit: Sequence[int] | None = N
 
 
 def plan_schedule(epochs: int, num_seeds: int, explicit: Sequence[int] | None = None, cycle: bool = False,
-                  what: str = "the cache", repeats: int = 1) -> list:
+                  what: str = "the cache", repeats: int = 1, repeat_mode: str = "local") -> list:
     """Seed index of every epoch (``repeats`` = 1), or the list of its r seed indices (``repeats`` = r > 1),
     checked against ``num_seeds`` cached seeds (see module doc).
 
@@ -43,11 +47,18 @@ def plan_schedule(epochs: int, num_seeds: int, explicit: Sequence[int] | None = 
     explicit = [int(s) for s in explicit] if explicit else None
     if explicit and any(s < 0 for s in explicit):
         raise ScheduleError(f"train.seed_schedule={explicit}: seed indices must be >= 0")
-    slots = epochs * r
+    ranks = repeat_mode == "ranks" and r > 1
+    slots = (-(-epochs // r) if ranks else epochs) * r
     plan = [seed_schedule(t, num_seeds, explicit) for t in range(slots)]
     hint = "set cache.cycle=true to re-use cached views, or build more seeds (cache.num_seeds)"
     if explicit is None and slots > num_seeds:
         if not cycle:
+            if ranks:
+                raise ScheduleError(
+                    f"{epochs} epochs with train.repeats={r}, train.repeat_mode=ranks need {slots} seed indices "
+                    f"but {what} holds S={num_seeds} (cache.num_seeds): epochs {r}t ... {r}t+{r - 1} read seeds "
+                    f"{r}t ... {r}t+{r - 1} mod {num_seeds}, so views would repeat from epoch "
+                    f"{num_seeds // r * r}; {hint}")
             if r == 1:
                 raise ScheduleError(
                     f"{epochs} epochs need {epochs} seed indices but {what} holds S={num_seeds}: epochs >= "
@@ -64,7 +75,7 @@ def plan_schedule(epochs: int, num_seeds: int, explicit: Sequence[int] | None = 
         plan = [s % num_seeds for s in plan]
     if r == 1:
         return plan
-    epochs_plan = [plan[e * r:(e + 1) * r] for e in range(epochs)]
+    epochs_plan = [plan[(e // r if ranks else e) * r:((e // r if ranks else e) + 1) * r] for e in range(epochs)]
     for e, seeds in enumerate(epochs_plan):
         if len(set(seeds)) < r:
             raise ScheduleError(f"train.seed_schedule={explicit} with train.repeats={r}: epoch {e} would read seed "

@@ -17,12 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import distributed
 from pipeline.atomic import atomic_save, atomic_write_text
 from pipeline.cache.reader import MODE_FIELDS, CacheTargets, check_units_done, open_cache
-from pipeline.config import split_dir
 from pipeline.errors import CacheError, ConfigError
 from pipeline.finished import require_store, write_run_config
-from pipeline.models.student import create_student, plain_state_dict, unwrap
+from pipeline.models.student import create_student, init_student, plain_state_dict, unwrap
 from pipeline.models.teacher import load_runner, teacher_provenance
-from pipeline.replay.loader import ViewLoader
+from pipeline.replay.loader import run_loader
 from pipeline.replay.view_params import augment_config
 from pipeline.train.loop import LoopConfig, fit
 from pipeline.train.losses import create_loss
@@ -55,25 +54,26 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
     teacher = _teacher(cfg, mode, online, num_classes, ctx.device, store)
 
     torch.manual_seed(int(tr.init_seed))
-    model = create_student(cfg.student, num_classes).to(ctx.device)
+    model = create_student(cfg.student, num_classes)
+    if tr.get("init"):
+        init_student(model, str(tr.init))
+    model = model.to(ctx.device)
     global_batch = int(tr.batch_size) * ctx.world_size
     loop = loop_config(tr, "train", float(tr.lr) * global_batch / 512.0, Path(tr.out_dir))
     task = DistillationTask(create_loss(cfg.distill, num_classes), cfg.student.mean, cfg.student.std, ctx.device,
                             bf16=cuda and bool(tr.bf16), source=source if mode != "none" else None, teacher=teacher,
                             topk=min(int(cfg.cache.topk), num_classes),
                             val_teacher=ValTeacher(teacher) if teacher is not None and loop.val else None)
-    train_loader = ViewLoader(split_dir(cfg, "train"), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
-                              num_workers=int(tr.num_workers), train=True, shuffle=True, rank=ctx.rank,
-                              world_size=ctx.world_size, pin_memory=cuda, repeats=int(cfg.train.repeats),
-                              backend=cfg.replay.backend, device=ctx.device,
+    train_loader = run_loader(cfg, "train", aug, run_seed=run_seed, batch_size=tr.batch_size,
+                              num_workers=tr.num_workers, ctx=ctx, shuffle=True, repeats=int(cfg.train.repeats),
+                              repeat_mode=_repeat_mode(cfg),
                               extras=CacheTargets(store.path, MODE_FIELDS[mode], store.store_id) if cached else None)
     val_world = ctx.world_size if val_m.num_shards >= ctx.world_size else 1
     val_loader = None
     if loop.val and (val_world > 1 or ctx.is_main):
-        val_loader = ViewLoader(split_dir(cfg, "val"), aug, run_seed=run_seed,
-                                batch_size=int(tr.eval_batch_size or tr.batch_size), num_workers=int(tr.num_workers),
-                                train=False, rank=ctx.rank if val_world > 1 else 0, world_size=val_world,
-                                pin_memory=cuda, backend=cfg.replay.backend, device=ctx.device)
+        val_loader = run_loader(cfg, "val", aug, run_seed=run_seed, batch_size=tr.eval_batch_size or tr.batch_size,
+                                num_workers=tr.num_workers, ctx=ctx, rank=ctx.rank if val_world > 1 else 0,
+                                world_size=val_world)
     run_key = {
         "student": str(cfg.student.name),
         "student_kwargs": json.dumps(OmegaConf.to_container(cfg.student, resolve=True), sort_keys=True),
@@ -83,7 +83,8 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
         "init_seed": loop.init_seed, "schedule": json.dumps(schedule), "ema": loop.ema,
         # the targets: a resume on a store rebuilt by another teacher (or layout) is refused, naming this field
         "cache_store_key": store.key if cached else None,
-        "total_updates": _total_updates(train_loader, loop), **deit_loop_keys(loop)}
+        "total_updates": _total_updates(train_loader, loop), **deit_loop_keys(loop),
+        **({"init": str(tr.init)} if tr.get("init") else {})}
     log.info(f"student {cfg.student.name}: distill.mode={mode}{f' source={source}' if mode != 'none' else ''}, "
              f"{loop.epochs} epochs, seeds {schedule}, {ctx.world_size} rank(s) x batch {tr.batch_size} "
              f"(lr {loop.lr:.3g}), {run_key['total_updates']} updates, device {ctx.device}")
@@ -105,6 +106,11 @@ def train_student(cfg: DictConfig, *, step_callback=None) -> dict:
     return final
 
 
+def _repeat_mode(cfg) -> str:
+    """train.repeat_mode (local when a config predates the key)."""
+    return str(cfg.train.get("repeat_mode") or "local")
+
+
 def _schedule(cfg, mode, source, cached, manifest, aug):
     """(store or None, seed index per epoch, or with train.repeats = r > 1 the list of its r seed indices);
     refusals name the field or seed."""
@@ -118,13 +124,15 @@ def _schedule(cfg, mode, source, cached, manifest, aug):
             log.warning(f"warning: {note}")
         _check_backend(store, cfg.replay)
         schedule = plan_schedule(epochs, store.num_seeds, explicit, cycle, what=f"the cache {store.path}",
-                                 repeats=repeats)
+                                 repeats=repeats, repeat_mode=_repeat_mode(cfg))
         check_units_done(store, _flat(schedule))
     else:
         schedule = plan_schedule(epochs, int(cfg.cache.num_seeds), explicit, cycle,
                                  what=f"cache.num_seeds (no cache read in distill.mode={mode} source={source})",
-                                 repeats=repeats)
-    if len(set(_flat(schedule))) < len(_flat(schedule)):
+                                 repeats=repeats, repeat_mode=_repeat_mode(cfg))
+    # ranks: the epochs of a block share its seed indices (each draws other images); a block's are what repeat
+    read = schedule[::repeats] if _repeat_mode(cfg) == "ranks" and repeats > 1 else schedule
+    if len(set(_flat(read))) < len(_flat(read)):
         log.info(f"note: seed schedule {schedule} repeats views (cache.cycle=true)")
     return store, schedule
 

@@ -1,8 +1,11 @@
-"""Tasks: what the training loop asks of one kind of model (timm.task's split of loop and loss).
+"""Tasks: what a training loop asks of one kind of model (timm.task's split of loop and loss), one hierarchy
+rooted at timm's ``TrainingTask``, every distillation task with the one loss (pipeline.train.losses.DistillationLoss).
 
-A task turns a batch of replayed views into the model's input, computes the loss, and sums validation counts.
-`ClassificationTask` trains the teacher on the views' (mixed, smoothed) targets; `DistillationTask` trains the
-DeiT student with its two heads against teacher targets from the cache or from an online teacher.
+For the pipeline's loop (``forward(model, batch)``): `ClassificationTask` trains the teacher on the views' (mixed,
+smoothed) targets; `DistillationTask` trains the DeiT student with its two heads against teacher targets from the
+cache or from an online teacher. For your own loop, timm's contract with the cache standing where the teacher
+stood: `CachedTokenDistillationTask` (timm's TokenDistillationTask) and `CachedLogitDistillationTask` (timm's
+LogitDistillationTask), in pipeline.train.timm_task.
 """
 
 from __future__ import annotations
@@ -10,19 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
+from timm.task import TrainingTask
 
 from pipeline.cache.targets import TeacherTargets, teacher_targets
 from pipeline.models.student import heads
 from pipeline.models.teacher import model_input
 
 
-class Task:
-    """Input transform, precision and the validation keys shared by every task."""
+class Task(TrainingTask):
+    """The loop's tasks: input transform (uint8 views -> normalised), precision, validation keys. ``forward(model,
+    batch)``: the loop passes the model (DDP- or compile-wrapped) with each batch."""
 
     eval_keys: tuple[str, ...] = ()
 
     def __init__(self, mean, std, device, *, bf16: bool = False, size=None, channels_last: bool = False):
-        self.mean, self.std, self.device = list(mean), list(std), torch.device(device)
+        super().__init__(device=torch.device(device), verbose=False)
+        self.mean, self.std = list(mean), list(std)
         self.bf16, self.size, self.channels_last = bool(bf16), size, bool(channels_last)
 
     def inputs(self, images_u8: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import distributed
 from pipeline.atomic import atomic_save, atomic_write_text
-from pipeline.config import split_dir
 from pipeline.errors import TeacherError
 from pipeline.models.student import unwrap
 from pipeline.models.teacher import check_input, create_teacher, weights_sha256
-from pipeline.replay.loader import ViewLoader
+from pipeline.replay.loader import run_loader
 from pipeline.replay.view_params import augment_config
 from pipeline.train.loop import fit
 from pipeline.train.run_setup import checked_manifests, deit_loop_keys, loop_config
@@ -50,10 +49,8 @@ def train_teacher(cfg: DictConfig) -> dict:
     cuda = ctx.device.type == "cuda"
     train_m, _ = checked_manifests(cfg, TeacherError)
     aug, run_seed = teacher_augment(cfg), int(cfg.run_seed) + TEACHER_SEED_OFFSET
-    loaders = [ViewLoader(split_dir(cfg, split), aug, run_seed=run_seed, batch_size=int(tr.batch_size),
-                          num_workers=int(tr.num_workers), train=split == "train", shuffle=split == "train",
-                          rank=ctx.rank, world_size=ctx.world_size, pin_memory=cuda, backend=cfg.replay.backend,
-                          device=ctx.device) for split in ("train", "val")]
+    loaders = [run_loader(cfg, split, aug, run_seed=run_seed, batch_size=tr.batch_size, num_workers=tr.num_workers,
+                          ctx=ctx, shuffle=split == "train") for split in ("train", "val")]
     task = ClassificationTask(tcfg.mean, tcfg.std, ctx.device, bf16=cuda and bool(tcfg.bf16), size=tcfg.input_size,
                               channels_last=cuda and bool(tcfg.channels_last))
     torch.manual_seed(int(tr.init_seed))  # weight init only; the views never touch global RNGs

@@ -144,7 +144,7 @@ def index_split(data: dict, split: str, out_dir) -> tuple:
         m = Manifest(split_dir=tmp, split=split, n=first, num_classes=num_classes, class_names=class_names,
                      key_width=max(6, len(str(first - 1))), shard_size=shards[0].count, image_exts=sorted(exts),
                      source=source, shards=shards,
-                     fingerprint=fingerprint_of((s.sha256 for s in shards), first, num_classes))
+                     fingerprint=fingerprint_of((s.sha256 for s in shards), first, num_classes, class_names))
         (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from braceexpand import braceexpand
 
 from pipeline import storage
 from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of, staging_dir
-from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, tar_members
+from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, size_of, tar_members
 from pipeline.data.wds_info import INFO_NAMES, parse_info, split_of
 from pipeline.errors import ConfigError, ShardError
 from pipeline.logs import progress
@@ -91,7 +91,7 @@ def index_shard(url: str, first: int, num_classes: int, exts: set, bar) -> Shard
         raise ShardError(f"{url}: cannot read: {exc}") from None
     count = 0
     with f:
-        size = len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
+        size = size_of(f)
         hashing = Hashing(f, url)
         try:
             for key, fields in _samples(url, hashing):
@@ -144,7 +144,7 @@ def index_split(data: dict, split: str, out_dir) -> tuple:
         m = Manifest(split_dir=tmp, split=split, n=first, num_classes=num_classes, class_names=class_names,
                      key_width=max(6, len(str(first - 1))), shard_size=shards[0].count, image_exts=sorted(exts),
                      source=source, shards=shards,
-                     fingerprint=fingerprint_of((s.sha256 for s in shards), first, num_classes))
+                     fingerprint=fingerprint_of((s.sha256 for s in shards), first, num_classes, class_names))
         (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -64,13 +64,17 @@ def parse_sample(path, key: str, fields: dict, num_classes: int) -> tuple[bytes,
     return next(iter(fields.values())), label
 
 
+def size_of(f) -> int:
+    """Bytes of an open shard: a fetched one (in memory) or a local file."""
+    return len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
+
+
 def check_unchanged(path, entry, f) -> None:
     """A published shard's size and ETag against the manifest's, before a byte is parsed (the sha256 is checked
     as it streams): a shard replaced on its server is refused by name, not half-read."""
     if entry.size is None and entry.etag is None:
         return
-    size = len(f.getbuffer()) if hasattr(f, "getbuffer") else os.fstat(f.fileno()).st_size
-    etag = getattr(f, "etag", None)
+    size, etag = size_of(f), getattr(f, "etag", None)
     why = (f"size {size} bytes, the manifest's {entry.size}" if entry.size is not None and size != entry.size else
            f"ETag {etag}, the manifest's {entry.etag}" if entry.etag and etag and etag != entry.etag else None)
     if why:

@@ -48,9 +48,9 @@ IMAGENET_STORE = "cache/imagenet-regnety_160.deit_in1k-s3.zarr"  # train=deit: 3
 
 # ```bash blocks run elsewhere (section, first line) -> the test or script that runs them.
 ELSEWHERE = {
-    ("Two commands", "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && PATH=\"$PWD/.venv/bin:$PATH\" "
+    ("Two commands", "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[dev]' && PATH=\"$PWD/.venv/bin:$PATH\" "
                      "dvc repro"): ".ci/run (README command 1, in a fresh clone)",
-    ("Two commands", "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest -q"):
+    ("Two commands", "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[dev]' && .venv/bin/python -m pytest -q"):
         ".ci/run (README command 2)",
     ("Artefacts through a DVC remote", "dvc remote add -d storage s3://my-bucket/dvc && dvc remote modify storage "
                                        "endpointurl https://s3.example.com"):

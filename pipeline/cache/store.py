@@ -377,9 +377,9 @@ class CacheStore:
             a, b = stored.get(lib, MISSING), current.get(lib, MISSING)
             if a != b:
                 warnings.append(
-                    f"{self.path}: {lib} version differs: cache built with {a}, running {b}; augmentation "
-                    f"parameters still agree but pixels (and so teacher outputs) may drift: run "
-                    f"`python -m pipeline.verify_cache` to re-check the teacher's agreement on a sample of views")
+                    f"{self.path}: {lib} version differs: cache built with {a}, running {b}; the store's pixel "
+                    f"fingerprint still renders the same here (a store without one is not checked); "
+                    f"`python -m pipeline.verify_cache cache.verify_fraction=0.05` re-checks the teacher on a sample")
         return warnings
 
     # ---------------------------------------------------------------- size

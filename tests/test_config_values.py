@@ -118,6 +118,7 @@ CASES = [  # (override, what the one line must say)
     ("teacher.train.lr_step=x", "teacher.train.lr_step='x' is not one of ('update', 'epoch')"),
     ("teacher.train.device=gpu", "teacher.train.device='gpu': expected auto, cpu, cuda or cuda:<n>"),
     ("replay.backend=gpu", "replay.backend='gpu' is not one of ('per_sample', 'batched')"),
+    ("export.model=both", "export.model='both' is not one of ('student', 'teacher')"),
     ("run_seed=-1", "run_seed=-1 must be >= 0"),
     ("num_threads=-1", "num_threads=-1 must be >= 0"),
     ("storage.retries=-1", "storage.retries=-1 must be >= 0"),

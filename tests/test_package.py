@@ -78,8 +78,9 @@ def installed(tmp_path_factory):
          tmp)
     wheel = next(tmp.glob("pipeline-*.whl"))
     py, env, site = _venv(tmp / "venv")
+    # env: no PYTHONPATH, or pip would take a checkout on it (its pipeline.egg-info) for the installed package
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-         tmp)
+         tmp, env)
     return py, env, site
 
 
@@ -118,14 +119,14 @@ def test_every_import_is_a_declared_dependency(installed, tmp_path):
     proc = subprocess.run([str(py), "-c", IMPORT_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch" in proc.stdout and "zarr" in proc.stdout and "all declared" in proc.stdout, proc.stdout
-    # the check catches an undeclared one: PyYAML is installed here (dev tools bring it) but not declared
+    # the check catches an undeclared one: boto3 is installed here (moto brings it) but not declared
     probe = site / "pipeline" / "_probe.py"
-    probe.write_text("import yaml\n")
+    probe.write_text("import boto3\n")
     try:
         proc = subprocess.run([str(py), "-c", IMPORT_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     finally:
         probe.unlink()
-    assert proc.returncode == 1 and "_probe.py: import yaml (module level)" in proc.stdout, proc.stdout
+    assert proc.returncode == 1 and "_probe.py: import boto3 (module level)" in proc.stdout, proc.stdout
 
 
 # An NGC container's torch and torchvision: local pre-release versions, which pip keeps (installed, not chosen).

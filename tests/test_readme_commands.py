@@ -60,6 +60,11 @@ ELSEWHERE = {
      "~76 min on 2 cores, resumable"):
         "tests/test_bench.py (bench.run_all --quick and bench.accuracy on tiny sizes, not these full runs)",
     ("DeiT's recipe card", "NPROC=8 python -m pipeline.recipe $R distill=hard"): "tests/test_recipe.py",
+    ("Our shards, opened by timm by name", "python -m pipeline.make_shards data=toy workdir=."):
+        "tests/test_published.py::test_docs_data_commands",
+    ("Published shards, read in place", "python -m pipeline.make_shards data=published "
+                                        "data.root=hf://datasets/someone/pubtoy data.num_classes=10"):
+        "tests/test_published.py::test_docs_data_commands",
     ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
     ("Install", "python -m pip install ."): "tests/test_package.py (docs/install.md's blocks, offline, in a fresh venv)",
     ("Install", "python -m pip install -c constraints.txt ."): "tests/test_package.py",
@@ -68,6 +73,7 @@ ELSEWHERE = {
 }
 # Other fenced blocks that are code: the python example (run verbatim by tests/test_api.py).
 OTHER_CODE = {("Quickstart: your own training loop", "python"): "tests/test_api.py",
+              ("Our shards, opened by timm by name", "python"): "tests/test_published.py::test_docs_data_commands",
               ("The API for your own training loop", "python"): "tests/test_api.py::test_api_doc_runs"}
 
 

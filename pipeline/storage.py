@@ -34,7 +34,7 @@ from pipeline.errors import ConfigError, StorageError
 from pipeline.web import SCHEMES as WEB_SCHEMES, WebPath, is_web
 
 SCHEMES = ("s3", "gs")
-_STORES: dict = {}  # (pid, scheme, bucket, prefix, settings) -> obstore store (rebuilt after a fork)
+_STORES: dict = {}  # (pid, location, settings, endpoint + credentials) -> obstore store (rebuilt after a fork)
 _LOCK = threading.Lock()
 _USED: set[int] = set()  # pids that started obstore's (tokio) runtime, which does not survive a fork
 
@@ -81,11 +81,12 @@ def obstore_store(scheme: str, bucket: str, prefix: str = ""):
     from obstore.store import from_url
 
     settings = storage_faults.settings()
-    key = (os.getpid(), scheme, bucket, prefix, tuple(settings.values()))
+    cfg, client = _config(scheme)
+    # the endpoint and credentials too: a client of another server must not serve this one
+    key = (os.getpid(), scheme, bucket, prefix, tuple(settings.values()), tuple(sorted(cfg.items())))
     _USED.add(os.getpid())
     with _LOCK:
         if key not in _STORES:
-            cfg, client = _config(scheme)
             url = f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
             if scheme == "s3":
                 storage_faults.check_credentials(url, cfg)

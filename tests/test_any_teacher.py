@@ -53,6 +53,7 @@ def stage(module: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_folder_cache_from_any_timm_teacher(tmp_path):
     folder = image_folder(tmp_path / "images")
     teacher = saved_timm_model(tmp_path / "teacher", "mobilenetv3_small_050", len(CLASSES))

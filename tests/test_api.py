@@ -66,6 +66,7 @@ def test_exported():
         CachedTokenDistillationTask, CachedLogitDistillationTask)
 
 
+@pytest.mark.slow
 def test_readme_example_runs(tmp_path):
     """The README block, verbatim, in a fresh interpreter (CPU, one thread)."""
     script = tmp_path / "example.py"
@@ -278,6 +279,7 @@ def test_unusable_device_and_url_lists_are_one_line_errors(cached, toy_shards):
         CachedViews(train, [path], batch_size=8)
 
 
+@pytest.mark.slow
 def test_api_doc_runs(tmp_path):
     """docs/api.md's python blocks, verbatim and in order, as one script in a fresh interpreter (CPU, one thread):
     a timm user's script (from pipeline only the dataset and the task) trains one epoch on the toy cache."""

@@ -44,6 +44,7 @@ def _stage(module, *overrides, cwd):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_cache_remembers_its_backend(toy_shards, tmp_path):
     """Stage one with replay.backend=batched records it; a per-sample student is refused naming both backends,
     and accepted with replay.allow_backend_mismatch=true."""

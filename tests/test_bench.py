@@ -24,6 +24,7 @@ def _bench(module, *args, timeout=900):
     return r
 
 
+@pytest.mark.slow
 def test_run_all_quick(tmp_path):
     out = tmp_path / "bench"
     r = _bench("run_all", "--quick", "--out", out, "--accuracy", tmp_path / "none.json")
@@ -92,6 +93,7 @@ def test_cycle_points():
     assert accuracy.cycle_points(2) == [(1, "hard-S1"), (2, "hard")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason=f"{FMNIST} absent (Debian package dataset-fashion-mnist)")
 def test_accuracy_study_smoke(tmp_path):
     """Real Fashion-MNIST through the real stage commands, 2 seeds, tiny sizes: the report holds every variant;
@@ -123,6 +125,7 @@ def test_accuracy_study_smoke(tmp_path):
     assert json.loads((out / "accuracy.json").read_text())["students"] == res["students"]
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_every_path_on_cpu(tmp_path):
     """`python -m bench.gpu` is meant for a GPU box; --smoke runs each of its rows (pure step, cached per-sample,
     cached batched, online, stage one) on CPU at toy sizes, so the command is known to work before a GPU run."""

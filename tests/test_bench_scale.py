@@ -24,6 +24,7 @@ def result(tmp_path_factory):
     return json.loads(out.read_text()), out.with_suffix(".md").read_text(), r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["disk", "s3"])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_counts_and_files(result, backend, mode):

@@ -109,6 +109,7 @@ def test_integrity_check_finds_each_kind_of_damage_without_the_teacher(tmp_path)
     store.release_lease()
 
 
+@pytest.mark.slow
 def test_verify_cache_lists_damaged_units_and_the_teacher_recheck_compares_logsumexp(env, tmp_path):
     from pipeline.cache.audit import verify_cache
 
@@ -159,6 +160,7 @@ def test_rerun_repairs_damaged_and_missing_units_to_an_uninterrupted_build(env, 
     assert_same_store(path, env.ref)
 
 
+@pytest.mark.slow
 def test_verify_cache_says_ok_only_of_a_complete_store_and_names_what_is_missing(env, tmp_path):
     one = tmp_path / "one.zarr"  # one commit marker deleted
     shutil.copytree(env.ref, one)
@@ -188,6 +190,7 @@ def test_verify_cache_says_ok_only_of_a_complete_store_and_names_what_is_missing
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["ok"]
 
 
+@pytest.mark.slow
 def test_a_unit_swapped_or_copied_in_from_another_teachers_store_fails_and_a_rerun_repairs_it(env, foreign,
                                                                                                tmp_path):
     from pipeline.cache.reader import CacheTargets

@@ -70,6 +70,7 @@ def test_a_writer_never_commits_into_a_store_replaced_under_it(tmp_path):
     fresh.release_lease()
 
 
+@pytest.mark.slow
 def test_a_store_rebuilt_by_another_teacher_under_a_student_stops_it_naming_the_store(env, foreign, tmp_path):
     """Mid-run: the student's hook re-checks the store id after every unit it reads. Resumed: its checkpoint
     records the store's key, so a resume on another teacher's targets is refused naming the field."""

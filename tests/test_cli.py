@@ -58,6 +58,7 @@ def test_params_file_refuses_group_overrides_by_name(tmp_path):
                    "data=imagenet", "--params", "without --params")
 
 
+@pytest.mark.slow
 def test_showing_the_config_writes_nothing(tmp_path):
     shown = stage("params", "data=imagenet", "data.root=/data/imagenet", "teacher=regnety_160", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

@@ -221,6 +221,7 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_torchrun_ranks_put_an_images_copies_in_one_global_step(workdir, world):
     """train_student under torchrun (stages/launch.sh, NPROC=world), train.repeat_mode=ranks, 2 epochs: every

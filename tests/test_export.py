@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -49,6 +50,7 @@ torch.save({"logits": logits, "data_config": cfg, "num_classes": model.num_class
 """
 
 
+@pytest.mark.slow
 def test_export_round_trip_through_timm(toy_shards, tmp_path):
     from pipeline.train.student_run import train_student
 
@@ -96,6 +98,7 @@ def test_export_without_a_checkpoint_names_the_path(toy_shards, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_teacher_export_round_trip_through_timm(toy_shards, tmp_path):
     """`export.model=teacher`: the teacher checkpoint as a timm folder, rebuilt by timm with no kwargs."""
     import timm

@@ -54,6 +54,7 @@ def objects(url: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ credentials
 
 
+@pytest.mark.slow
 def test_object_storage_without_credentials_is_refused_naming_the_bucket(s3, tmp_path):
     """No keys and the instance-metadata endpoint ruled out (AWS_EC2_METADATA_DISABLED=true, set for every test
     in tests/conftest.py): refused before any request; nothing written; the run with keys then succeeds."""
@@ -75,6 +76,7 @@ def test_a_bucket_that_does_not_exist_is_named(s3, tmp_path):
     assert f"bucket 'no-such-bucket' does not exist at {endpoint}" in line
 
 
+@pytest.mark.slow
 def test_a_wrong_secret_is_access_denied_and_the_right_one_works(tmp_path):
     """A server that checks signatures (SignatureDoesNotMatch, 403): one line; nothing written; the right secret
     then writes the shards."""
@@ -123,6 +125,7 @@ def _wait_for_units(proc, url: str, at_least: int, timeout: float = 180) -> int:
     raise AssertionError(f"stage one did not commit {at_least} units in time ({done}, exit {proc.poll()})")
 
 
+@pytest.mark.slow
 def test_an_outage_mid_build_stops_after_the_retry_budget_and_resumes_exactly(s3, toy_shards, teacher_ckpt,
                                                                                tmp_path):
     """Stage one writes through a proxy that starts answering 503 after a few units: after storage.retries

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "PY": sys.executable, "PYTHONPATH": str(REPO)}

@@ -5,6 +5,7 @@ other's private names, and no function or module grows past what a reader can ho
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,7 @@ def test_functions_and_modules_stay_small():
     assert largest[0] <= 450, largest
 
 
+@pytest.mark.slow
 def test_every_stage_explains_itself_on_help():
     import subprocess
     import sys

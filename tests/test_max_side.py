@@ -49,6 +49,7 @@ def _images(split_dir):
     return m, [(data, key) for k in range(m.num_shards) for _, key, data, _ in m.iter_shard(k)]
 
 
+@pytest.mark.slow
 def test_max_side_caps_large_images_and_keeps_small_ones(tree, tmp_path):
     root, originals = tree
     assert _make_shards(tmp_path / "full", root).returncode == 0

@@ -57,6 +57,7 @@ def _read_all(path):
     return {(s, k): store.read_unit(s, k) for s in range(store.num_seeds) for k in range(store.num_shards)}
 
 
+@pytest.mark.slow
 def test_toy_pipeline_with_shards_and_cache_in_a_bucket(s3, tmp_path):
     """make_shards writes shards + manifest to the bucket, stage one builds the store there, stage two trains
     from both; the manifest is the last object written (its commit point)."""
@@ -138,6 +139,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_by_the_lease_on_the_bucket(s3, tmp_path):
     url = f"{s3}/lease/c.zarr"
     proc = subprocess.Popen([PY, "-c", HOLD, url], cwd=REPO, stdout=subprocess.PIPE, text=True,

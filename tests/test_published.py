@@ -209,6 +209,7 @@ def _samples_of(m):
     return [(i, data, label) for k in range(m.num_shards) for i, _, data, label in m.iter_shard(k)]
 
 
+@pytest.mark.slow
 def test_published_shards_indexed_in_place(published, tmp_path):
     before = _tree_state(published.local)
     r = _index(tmp_path, published.local)
@@ -229,6 +230,7 @@ def test_published_shards_indexed_in_place(published, tmp_path):
     assert again.returncode == 0 and "up to date" in again.stdout, again.stderr
 
 
+@pytest.mark.slow
 def test_published_shards_on_the_hub_and_over_http(published, tmp_path):
     r = _index(tmp_path, published.url, env=published.hub.env(), name="hf")
     assert r.returncode == 0, r.stderr
@@ -330,6 +332,7 @@ def _doc_blocks(path):
     return out
 
 
+@pytest.mark.slow
 def test_docs_data_commands(published, tmp_path):
     """docs/data.md's commands, as written, in a fresh directory: the Hub is the local server (HF_ENDPOINT) and
     https://example.org/pubtoy the same set on it."""

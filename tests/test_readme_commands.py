@@ -352,7 +352,7 @@ def test_two_node_block_static_rendezvous(work, imagenet_tree, hub, tmp_path):
     logs = _two_nodes(static_scripts(_free_port()), work, imagenet_tree, hf_home, tmp_path)
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
-    assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
+    assert sum(": 24 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
 
 
 @pytest.mark.slow
@@ -362,7 +362,7 @@ def test_two_node_block_c10d_rendezvous(work, imagenet_tree, hub, tmp_path):
     logs = _two_nodes([script, script], work, imagenet_tree, hf_home, tmp_path)
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
-    assert sum(": 8 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]
+    assert sum(": 24 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]
 
 
 @pytest.mark.slow
@@ -376,7 +376,7 @@ def test_slurm_script_with_fake_srun(work, imagenet_tree, hub, tmp_path):
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
-    assert out.count(": 8 views written") == 1, out[-3000:]
+    assert out.count(": 24 views written") == 1, out[-3000:]
 
 
 @pytest.mark.slow

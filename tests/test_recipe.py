@@ -88,6 +88,7 @@ def _rows(documented, *more: str) -> tuple[list[card.Row], card.Run]:
     return card.rows(run, INGREDIENTS), run
 
 
+@pytest.mark.slow
 def test_docs_commands_print_the_pages_tables(documented):
     """docs/recipe.md's and docs/economics.md's commands, run as written with the documented R (from the repo root,
     as the docs run commands), print exactly the tables the pages show; the card's command adds the
@@ -143,6 +144,7 @@ def test_a_drift_from_deit_shows_as_a_row_without_reason(documented):
     assert "recipe: note: learning rate differs from DeiT" in out.stderr
 
 
+@pytest.mark.slow
 def test_recipe_writes_nothing(documented, tmp_path):
     """Run from an empty folder with workdir and HOME there: the folder stays empty, the checkout unchanged."""
     def snapshot(root: Path) -> dict:

@@ -47,6 +47,7 @@ def test_each_shard_is_hashed_as_it_streams_and_checked_before_its_last_sample(t
     path.write_bytes(raw)
 
 
+@pytest.mark.slow
 def test_stage_one_commits_nothing_computed_from_a_tampered_shard(env, tmp_path):
     data = tmp_path / "data"
     m = _copy_train(env.toy, data)

@@ -165,6 +165,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_make_shards_cli(tmp_path):
     args = ["data=toy", f"workdir={tmp_path}", "data.train_size=96", "data.val_size=40", "data.shard_size=32"]
     r = _cli(*args)
@@ -201,6 +202,7 @@ def test_missing_data_root_is_one_line_naming_it(tmp_path, source, root):
 
 
 # ------------------------------------------------------------------------------------------ Fashion-MNIST
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason=f"{FMNIST} absent (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist(tmp_path):
     t = time.perf_counter()

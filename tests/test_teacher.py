@@ -72,6 +72,7 @@ def trained(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_cli_trains_a_teacher_that_beats_chance(trained):
     _, _, ckpt, metrics = trained
     assert ckpt.is_file()

@@ -102,6 +102,7 @@ def test_store_matches_independent_teacher_forward(built, toy_shards, teacher_ck
                            atol=2e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equals_one_process(built, toy_shards, teacher_ckpt, tmp_path):
     store = tmp_path / "ddp.zarr"
     run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store), nproc=2)
@@ -114,6 +115,7 @@ def test_torchrun_two_ranks_equals_one_process(built, toy_shards, teacher_ckpt, 
     assert CacheStore.open(store).provenance["augment_hash"] == CacheStore.open(built).provenance["augment_hash"]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, teacher_ckpt, tmp_path):
     store = tmp_path / "killed.zarr"
     cmd = [PY, "-m", "pipeline.teacher_cache", *overrides(toy_shards, teacher_ckpt, store, "cache.batch_size=16")]
@@ -147,6 +149,7 @@ def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, teach
             assert np.array_equal(one[unit][field], resumed[unit][field]), (unit, field)
 
 
+@pytest.mark.slow
 def test_verify_mode_agrees_and_detects_another_teacher(built, toy_shards, teacher_ckpt, tmp_path):
     proc = run_stage("verify_cache", *overrides(toy_shards, teacher_ckpt, built, "cache.verify_fraction=0.2"))
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -185,6 +188,7 @@ def test_store_from_other_config_is_refused_untouched(built, toy_shards, teacher
     assert _snapshot(built) == before
 
 
+@pytest.mark.slow
 def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
     store = tmp_path / "x.zarr"
     missing = run_stage("teacher_cache", *overrides(toy_shards, tmp_path / "nope.pt", store), check=False)
@@ -211,6 +215,7 @@ def _one_error_line(proc, *named):
     assert lines[-1].startswith("teacher_cache: error: ") and all(n in lines[-1] for n in named), proc.stderr
 
 
+@pytest.mark.slow
 def test_a_refused_run_creates_nothing_and_the_corrected_run_builds(toy_shards, tmp_path):
     """Teacher, input size and normalisation are checked before the store exists: the corrected run is then not
     refused for a value the refused one would have recorded in the store's provenance."""
@@ -257,6 +262,7 @@ def _folder_shards(root, classes=("cat", "dog", "eel"), per_class=6):
     return root / "shards"
 
 
+@pytest.mark.slow
 def test_random_teacher_on_real_data_is_warned_about(tmp_path):
     shards = _folder_shards(tmp_path)
     args = ["teacher=regnety_002", "data=folder", "data.num_classes=3", "data.image_size=32",

@@ -1,15 +1,17 @@
-"""Shared fixtures. ``toy_shards``: small toy train/val shards written once per test session. ``s3``: a real S3
-server (moto's) on localhost, for tests/test_object_storage.py and tests/test_dvc_remote.py."""
+"""Shared fixtures, each built once per test session and read-only for the tests (copy before changing):
+``toy_shards``: small toy train/val shards; ``random_teacher``: a seeded random regnety_002 checkpoint; ``env``:
+stage one's overrides and the reference store of the cache-trust tests (tests/store_env.py); ``foreign``: a store
+of another teacher. ``s3`` (per module): a real S3 server (moto's) on localhost."""
 
 import logging
 import os
-import socket
 import urllib.request
 from types import SimpleNamespace
 
 import pytest
 
 from pipeline.data import shards, sources
+from procs import free_port
 
 # No test may reach a real instance-metadata endpoint for credentials: the AWS SDKs' switch (which
 # pipeline.storage_faults honours), and obstore's endpoint pointed at a closed local port should anything ask.
@@ -42,10 +44,31 @@ def toy_shards(tmp_path_factory):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory):
+    """A fixed (seeded random) regnety_002 with 10 classes, as a state dict: stage one's mechanics need no good
+    teacher."""
+    import timm
+    import torch
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def env(toy_shards, random_teacher, tmp_path_factory):
+    from store_env import trust_env
+
+    return trust_env(toy_shards, random_teacher, tmp_path_factory.mktemp("trust"))
+
+
+@pytest.fixture(scope="session")
+def foreign(env):
+    from store_env import foreign_store
+
+    return foreign_store(env)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +78,7 @@ def s3():
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
 
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server.start()

@@ -1,6 +1,7 @@
 """What the cache-trust tests share: toy shards (tests/conftest.py: 8 train shards of 64), a seeded random
-regnety_002 at 32 px, S=2 seed indices (16 units), the reference store built in-process once per module (`env`), a
-store of another teacher (`foreign`), and helpers that run stages as real processes."""
+regnety_002 at 32 px, S=2 seed indices (16 units), the reference store built in-process once per session (the
+`env` fixture of tests/conftest.py), a store of another teacher (`foreign`), and helpers that run stages as real
+processes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import timm
 import torch
 import zarr
@@ -41,21 +41,22 @@ def make_cfg(overrides):
         return compose("config", overrides=list(overrides))
 
 
-@pytest.fixture(scope="module")
-def env(toy_shards, tmp_path_factory):
-    """Teacher checkpoint, overrides for the stages, and the reference store (an uninterrupted build)."""
+def stage_one_overrides(shards, teacher, store, workdir, *extra, seeds=S, batch=BATCH) -> list[str]:
+    """Stage one on ``shards`` with a regnety_002 checkpoint at 32 px, ``seeds`` seed indices, no loader workers."""
+    return ["teacher=regnety_002", "augment=deit", f"workdir={workdir}", f"data.shards={shards}",
+            f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store}",
+            f"cache.num_seeds={seeds}", f"cache.batch_size={batch}", "cache.num_workers=0", *extra]
+
+
+def trust_env(toy_shards, teacher: Path, tmp: Path) -> SimpleNamespace:
+    """Overrides for the stages and the reference store (an uninterrupted build, in this process) in ``tmp``: the
+    ``env`` fixture of tests/conftest.py (built once per session; read-only: copy a store before changing it)."""
     from pipeline.cache.builder import build_cache
 
-    tmp = tmp_path_factory.mktemp("trust")
-    teacher = tmp / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), teacher)
     e = SimpleNamespace(tmp=tmp, shards=toy_shards.root, teacher=teacher, toy=toy_shards, ref=tmp / "ref.zarr")
 
-    def overrides(store, *extra, shards=None):
-        return ["teacher=regnety_002", "augment=deit", f"workdir={tmp}", f"data.shards={shards or e.shards}",
-                f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store}",
-                f"cache.num_seeds={S}", f"cache.batch_size={BATCH}", "cache.num_workers=0", *extra]
+    def overrides(store, *extra, shards=None, workdir=None):
+        return stage_one_overrides(shards or e.shards, teacher, store, workdir or tmp, *extra)
 
     e.overrides = overrides
     e.cfg = lambda store, *extra, shards=None: validate(make_cfg(overrides(store, *extra, shards=shards)))
@@ -64,16 +65,18 @@ def env(toy_shards, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def stage_env(threads: int | None = 1) -> dict:
-    e = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+def stage_env(threads: int | None = 1, base: dict | None = None) -> dict:
+    """``base`` (default: this process's environment) with passive OpenMP waits and ``threads`` threads."""
+    e = dict(os.environ if base is None else base, OMP_WAIT_POLICY="PASSIVE")
     if threads:
         e["OMP_NUM_THREADS"] = str(threads)
     return e
 
 
-def run(module, *args, threads=1, timeout=300):
+def run(module, *args, threads=1, env=None, timeout=300):
+    """``python -m pipeline.<module> args`` in the checkout; ``env``: the environment to start from."""
     return subprocess.run([PY, "-m", f"pipeline.{module}", *args], cwd=REPO, capture_output=True, text=True,
-                          env=stage_env(threads), timeout=timeout)
+                          env=stage_env(threads, env), timeout=timeout)
 
 
 def start(module, *args, log: Path):
@@ -89,6 +92,14 @@ def finish(p, timeout=300) -> tuple[int, str, str]:
     return rc, p.log.with_suffix(".out").read_text(), p.log.with_suffix(".err").read_text()
 
 
+def upload_shards(root: Path, url: str) -> None:
+    """The train and val shards under ``root`` copied to ``url`` (each manifest last: its split's commit point)."""
+    from pipeline import storage
+
+    for split in ("train", "val"):
+        storage.upload_tree(root / split, storage.as_path(f"{url}/{split}"), last="manifest.json")
+
+
 def stop_for_good(p) -> None:
     if p.poll() is None:
         os.kill(p.pid, signal.SIGCONT)
@@ -96,22 +107,38 @@ def stop_for_good(p) -> None:
         p.wait()
 
 
-def wait_for(cond, what: str, proc=None, timeout=180) -> None:
+def wait_for(cond, what: str, proc=None, timeout=180, every=0.05) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the writer exited first ({finish(proc)})")
-        time.sleep(0.05)
+            said = finish(proc) if hasattr(proc, "log") else f"exit {proc.returncode}"
+            raise AssertionError(f"{what}: the writer exited first ({said})")
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def done_count(store) -> int:
+    """Committed units of a store on disk or in a bucket; 0 while it is being created."""
     try:
-        return int(np.asarray(zarr.open_array(str(Path(store) / "done"), mode="r")[...]).sum())
+        return int(CacheStore.open(store).done_mask().sum())
     except Exception:  # noqa: BLE001 - the store is being created
         return 0
+
+
+def kill_after_units(cmd: list[str], store, at_least: int = 3, timeout: float = 300) -> int:
+    """Start ``cmd`` (a stage one writing ``store``) and kill -9 it once ``at_least`` units are committed; its
+    pid."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=stage_env())
+    try:
+        wait_for(lambda: done_count(store) >= at_least, f"{at_least} committed units", proc=proc, timeout=timeout,
+                 every=0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        stop_for_good(proc)
+    return proc.pid
 
 
 def holder(store) -> dict:
@@ -198,9 +225,9 @@ HOLD = "import sys, time; from pipeline.cache import lease; lease.acquire(sys.ar
 
 
 # ------------------------------------------------------------------------- complete, bound, the same store
-@pytest.fixture(scope="module")
-def foreign(env):
-    """A store of the same data, views and layout built by another teacher (other random weights)."""
+def foreign_store(env) -> SimpleNamespace:
+    """A store of the same data, views and layout built by another teacher (other random weights): the
+    ``foreign`` fixture of tests/conftest.py."""
     from pipeline.cache.builder import build_cache
 
     torch.manual_seed(1)

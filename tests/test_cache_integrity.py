@@ -20,7 +20,6 @@ from pipeline.cache.layout import crc32c, unit_tag
 from pipeline.cache.store import CacheStore
 from pipeline.errors import CacheError
 from store_env import PY, run, assert_same_store, small_store, unit, rewrite, pipeline_log, log_text, copy_unit
-from store_env import env, foreign  # noqa: F401 - fixtures (module-scoped: built once per file)
 
 
 # ------------------------------------------------------------------------------------------- checksums

@@ -18,7 +18,6 @@ from pipeline.replay.view_params import augment_config
 from pipeline.errors import CacheError
 from store_env import (REPO, PY, STUDENT, make_cfg, run, start, finish, stop_for_good, wait_for, done_count, holder,
                        snapshot, assert_same_store, recreate, small_store, unit, pipeline_log, log_text, HOLD)
-from store_env import env, foreign  # noqa: F401 - fixtures (module-scoped: built once per file)
 
 
 # ------------------------------------------------------------------------------------------- one writer

@@ -7,35 +7,24 @@ place, and a checkpoint whose pickle would run code."""
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import timm
-import torch
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto.server")  # the `s3` fixture (tests/conftest.py)
 
 from fault_servers import Proxy, SignedS3  # noqa: E402
+from store_env import PY, REPO, done_count, run, stage_env, upload_shards, wait_for  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.cache import integrity  # noqa: E402
 from pipeline.cache.store import CacheStore  # noqa: E402
-from pipeline.errors import CacheError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
 KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 SMALL = ["data.train_size=64", "data.val_size=64", "data.shard_size=64", "num_threads=1"]
-
-
-def run(module, *overrides, env=None, timeout=300):
-    env = dict(os.environ if env is None else env, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    return subprocess.run([PY, "-m", f"pipeline.{module}", *overrides], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 def one_line_error(proc, stage: str, starts: str) -> str:
@@ -98,51 +87,24 @@ def test_a_wrong_secret_is_access_denied_and_the_right_one_works(tmp_path):
 # ------------------------------------------------------------------------------------------- outage, stall
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), path)
-    return path
-
-
-def cache_overrides(shards, teacher_ckpt, store, workdir, *extra):
-    return ["teacher=regnety_002", "augment=deit", f"workdir={workdir}", f"data.shards={shards}",
-            f"teacher.checkpoint={teacher_ckpt}", f"cache.path={store}", "cache.num_seeds=2", "cache.batch_size=16",
-            "cache.num_workers=0", "teacher.input_size=32", "num_threads=1", *extra]
-
-
-def _wait_for_units(proc, url: str, at_least: int, timeout: float = 180) -> int:
-    deadline, done = time.time() + timeout, 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            done = int(CacheStore.open(url).done_mask().sum())
-        except CacheError:  # not created yet
-            continue
-        if done >= at_least:
-            return done
-    raise AssertionError(f"stage one did not commit {at_least} units in time ({done}, exit {proc.poll()})")
-
-
 @pytest.mark.slow
-def test_an_outage_mid_build_stops_after_the_retry_budget_and_resumes_exactly(s3, toy_shards, teacher_ckpt,
-                                                                               tmp_path):
+def test_an_outage_mid_build_stops_after_the_retry_budget_and_resumes_exactly(s3, env, tmp_path):
     """Stage one writes through a proxy that starts answering 503 after a few units: after storage.retries
     retries it stops with one line naming the store, the unit and the budget; once the endpoint is back, the
-    re-run recomputes exactly the missing units and the store equals an uninterrupted local build."""
+    re-run recomputes exactly the missing units and the store equals an uninterrupted local build (``env.ref``)."""
     shards, url = f"{s3}/outage/shards", f"{s3}/outage/c.zarr"
-    for split in ("train", "val"):
-        storage.upload_tree(toy_shards.root / split, storage.as_path(f"{shards}/{split}"), last="manifest.json")
+    upload_shards(env.shards, shards)
     upstream = urlparse(os.environ["AWS_ENDPOINT_URL"])
     proxy = Proxy((upstream.hostname, upstream.port))
-    env = dict(os.environ, AWS_ENDPOINT_URL=proxy.url, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    proxied = stage_env(base=dict(os.environ, AWS_ENDPOINT_URL=proxy.url))
     budget = ["storage.retries=2", "storage.retry_timeout=30", "storage.timeout=5"]
-    cmd = [PY, "-m", "pipeline.teacher_cache", *cache_overrides(shards, teacher_ckpt, url, tmp_path, *budget)]
+    overrides = env.overrides(url, "num_threads=1", shards=shards, workdir=tmp_path)
+    cmd = [PY, "-m", "pipeline.teacher_cache", *overrides, *budget]
     try:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=proxied, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
         try:
-            _wait_for_units(proc, url, 3)
+            wait_for(lambda: done_count(url) >= 3, "3 committed units", proc=proc, every=0.2)
             proxy.set_mode("down")
             t0 = time.time()
             _, err = proc.communicate(timeout=120)
@@ -156,14 +118,12 @@ def test_an_outage_mid_build_stops_after_the_retry_budget_and_resumes_exactly(s3
         done = int(CacheStore.open(url).done_mask().sum())
         assert 3 <= done < 16
         proxy.set_mode("up")
-        rerun = run("teacher_cache", *cache_overrides(shards, teacher_ckpt, url, tmp_path), env=env)
+        rerun = run("teacher_cache", *overrides, env=proxied)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"({16 - done} units computed, {done} already done, of 16)" in rerun.stdout
     finally:
         proxy.close()
-    local = tmp_path / "local.zarr"
-    assert run("teacher_cache", *cache_overrides(toy_shards.root, teacher_ckpt, local, tmp_path)).returncode == 0
-    one, resumed = CacheStore.open(local), CacheStore.open(url)
+    one, resumed = CacheStore.open(env.ref), CacheStore.open(url)
     for s in range(2):
         for k in range(one.num_shards):
             a, b = one.read_unit(s, k), resumed.read_unit(s, k)

@@ -12,9 +12,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
+from store_env import stage_one_overrides
 from pipeline.cache.reader import open_cache
 from pipeline.data.shards import load_manifest
 from pipeline.errors import PixelMismatch
@@ -26,17 +26,13 @@ OTHER = {"torch": "9.0.0", "torchvision": "0.90.0", "pillow": "99.0.0", "simplej
 
 
 @pytest.fixture(scope="module")
-def built(toy_shards, tmp_path_factory):
+def built(toy_shards, random_teacher, tmp_path_factory):
     """A store built by stage one (python -m pipeline.teacher_cache) on the toy shards: (store, overrides)."""
     tmp = tmp_path_factory.mktemp("fp")
-    ckpt = tmp / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), ckpt)
     store = tmp / "cache" / "toy.zarr"
-    overrides = ["teacher=regnety_002", "augment=deit", f"workdir={tmp}", f"data.shards={toy_shards.root}",
-                 f"teacher.checkpoint={ckpt}", f"cache.path={store}", "cache.num_seeds=1", "cache.num_workers=0",
-                 "teacher.input_size=32", "train.epochs=1", "train.num_workers=0", "++student.kwargs.depth=1",
-                 "train.max_steps_per_epoch=1", "train.val=false"]
+    overrides = stage_one_overrides(toy_shards.root, random_teacher, store, tmp, "train.epochs=1",
+                                    "train.num_workers=0", "++student.kwargs.depth=1", "train.max_steps_per_epoch=1",
+                                    "train.val=false", seeds=1)
     proc = _stage("teacher_cache", overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return store, overrides

@@ -17,18 +17,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import zarr
 from hydra import compose, initialize_config_dir
 
+from procs import finish, free_port, start_logged
+from store_env import stage_one_overrides
 from pipeline.cache import lease
 from pipeline.cache.store import CacheStore
 from pipeline.errors import CacheError
@@ -40,65 +40,36 @@ LAUNCH = REPO / "stages" / "launch.sh"
 SUMMARY = "1024 views written"  # stage one's summary line (2 seeds x 512), printed by global rank 0 only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
     return {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
             "OMP_WAIT_POLICY": "PASSIVE", "TQDM_MININTERVAL": "30", **extra}
 
 
-def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 240) -> list[str]:
-    """Wait for every process (killing all of them, by their own process groups, on a timeout); their logs."""
-    try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    out = [log.read_text(errors="replace") for log in logs]
-    for p, text in zip(procs, out):
-        assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{text[-4000:]}"
-    return out
-
-
 def start(module: str, overrides: list[str], cwd: Path, name: str, nodes: int = 1, **env):
     """`stages/launch.sh module overrides` once, or on `nodes` concurrent "nodes" (NNODES, NODE_RANK, a c10d
     rendezvous on a free localhost port); returns (processes, their stdout + stderr files)."""
-    rdzv = {"NNODES": str(nodes), "RDZV_ENDPOINT": f"localhost:{_free_port()}", "RDZV_ID": name} if nodes > 1 else {}
+    rdzv = {"NNODES": str(nodes), "RDZV_ENDPOINT": f"localhost:{free_port()}", "RDZV_ID": name} if nodes > 1 else {}
     procs, logs = [], []
     for node in range(nodes):
         log = cwd / f"{name}-node{node}.log"
-        with open(log, "wb") as f:
-            procs.append(subprocess.Popen(["bash", str(LAUNCH), module, *overrides], cwd=cwd, stdout=f,
-                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                          env=_env(**rdzv, NODE_RANK=str(node), **env)))
+        procs.append(start_logged(["bash", str(LAUNCH), module, *overrides], cwd,
+                                  _env(**rdzv, NODE_RANK=str(node), **env), log))
         logs.append(log)
     return procs, logs
 
 
 @pytest.fixture(scope="module")
-def built(toy_shards, tmp_path_factory):
+def built(toy_shards, random_teacher, tmp_path_factory):
     """A fixed (seeded random) regnety_002 teacher; the one-process store, built in this process while the two
     "nodes" build theirs through stages/launch.sh."""
     from pipeline.cache.builder import build_cache
 
     tmp = tmp_path_factory.mktemp("multinode")
-    teacher = tmp / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("regnety_002", num_classes=toy_shards.num_classes).state_dict(), teacher)
+    teacher = random_teacher
 
     def overrides(store: Path, *extra: str) -> list[str]:
-        return ["teacher=regnety_002", "augment=deit", f"workdir={tmp}", f"data.shards={toy_shards.root}",
-                f"teacher.checkpoint={teacher}", "teacher.input_size=32", f"cache.path={store}", "cache.num_seeds=2",
-                "cache.topk=5", "cache.batch_size=64", "cache.num_workers=0", "num_threads=1", *extra]
+        return stage_one_overrides(toy_shards.root, teacher, store, tmp, "cache.topk=5", "num_threads=1", *extra,
+                                   seeds=2, batch=64)
 
     one, two = tmp / "one.zarr", tmp / "two-nodes.zarr"
     running = start("teacher_cache", overrides(two), tmp, "cache", nodes=2)
@@ -106,7 +77,7 @@ def built(toy_shards, tmp_path_factory):
         with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base="1.3"):
             build_cache(compose("config", overrides=overrides(one)))
     finally:
-        logs = _finish(*running, timeout=240)
+        logs = finish(*running, timeout=240)
     return tmp, overrides, one, two, logs
 
 
@@ -142,7 +113,7 @@ def test_train_student_on_two_nodes_equals_one_node_with_two_ranks(built, tmp_pa
     one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
     a = start("train_student", student(one_node), tmp_path, "one-node", NPROC="2")
     b = start("train_student", student(two_nodes), tmp_path, "two-nodes", nodes=2)  # concurrently
-    _finish(a[0] + b[0], a[1] + b[1])
+    finish(a[0] + b[0], a[1] + b[1], timeout=240)
 
     def untimed(d: dict) -> dict:
         return {k: v for k, v in d.items() if k not in TIMING_KEYS}

@@ -3,53 +3,28 @@ the toy pipeline on a bucket, kill -9 and resume, the lease through conditional 
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
-import torch
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto.server")  # the `s3` fixture (tests/conftest.py)
 
+from store_env import PY, REPO, kill_after_units, run, stage_env, upload_shards  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.cache import integrity, lease  # noqa: E402
 from pipeline.cache.store import CacheStore  # noqa: E402
 from pipeline.errors import CacheError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
 FIELDS = ("argmax", "digest", "topk_indices", "topk_values", "logsumexp")
 
 
-def _env(**extra):
-    return dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", **extra)
-
-
 def run_stage(module, *overrides, timeout=300):
-    proc = subprocess.run([PY, "-m", f"pipeline.{module}", *overrides], cwd=REPO, capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+    proc = run(module, *overrides, timeout=timeout)
     assert proc.returncode == 0, f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), path)
-    return path
-
-
-def cache_overrides(shards, teacher_ckpt, store, workdir, *extra):
-    return ["teacher=regnety_002", "augment=deit", f"workdir={workdir}", f"data.shards={shards}",
-            f"teacher.checkpoint={teacher_ckpt}", f"cache.path={store}", "cache.num_seeds=2", "cache.batch_size=64",
-            "cache.num_workers=0", "teacher.input_size=32", "num_threads=1", *extra]
 
 
 def _read_all(path):
@@ -83,45 +58,24 @@ def test_toy_pipeline_with_shards_and_cache_in_a_bucket(s3, tmp_path):
     assert (out / "checkpoint-last.pt").is_file(), sorted(p.name for p in out.iterdir())
 
 
-def test_kill_9_and_resume_on_a_bucket_equals_a_local_build(s3, toy_shards, teacher_ckpt, tmp_path):
+def test_kill_9_and_resume_on_a_bucket_equals_a_local_build(s3, env, tmp_path):
     """A stage one killed mid-build (-9) leaves its lease object and some committed units on the bucket; the
-    re-run takes the dead writer's lease over at once (same host, no such process), recomputes exactly the
-    missing units, and the store equals an uninterrupted local build: same arrays, same digests."""
-    shards = f"{s3}/kill/shards"
-    for split in ("train", "val"):
-        storage.upload_tree(toy_shards.root / split, storage.as_path(f"{shards}/{split}"), last="manifest.json")
-    local = tmp_path / "local.zarr"
-    run_stage("teacher_cache", *cache_overrides(toy_shards.root, teacher_ckpt, local, tmp_path))
-
-    url = f"{s3}/kill/cache/killed.zarr"
-    cmd = [PY, "-m", "pipeline.teacher_cache",
-           *cache_overrides(shards, teacher_ckpt, url, tmp_path, "cache.batch_size=16")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    done_before, deadline = 0, time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                done_before = int(CacheStore.open(url).done_mask().sum())
-            except CacheError:  # not created yet
-                continue
-            if done_before >= 3:
-                break
-        assert proc.poll() is None, "the cache run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    re-run (at another batch size) takes the dead writer's lease over at once (same host, no such process),
+    recomputes exactly the missing units, and the store equals an uninterrupted local build (``env.ref``): same
+    arrays, same digests."""
+    shards, url = f"{s3}/kill/shards", f"{s3}/kill/cache/killed.zarr"
+    upload_shards(env.shards, shards)
+    overrides = env.overrides(url, "num_threads=1", shards=shards, workdir=tmp_path)
+    pid = kill_after_units([PY, "-m", "pipeline.teacher_cache", *overrides], url)
     holder = lease.probe(url)
     assert holder is None  # a dead process of this host holds nothing
-    assert json.loads(storage.as_path(f"{url}.lease").read_text())["pid"] == proc.pid  # but its record stayed
+    assert json.loads(storage.as_path(f"{url}.lease").read_text())["pid"] == pid  # but its record stayed
     done_before = int(CacheStore.open(url).done_mask().sum())
     assert 3 <= done_before < 16
-    rerun = run_stage("teacher_cache", *cache_overrides(shards, teacher_ckpt, url, tmp_path))
+    rerun = run_stage("teacher_cache", *overrides, "cache.batch_size=64")
     assert f"({16 - done_before} units computed, {done_before} already done, of 16)" in rerun.stdout
     assert "taking over the stale writer lease" in rerun.stderr
-    one, resumed = _read_all(local), _read_all(url)
+    one, resumed = _read_all(env.ref), _read_all(url)
     for unit in one:
         for field in FIELDS:
             assert np.array_equal(one[unit][field], resumed[unit][field]), (unit, field)
@@ -143,7 +97,7 @@ time.sleep(600)
 def test_a_second_writer_is_refused_by_the_lease_on_the_bucket(s3, tmp_path):
     url = f"{s3}/lease/c.zarr"
     proc = subprocess.Popen([PY, "-c", HOLD, url], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env=_env(PIPELINE_LEASE_TTL="4"))
+                            env=stage_env(base=dict(os.environ, PIPELINE_LEASE_TTL="4")))
     try:
         record = json.loads(proc.stdout.readline())
         assert record["pid"] == proc.pid

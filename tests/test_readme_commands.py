@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import readme_stand_ins as stand_ins
+from procs import finish, free_port, start_logged
 from readme_blocks import (OPERATIONS, OWN_DATA, add_caps, bash_blocks, blocks, copy_checkout, node_script,
                            pages, substitute)
 
@@ -155,12 +154,6 @@ def own_script(root: Path) -> str:
 # ------------------------------------------------------------------------------------------ running them
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(checkout: Path, hf_home: Path, extra_path: Path | None = None, **extra) -> dict:
     """The venv's bin first on PATH (`python` is the venv's), PYTHON set, the checkout copy importable, the stand-in
     Hub cache offline."""
@@ -174,28 +167,7 @@ def start(script: str, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     """``bash <script>`` in ``cwd`` (its own process group), output to ``log``."""
     path = log.with_suffix(".sh")
     path.write_text(script)
-    with open(log, "wb") as f:
-        return subprocess.Popen(["bash", str(path)], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> list[str]:
-    """Wait for every script (killing each process group still running after ``timeout``); assert exit 0."""
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    out = [log.read_text(errors="replace") for log in logs]
-    for p, log, text in zip(procs, logs, out):
-        assert p.returncode == 0, f"{log.with_suffix('.sh')} exited {p.returncode}:\n{text[-5000:]}"
-    return out
+    return start_logged(["bash", str(path)], cwd, env, log)
 
 
 def run_script(script: str, cwd: Path, env: dict, log: Path, timeout: float = 600) -> str:
@@ -349,7 +321,7 @@ def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: P
 @pytest.mark.slow
 def test_two_node_block_static_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
-    logs = _two_nodes(static_scripts(_free_port()), work, imagenet_tree, hf_home, tmp_path)
+    logs = _two_nodes(static_scripts(free_port()), work, imagenet_tree, hf_home, tmp_path)
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     assert sum(": 24 views written" in text for text in logs) == 1, [t[-2000:] for t in logs]  # global rank 0 only
@@ -358,7 +330,7 @@ def test_two_node_block_static_rendezvous(work, imagenet_tree, hub, tmp_path):
 @pytest.mark.slow
 def test_two_node_block_c10d_rendezvous(work, imagenet_tree, hub, tmp_path):
     hf_home, repos = hub
-    script = c10d_script(_free_port())
+    script = c10d_script(free_port())
     logs = _two_nodes([script, script], work, imagenet_tree, hf_home, tmp_path)
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
@@ -371,7 +343,7 @@ def test_slurm_script_with_fake_srun(work, imagenet_tree, hub, tmp_path):
     bin_dir = stand_ins.fake_slurm(tmp_path / "slurm-bin")
     env = _env(work, hf_home, bin_dir, SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242",
                SLURM_JOB_NAME="deit-distill", SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(tmp_path))
-    out = run_script(slurm_script(work, imagenet_tree, _free_port()), tmp_path, env, tmp_path / "slurm.log")
+    out = run_script(slurm_script(work, imagenet_tree, free_port()), tmp_path, env, tmp_path / "slurm.log")
     check_shards(work / "data/shards/imagenet", 8, 4, 1000)
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))

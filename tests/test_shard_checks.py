@@ -18,7 +18,6 @@ from pipeline.cache.store import CacheStore
 from pipeline.config import validate
 from pipeline.errors import ShardError
 from store_env import make_cfg, run, flip_byte
-from store_env import env  # noqa: F401 - fixtures (module-scoped: built once per file)
 
 
 # ------------------------------------------------------------------------------------- shards read verified

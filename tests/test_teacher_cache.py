@@ -3,10 +3,8 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import timm
 import torch
 import zarr
 
+from store_env import kill_after_units, stage_one_overrides
 from pipeline.data import sources
 from pipeline.cache.store import CacheStore
 from pipeline.replay.view_params import AugmentConfig
@@ -39,26 +38,14 @@ def run_stage(module, *overrides, env=None, check=True, nproc=1, timeout=600):
     return proc
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    """A fixed (seeded random) RegNetY: stage one's mechanics do not need a good teacher."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model(TEACHER, num_classes=10).state_dict(), path)
-    return path
-
-
-def overrides(toy_shards, teacher_ckpt, store, *extra):
-    return ["teacher=regnety_002", "augment=deit", f"workdir={store.parent}", f"data.shards={toy_shards.root}",
-            f"teacher.checkpoint={teacher_ckpt}",
-            f"cache.path={store}", "cache.num_seeds=2", "cache.batch_size=64", "cache.num_workers=0",
-            "teacher.input_size=32", *extra]
+def overrides(toy_shards, random_teacher, store, *extra):
+    return stage_one_overrides(toy_shards.root, random_teacher, store, store.parent, *extra, batch=64)
 
 
 @pytest.fixture(scope="module")
-def built(toy_shards, teacher_ckpt, tmp_path_factory):
+def built(toy_shards, random_teacher, tmp_path_factory):
     store = tmp_path_factory.mktemp("cache") / "one.zarr"
-    proc = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store))
+    proc = run_stage("teacher_cache", *overrides(toy_shards, random_teacher, store))
     assert "1024 views written" in proc.stdout
     return store
 
@@ -69,11 +56,11 @@ def _read_all(path):
                                               for k in range(store.num_shards)]}
 
 
-def test_store_matches_independent_teacher_forward(built, toy_shards, teacher_ckpt):
+def test_store_matches_independent_teacher_forward(built, toy_shards, random_teacher):
     store = CacheStore.open(built)
     assert store.pending_units() == [] and store.num_seeds == 2 and store.topk == 10
     model = timm.create_model(TEACHER, num_classes=10)
-    model.load_state_dict(torch.load(teacher_ckpt, weights_only=True))
+    model.load_state_dict(torch.load(random_teacher, weights_only=True))
     model.eval()
     manifest = load_manifest(toy_shards.root / "train")
     cfg = AugmentConfig(image_size=32, mix_pairing="block")  # augment=deit: DeiT's defaults, one mix draw per block
@@ -103,9 +90,9 @@ def test_store_matches_independent_teacher_forward(built, toy_shards, teacher_ck
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equals_one_process(built, toy_shards, teacher_ckpt, tmp_path):
+def test_torchrun_two_ranks_equals_one_process(built, toy_shards, random_teacher, tmp_path):
     store = tmp_path / "ddp.zarr"
-    run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store), nproc=2)
+    run_stage("teacher_cache", *overrides(toy_shards, random_teacher, store), nproc=2)
     one, two = _read_all(built), _read_all(store)
     for unit in one:
         assert np.array_equal(one[unit]["argmax"], two[unit]["argmax"])
@@ -116,32 +103,13 @@ def test_torchrun_two_ranks_equals_one_process(built, toy_shards, teacher_ckpt, 
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, teacher_ckpt, tmp_path):
+def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, random_teacher, tmp_path):
     store = tmp_path / "killed.zarr"
-    cmd = [PY, "-m", "pipeline.teacher_cache", *overrides(toy_shards, teacher_ckpt, store, "cache.batch_size=16")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    done_before = 0
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if (store / "done").exists():
-                try:
-                    done_before = int(np.asarray(zarr.open_array(store / "done", mode="r")[:]).sum())
-                except Exception:  # store being created
-                    continue
-                if done_before >= 3:
-                    break
-        assert proc.poll() is None, "the cache run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_units([PY, "-m", "pipeline.teacher_cache",
+                      *overrides(toy_shards, random_teacher, store, "cache.batch_size=16")], store)
     done_before = int(np.asarray(zarr.open_array(store / "done", mode="r")[:]).sum())
     assert 3 <= done_before < 16
-    rerun = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, store))
+    rerun = run_stage("teacher_cache", *overrides(toy_shards, random_teacher, store))
     assert f"({16 - done_before} units computed, {done_before} already done, of 16)" in rerun.stdout
     one, resumed = _read_all(built), _read_all(store)
     for unit in one:
@@ -150,8 +118,8 @@ def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, teach
 
 
 @pytest.mark.slow
-def test_verify_mode_agrees_and_detects_another_teacher(built, toy_shards, teacher_ckpt, tmp_path):
-    proc = run_stage("verify_cache", *overrides(toy_shards, teacher_ckpt, built, "cache.verify_fraction=0.2"))
+def test_verify_mode_agrees_and_detects_another_teacher(built, toy_shards, random_teacher, tmp_path):
+    proc = run_stage("verify_cache", *overrides(toy_shards, random_teacher, built, "cache.verify_fraction=0.2"))
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["ok"] and result["argmax_agreement"] == 1.0 and result["views_checked"] >= 128
     other = tmp_path / "other.pt"
@@ -170,7 +138,7 @@ def _snapshot(path):
     ("augment.erase_prob=0.5", "augment"),
     ("data.shards={other_data}", "data_fingerprint"),
 ])
-def test_store_from_other_config_is_refused_untouched(built, toy_shards, teacher_ckpt, tmp_path, change, field):
+def test_store_from_other_config_is_refused_untouched(built, toy_shards, random_teacher, tmp_path, change, field):
     if "other_data" in change:
         # Same shape (N, shards, classes), other images: only the fingerprint tells them apart.
         other = tmp_path / "data"
@@ -179,7 +147,7 @@ def test_store_from_other_config_is_refused_untouched(built, toy_shards, teacher
                      class_names=s.class_names, source=s.source)
         change = change.format(other_data=other)
     before = _snapshot(built)
-    args = overrides(toy_shards, teacher_ckpt, built)
+    args = overrides(toy_shards, random_teacher, built)
     args = [a for a in args if not a.startswith(change.split("=")[0] + "=")] + [change]
     proc = run_stage("teacher_cache", *args, check=False)
     assert proc.returncode != 0
@@ -189,7 +157,7 @@ def test_store_from_other_config_is_refused_untouched(built, toy_shards, teacher
 
 
 @pytest.mark.slow
-def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
+def test_teacher_errors_are_named(toy_shards, random_teacher, tmp_path):
     store = tmp_path / "x.zarr"
     missing = run_stage("teacher_cache", *overrides(toy_shards, tmp_path / "nope.pt", store), check=False)
     assert missing.returncode == 2 and "nope.pt" in missing.stderr and not store.exists()
@@ -203,7 +171,7 @@ def test_teacher_errors_are_named(toy_shards, teacher_ckpt, tmp_path):
     assert wrong.returncode == 2 and "arch.pt" in wrong.stderr
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    args = [a for a in overrides(toy_shards, teacher_ckpt, blocker / "c.zarr") if not a.startswith("workdir=")]
+    args = [a for a in overrides(toy_shards, random_teacher, blocker / "c.zarr") if not a.startswith("workdir=")]
     unwritable = run_stage("teacher_cache", *args, f"workdir={tmp_path}", check=False)
     assert unwritable.returncode == 2 and str(blocker) in unwritable.stderr
     assert blocker.read_text() == "not a directory"
@@ -236,9 +204,9 @@ def test_a_refused_run_creates_nothing_and_the_corrected_run_builds(toy_shards, 
     assert CacheStore.open(store).provenance["teacher"]["resolution"] == 32
 
 
-def test_progress_counts_views_per_batch(toy_shards, teacher_ckpt, tmp_path):
+def test_progress_counts_views_per_batch(toy_shards, random_teacher, tmp_path):
     store = tmp_path / "bar.zarr"
-    args = [a for a in overrides(toy_shards, teacher_ckpt, store) if not a.startswith("cache.num_seeds=")]
+    args = [a for a in overrides(toy_shards, random_teacher, store) if not a.startswith("cache.num_seeds=")]
     proc = run_stage("teacher_cache", *args, "cache.num_seeds=1", env={"TQDM_MININTERVAL": "0"})
     bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("teacher cache:")]
     counts = [int(m.group(1)) for line in bars if (m := re.search(r"(\d+)/512 \[", line))]
@@ -278,12 +246,12 @@ def test_random_teacher_on_real_data_is_warned_about(tmp_path):
     assert "random weights" not in proc.stderr and "18 views written" in proc.stdout
 
 
-def test_a_rerun_with_nothing_to_do_keeps_the_metrics(built, toy_shards, teacher_ckpt):
+def test_a_rerun_with_nothing_to_do_keeps_the_metrics(built, toy_shards, random_teacher):
     """A finished cache re-run computes nothing and leaves the build's metrics (img/s, views) as they were."""
     metrics = built.parent / "runs" / "cache" / "toy-regnety_002-s2.json"  # cache.metrics of a hand run
     before = metrics.read_text()
     assert json.loads(before)["views"] == 1024 and set(json.loads(before)) == {"bytes_per_view", "img_per_s",
                                                                                 "seconds", "views"}
-    proc = run_stage("teacher_cache", *overrides(toy_shards, teacher_ckpt, built))
+    proc = run_stage("teacher_cache", *overrides(toy_shards, random_teacher, built))
     assert "0 views written" in proc.stdout and "keeps the last build's metrics" in proc.stderr
     assert metrics.read_text() == before

@@ -18,7 +18,6 @@ from pipeline.cache.store import CacheStore
 from pipeline.config import validate
 from pipeline.errors import CacheError, WriteError
 from store_env import REPO, PY, STUDENT, make_cfg, stage_env, run, assert_same_store
-from store_env import env  # noqa: F401 - fixtures (module-scoped: built once per file)
 
 
 # ----------------------------------------------------------------------------------------- invalid values

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.data import shards, sources
+from pipeline.data import sources
 from procs import free_port
+from toy_data import write_toy
 
 # No test may reach a real instance-metadata endpoint for credentials: the AWS SDKs' switch (which
 # pipeline.storage_faults honours), and obstore's endpoint pointed at a closed local port should anything ask.
@@ -30,18 +31,24 @@ def toy_shards(tmp_path_factory):
     Read-only: tests that tamper with shards must copy them first.
     """
     root = tmp_path_factory.mktemp("toy_shards")
-    manifests = {}
-    for split, n in (("train", TOY_TRAIN), ("val", TOY_VAL)):
-        s = sources.toy(TOY_SEED, n, split)
-        manifests[split] = shards.write_shards(
-            s, root / split, shard_size=TOY_SHARD_SIZE, num_classes=len(s.class_names),
-            class_names=s.class_names, source=s.source,
-        )
+    manifests = write_toy(root, TOY_TRAIN, TOY_VAL, TOY_SHARD_SIZE, seed=TOY_SEED)
     return SimpleNamespace(
         root=root, train=manifests["train"], val=manifests["val"], train_size=TOY_TRAIN, val_size=TOY_VAL,
         shard_size=TOY_SHARD_SIZE, num_classes=len(sources.TOY_CLASSES), class_names=list(sources.TOY_CLASSES),
         seed=TOY_SEED,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a shared 2-core machine, intra-op threads spin-wait and run ~10x
+    slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -132,13 +132,14 @@ def node_script(code: str, node: int) -> str:
     return "\n".join(keep) + "\n"
 
 
-def copy_checkout(dest: Path) -> Path:
-    """A copy of this checkout as git sees it (tracked and untracked, not ignored files), like tests/test_dvc.py."""
+def copy_checkout(dest: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """A copy of this checkout as git sees it (tracked and untracked, not ignored files), but the paths starting
+    with one of ``leave_out``."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split("\n")
     for f in files:
         src = REPO / f
-        if f and src.is_file() and not src.is_symlink():
+        if f and src.is_file() and not src.is_symlink() and not f.startswith(leave_out):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     return dest

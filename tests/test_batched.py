@@ -25,7 +25,8 @@ try:
 except ImportError:  # layout before the pipeline/ restructuring
     from pipeline.sources import toy
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),  # torchvision 0.29
+              pytest.mark.usefixtures("one_torch_thread")]
 
 CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "augment"
 DEIT = AugmentConfig(image_size=224)  # the DeiT recipe: bicubic crop resize and RandAugment geometry
@@ -45,15 +46,6 @@ CPU_OP_BOUNDS = {name: (0.0, 0) for name in batched_ops.OPS}
 # level, and CUDA's grid_sample may round its own weights differently (bicubic: not measured either).
 GEOMETRIC = {"Rotate", "ShearX", "ShearY"}
 CUDA_OP_BOUNDS = {name: (0.02, 2) if name in GEOMETRIC else (0.0, 0) for name in batched_ops.OPS}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, intra-op threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _recipe(name: str, image_size: int) -> AugmentConfig:

@@ -113,6 +113,18 @@ def test_a_store_rebuilt_by_another_teacher_under_a_student_stops_it_naming_the_
 
 
 # -------------------------------------------------------------------------------- concurrency, real processes
+def paused_writer(env, store, log):
+    """Stage one building ``store``, paused (SIGSTOP) once it has committed its first unit."""
+    a = start("teacher_cache", *env.overrides(store), log=log)
+    try:
+        wait_for(lambda: done_count(store) >= 1, "a first committed unit", proc=a)
+        os.kill(a.pid, signal.SIGSTOP)
+    except BaseException:
+        stop_for_good(a)
+        raise
+    return a
+
+
 @pytest.mark.slow
 def test_a_student_process_whose_store_is_rebuilt_while_it_is_paused_exits_2_naming_the_store(env, foreign,
                                                                                               tmp_path):
@@ -142,10 +154,8 @@ def test_a_student_process_whose_store_is_rebuilt_while_it_is_paused_exits_2_nam
 @pytest.mark.slow
 def test_while_a_writer_is_paused_a_second_writer_overwrite_and_train_student_are_refused(env, tmp_path):
     store = tmp_path / "c.zarr"
-    a = start("teacher_cache", *env.overrides(store), log=tmp_path / "a")
+    a = paused_writer(env, store, tmp_path / "a")
     try:
-        wait_for(lambda: done_count(store) >= 1, "a first committed unit", proc=a)
-        os.kill(a.pid, signal.SIGSTOP)
         assert holder(store)["pid"] == a.pid
         before = snapshot(store)
         others = {"second": start("teacher_cache", *env.overrides(store), log=tmp_path / "b"),
@@ -172,10 +182,8 @@ def test_a_paused_writer_resumed_after_its_store_was_rebuilt_fails_naming_it(env
     from pipeline.cache.builder import build_cache
 
     store = tmp_path / "c.zarr"
-    a = start("teacher_cache", *env.overrides(store), log=tmp_path / "a")
+    a = paused_writer(env, store, tmp_path / "a")
     try:
-        wait_for(lambda: done_count(store) >= 1, "a first committed unit", proc=a)
-        os.kill(a.pid, signal.SIGSTOP)
         lease.lease_path(store).unlink()  # the lease broken by hand: nothing stops an overwrite any more
         build_cache(env.cfg(store, "overwrite=true"))  # another run (this test's process) rebuilds the store
         rebuilt = snapshot(store)

@@ -28,6 +28,7 @@ from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views
 from pipeline.train.loop import LoopConfig, make_optimizer
 from pipeline.train.student_run import train_student
+from toy_data import write_toy
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "pipeline" / "conf"
@@ -38,14 +39,7 @@ TOY_AUGMENT_HASH = "96381bf6b881bb81"
 TOY_VIEWS_SHA = "6d6bb8af797f77df"
 TOY_LOSSES = [2.2915788, 2.3131511, 2.3322916, 2.3606346, 2.3044174, 2.0923626, 2.2427008, 2.3626413]
 TOY_WEIGHTS_SHA = "9d9d3275ac33d05f"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_cfg(overrides=()):
@@ -56,13 +50,8 @@ def make_cfg(overrides=()):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """128 toy train samples in 2 shards, 32 val."""
-    from pipeline.data import shards as writer, sources
-
     root = tmp_path_factory.mktemp("deit_shards")
-    for split, n in (("train", 128), ("val", 32)):
-        src = sources.toy(0, n, split)
-        writer.write_shards(src, root / split, shard_size=64, num_classes=len(src.class_names),
-                            class_names=src.class_names, source=src.source)
+    write_toy(root, 128, 32, shard_size=64)
     return root
 
 

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.params import composed
+from readme_blocks import copy_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
@@ -58,6 +59,16 @@ def _run(cmd, cwd, timeout=900, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc if not check else proc.stdout + proc.stderr
+
+
+def small_repo(work: Path) -> Path:
+    """A copy of the checkout (less metrics/) at the SMALL sizes, committed in a new git repo."""
+    copy_checkout(work, leave_out=("metrics/",))
+    _run([sys.executable, "-m", "pipeline.params", "--write", *SMALL], work)
+    _run(["git", "init", "-q"], work)
+    _git(work, "add", "-A")
+    _git(work, "commit", "-qm", "init")
+    return work
 
 
 def _stages_run(output: str) -> set[str]:
@@ -120,17 +131,7 @@ def _rows(work: Path) -> dict:
 def test_dvc_repro_experiments_and_a_failed_experiment(tmp_path):
     assert DVC, "dvc is not installed (pip install -e '.[dev]')"
     t0 = time.time()
-    work = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file() and not f.startswith("metrics/"):
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, work / f)
-    _run([sys.executable, "-m", "pipeline.params", "--write", *SMALL], work)
-    _run(["git", "init", "-q"], work)
-    _git(work, "add", "-A")
-    _git(work, "commit", "-qm", "init")
+    work = small_repo(tmp_path / "repo")
 
     # dvc repro: every stage, then nothing; no DVC warning (an empty package __init__.py was one per dep).
     first = _run([DVC, "repro"], work)

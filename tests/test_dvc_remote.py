@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +17,7 @@ pytest.importorskip("dvc_s3")
 pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from test_dvc import DVC, REPO, SMALL, _git, _run, _stages_run  # noqa: E402  (tests/ is on sys.path: rootdir)
+from test_dvc import DVC, _run, _stages_run, small_repo  # noqa: E402  (tests/ is on sys.path: rootdir)
 
 from pipeline.cache import integrity  # noqa: E402
 from pipeline.cache.store import CacheStore  # noqa: E402
@@ -65,17 +63,7 @@ def test_dvc_push_and_pull_through_an_s3_remote(s3, tmp_path):
     assert DVC, "dvc is not installed (pip install -e '.[dev]')"
     t0 = time.time()
     endpoint, bucket = os.environ["AWS_ENDPOINT_URL"], s3.removeprefix("s3://")
-    work = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file() and not f.startswith("metrics/"):
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, work / f)
-    _run([sys.executable, "-m", "pipeline.params", "--write", *SMALL], work)
-    _run(["git", "init", "-q"], work)
-    _git(work, "add", "-A")
-    _git(work, "commit", "-qm", "init")
+    work = small_repo(tmp_path / "repo")
     _run([DVC, "repro"], work)
     t_repro = time.time() - t0
     before = _outputs(work)

@@ -25,6 +25,7 @@ from pipeline.replay.loader import ViewLoader
 from pipeline.replay import pixels
 from pipeline.replay.view_params import AugmentConfig
 from pipeline.replay.views import block_views, group_views
+from toy_data import write_toy
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = 3
@@ -160,10 +161,7 @@ def make_cfg(overrides: list[str]):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grouped")
-    for split, n in (("train", 128), ("val", 32)):
-        src = sources.toy(0, n, split)
-        shards.write_shards(src, tmp / "data" / split, shard_size=32, num_classes=10, class_names=src.class_names,
-                            source=src.source)
+    write_toy(tmp / "data", 128, 32, shard_size=32)
     torch.manual_seed(0)
     teacher = tmp / "teacher.pt"
     torch.save(timm.create_model("regnety_002", num_classes=10).state_dict(), teacher)

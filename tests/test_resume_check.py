@@ -20,6 +20,17 @@ def create(path, **kw) -> CacheStore:
                              num_classes=10, topk=3, **kw)
 
 
+def filled(path, seed: int):
+    """A store with every unit committed (random targets)."""
+    store = create(path)
+    rng = np.random.default_rng(seed)
+    for s in range(SEEDS):
+        for k in range(SHARDS):
+            store.write_unit(s, k, rng.normal(0, 3, (N, 10)).astype(np.float32),
+                             rng.integers(0, 2**32, N, dtype=np.uint32))
+    return store
+
+
 def remove(path) -> None:
     if isinstance(path, storage.ObjectPath):
         import obstore
@@ -47,12 +58,7 @@ def where(request, tmp_path):
 
 
 def test_resume_checks_every_record_and_file_and_a_sample_of_bytes(where, caplog, monkeypatch):
-    store = create(where)
-    rng = np.random.default_rng(0)
-    for s in range(SEEDS):
-        for k in range(SHARDS):
-            store.write_unit(s, k, rng.normal(0, 3, (N, 10)).astype(np.float32),
-                             rng.integers(0, 2**32, N, dtype=np.uint32))
+    store = filled(where, seed=0)
     store._arrays["checksums"][2, 1] = 0                            # its record gone
     for name in store.fields:                                       # unit (4, 2) copied over unit (4, 3)
         put_chunk(store, name, 4, 3, chunk(store, name, 4, 2))
@@ -80,12 +86,7 @@ def test_resume_checks_every_record_and_file_and_a_sample_of_bytes(where, caplog
 
 def test_the_default_sample_covers_a_small_store(where, caplog):
     """Fewer committed units than the sample: every unit's bytes are checked, as the full check does."""
-    store = create(where)
-    rng = np.random.default_rng(1)
-    for s in range(SEEDS):
-        for k in range(SHARDS):
-            store.write_unit(s, k, rng.normal(0, 3, (N, 10)).astype(np.float32),
-                             rng.integers(0, 2**32, N, dtype=np.uint32))
+    store = filled(where, seed=1)
     flip_chunk_byte(store, "argmax", 9, 4)
     store.release_lease()
     assert integrity.RESUME_SAMPLE >= SEEDS * SHARDS

@@ -33,6 +33,7 @@ from pipeline.replay.view_params import augment_config
 from pipeline.train.checkpoint import CHECKPOINT_LAST, CHECKPOINT_PREV, find_checkpoint
 from pipeline.train.run_setup import TIMING_KEYS
 from pipeline.train.student_run import METRICS, STUDENT, STUDENT_EMA, train_student
+from toy_data import write_toy
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "pipeline" / "conf"
@@ -94,14 +95,10 @@ def _overrides_for(e, *fixed):
 @pytest.fixture(scope="module")
 def tiny(env, tmp_path_factory):
     """64 train samples (one shard), plain views (augment=none), a 1-seed cache: a few epochs memorise them."""
-    from pipeline.data import shards, sources
     from pipeline.cache.builder import build_cache
 
     root = tmp_path_factory.mktemp("tiny_shards")
-    for split, n in (("train", 64), ("val", 32)):
-        src = sources.toy(0, n, split)
-        shards.write_shards(src, root / split, shard_size=64, num_classes=len(src.class_names),
-                            class_names=src.class_names, source=src.source)
+    write_toy(root, 64, 32, shard_size=64)
     t = SimpleNamespace(tmp=env.tmp, shards=root, teacher=env.teacher, cache=env.tmp / "tiny.zarr", runs={})
     t.overrides = _overrides_for(t, "augment=none", "cache.num_seeds=1", "cache.cycle=true", "train.epochs=5",
                                  "train.batch_size=16", "train.lr=0.032", "train.dvclive=false")

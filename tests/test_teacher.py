@@ -15,7 +15,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.data import shards, sources
+from toy_data import write_toy
 from pipeline.replay.view_params import AugmentConfig
 from pipeline.errors import TeacherError
 from pipeline.models.teacher import (TeacherRunner, create_teacher, model_input, teacher_provenance,
@@ -55,10 +55,7 @@ def trained(tmp_path_factory):
     """Train a toy teacher briefly through the real CLI on 2048 toy samples."""
     work = tmp_path_factory.mktemp("teacher")
     data = work / "shards"
-    for split, n in (("train", TRAIN_N), ("val", VAL_N)):
-        s = sources.toy(0, n, split)
-        shards.write_shards(s, data / split, shard_size=256, num_classes=10, class_names=s.class_names,
-                            source=s.source)
+    write_toy(data, TRAIN_N, VAL_N, shard_size=256)
     proc = run_cli("pipeline.train_teacher", f"workdir={work}", f"data.shards={data}", *TRAIN_OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = work / "runs" / "teacher" / "toy-resnet10t"

@@ -53,6 +53,7 @@ def test_counts_and_files(result, backend, mode):
         assert d["chunk_files"] == 1282 * (ARRAYS[mode] * 38 + 2) and d["files_per_unit"] < 1  # 38 files of 8 seeds
 
 
+@pytest.mark.slow  # the bench.scale run it reads is the slow set's (the quick set would run it a second time)
 def test_scan_store_and_report(result):
     res, md, stdout = result
     assert res["disk_scan"]["units"] == 3 * SHARDS and res["disk_scan"]["pending"] == 0

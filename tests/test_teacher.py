@@ -69,7 +69,8 @@ def trained(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ training
 
 
-@pytest.mark.slow
+# Not slow: it only reads the `trained` fixture, which the quick tests below build anyway (marked slow, the
+# slow set trained the same teacher a second time).
 def test_cli_trains_a_teacher_that_beats_chance(trained):
     _, _, ckpt, metrics = trained
     assert ckpt.is_file()

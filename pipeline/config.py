@@ -181,6 +181,14 @@ class ExportSchema:
 
 
 @dataclass
+class PushSchema:
+    """python -m pipeline.push_cache (pipeline.cache.publish)."""
+
+    repo: Optional[str] = MISSING    # <owner>/<name> of a Hub dataset repo
+    shards: bool = MISSING           # also upload our own shards (else their manifests only)
+
+
+@dataclass
 class StorageSchema:
     """Object storage (s3://) requests: pipeline.storage_faults (defaults: obstore's own)."""
 
@@ -202,6 +210,7 @@ class RunSchema:
     eval: EvalSchema = MISSING
     export: ExportSchema = MISSING
     storage: StorageSchema = MISSING
+    push: PushSchema = MISSING
     run_seed: int = MISSING
     workdir: str = MISSING
     overwrite: bool = MISSING

@@ -5,7 +5,9 @@ Hugging Face Hub, through huggingface_hub's own URL and headers: ``HF_ENDPOINT``
 :class:`WebPath` offers the few ``pathlib.Path`` methods the shard reader uses (``/``, ``name``, ``parent``,
 ``is_file``, ``stat``, ``read_bytes``, ``read_text``, ``open``); a file is fetched whole (one GET, as
 pipeline.storage does for objects), with its ``ETag``. Writing is refused by name. Errors: a missing file is
-``FileNotFoundError``, any other failure an ``OSError`` naming the URL.
+``FileNotFoundError``, any other failure a ``StorageError`` (an ``OSError``) naming the URL. A cache store at such
+a URL is read through Zarr on obstore's ``HTTPStore`` (byte ranges), at :meth:`WebPath.resolved`'s URL and headers
+(pipeline.storage.zarr_store).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 
 SCHEMES = ("http", "https", "hf")
 _TIMEOUT = float(os.environ.get("PIPELINE_HTTP_TIMEOUT", "60"))
@@ -36,7 +38,7 @@ class Fetched(io.BytesIO):
         self.etag = etag
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -76,21 +78,26 @@ class WebPath:
         return WebPath(self.url.rsplit("/", 1)[0])
 
     # -- reading
+    def resolved(self) -> tuple[str, dict]:
+        """(the http(s) URL to request, its headers): an hf:// URL through huggingface_hub (refused by name while
+        HF_HUB_OFFLINE is set)."""
+        if not self.url.lower().startswith("hf://"):
+            return self.url, {}
+        if hub_offline():
+            raise ConfigError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
+        return _hf_resolve(self.url)
+
     def _request(self, method: str):
-        url, headers = self.url, {}
-        if url.lower().startswith("hf://"):
-            if _offline():
-                raise ConfigError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
-            url, headers = _hf_resolve(self.url)
+        url, headers = self.resolved()
         try:
             return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
                                           timeout=_TIMEOUT)
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 raise FileNotFoundError(f"{self.url}: no such file (HTTP 404)") from None
-            raise OSError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+            raise StorageError(f"{self.url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise OSError(f"{self.url}: {getattr(e, 'reason', e)}") from None
+            raise StorageError(f"{self.url}: cannot reach the server: {getattr(e, 'reason', e)}") from None
 
     def stat(self):
         with self._request("HEAD") as r:
@@ -112,7 +119,7 @@ class WebPath:
             try:
                 return Fetched(r.read(), r.headers.get("ETag"))
             except OSError as e:
-                raise OSError(f"{self.url}: read failed: {e}") from None
+                raise StorageError(f"{self.url}: read failed: {e}") from None
 
     def read_bytes(self) -> bytes:
         return self.fetch().getvalue()
@@ -126,8 +133,9 @@ class WebPath:
         return self.fetch()
 
     def _read_only(self, *_, **__):
-        raise ConfigError(f"{self.url}: http(s):// and hf:// are read-only locations for published shards; write "
-                          f"shards or a cache store to a local folder or s3://")
+        raise ConfigError(f"{self.url}: http(s):// and hf:// are read-only locations for published shards and cache "
+                          f"stores; write shards or a cache store to a local folder or s3:// (python -m "
+                          f"pipeline.push_cache publishes a finished store)")
 
     # exists(): asked only before writing (a store, a split folder); answered without a request
     mkdir = write_bytes = write_text = rmtree = exists = _read_only

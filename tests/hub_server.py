@@ -35,6 +35,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def send_head(self):
         """SimpleHTTPRequestHandler's, plus one ``Range: bytes=a-b | a- | -n`` (206 with its Content-Range)."""
+        self.hub.requests.append((self.command, self.path))
         rng = self.headers.get("Range")
         p = Path(self.translate_path(self.path))
         if not rng or not p.is_file():
@@ -113,7 +114,7 @@ class Hub:
         self.top = Path(top)
         self.top.mkdir(parents=True, exist_ok=True)
         self.repos: set[str] = set()
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         handler = type("Handler", (_Handler,), {"hub": self})
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                                       functools.partial(handler, directory=str(self.top)))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hub_server import Hub
 from pipeline.data import sources
 from pipeline.data.shards import load_manifest, verify_shards, write_shards
 
@@ -152,37 +153,6 @@ def _tree_state(root):
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-class _Hub:
-    """``http.server`` on 127.0.0.1 serving a Hub-shaped tree, ``/datasets/<repo>/resolve/<rev>/<path>``, with an
-    ETag per file (size and mtime, as common servers make it)."""
-
-    def __init__(self, top):
-        import functools
-        import http.server
-        import threading
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def end_headers(self):
-                p = Path(self.translate_path(self.path))
-                if p.is_file():
-                    st = p.stat()
-                    self.send_header("ETag", f'"{st.st_size:x}-{st.st_mtime_ns:x}"')
-                super().end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                                      functools.partial(Handler, directory=str(top)))
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def env(self):
-        """This environment with HF_ENDPOINT at this server and HF_HUB_OFFLINE unset (for the stages it runs)."""
-        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-        return {**env, "HF_ENDPOINT": self.endpoint, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """The published set on local disk (``local``) and behind a Hub-shaped HTTP server (``hub``)."""
@@ -194,10 +164,10 @@ def published(tmp_path_factory):
     expected = _publish(local)
     served = top / "srv" / "datasets" / OWNER / REPO_NAME / "resolve" / "main"
     shutil.copytree(local, served)
-    hub = _Hub(top / "srv")
+    hub = Hub(top / "srv")
     yield SimpleNamespace(local=local, served=served, hub=hub, expected=expected,
                           url=f"hf://datasets/{OWNER}/{REPO_NAME}")
-    hub.server.shutdown()
+    hub.stop()
 
 
 def _index(tmp_path, root, *extra, env=None, name="idx"):
@@ -400,10 +370,11 @@ def test_published_set_refused_by_name(published, tmp_path, case):
 
 @pytest.mark.parametrize("stage,location", [("make_shards", "data.shards=https://127.0.0.1:9/shards"),
                                             ("teacher_cache", "cache.path=hf://datasets/someone/pubtoy/c.zarr"),
-                                            ("train_student", "cache.path=http://127.0.0.1:9/c.zarr")])
+                                            ("teacher_cache", "cache.path=http://127.0.0.1:9/c.zarr")])
 def test_http_and_hf_locations_are_read_only(toy_shards, tmp_path, stage, location):
     """Shards and cache stores are written to a folder or s3:// only: an http(s):// or hf:// destination is one
-    line naming it, before any request (HF_HUB_OFFLINE=1 here: none could be made)."""
+    line naming it, before any request (HF_HUB_OFFLINE=1 here: none could be made). Stage two reads a store there
+    (tests/test_remote_cache.py)."""
     args = [f"workdir={tmp_path}", "teacher.checkpoint=null"] if stage != "make_shards" else [f"workdir={tmp_path}"]
     if stage != "make_shards":
         args.append(f"data.shards={toy_shards.root}")

@@ -139,7 +139,8 @@ def test_push_refuses_an_unfinished_store(hub, env, tmp_path):
     zarr.open_array(str(store / "done"), mode="r+")[1, 5] = False
     proc = _cli("push_cache", *env.overrides(store), f"push.repo={OWNER}/unfinished", env_vars=hub.env())
     assert "unit (seed 1, shard 5) is not done" in _one_error(proc, "push_cache")
-    assert not (hub.top / "datasets" / OWNER / "unfinished").exists() and not hub.requests
+    assert not (hub.top / "datasets" / OWNER / "unfinished").exists()
+    assert not [r for r in hub.requests if r[0] == "POST"]
 
 
 @pytest.mark.slow
@@ -175,6 +176,7 @@ def test_push_with_shards_then_train_from_the_hub_equals_local(hub, env, tmp_pat
                "train.num_workers=1", "++student.kwargs.depth=1", "student.patch_size=4", "train.dvclive=false",
                "train.val=false", "num_threads=1", "train.resume=never"]
     out = {}
+    del hub.requests[:]
     for name, where in (("local", []), ("hub", remote)):
         run = tmp_path / name
         p = _cli("train_student", *env.overrides(env.ref), *student, f"train.out_dir={run}", *where,
@@ -187,3 +189,8 @@ def test_push_with_shards_then_train_from_the_hub_equals_local(hub, env, tmp_pat
     assert all(torch.equal(out["hub"][1][k], out["local"][1][k]) for k in out["local"][1])
     served = hub.resolved(f"{OWNER}/full") / "shards/toy/train"
     assert len(list(served.glob("*.tar"))) == 8
+    read = {path for method, path in hub.requests if method == "GET"}  # what the hub run read from the server
+    prefix = f"/datasets/{OWNER}/full/resolve/main"
+    assert f"{prefix}/shards/toy/train/manifest.json" in read and f"{prefix}/{env.ref.name}/zarr.json" in read
+    assert f"{prefix}/shards/toy/train/{env.toy.train.shards[0].name}" in read
+    assert any(p.startswith(f"{prefix}/{env.ref.name}/argmax/") for p in read), sorted(read)

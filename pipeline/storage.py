@@ -277,28 +277,17 @@ def relative_files(path) -> set[str]:
 
 
 def zarr_store(path, mode: str):
-    """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore; for an
-    ``http(s)://`` or ``hf://`` store a read-only one on obstore's ``HTTPStore`` (GET with byte ranges, HEAD: no
-    listing), and any other ``mode`` refused by name."""
+    """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore; at an
+    ``http(s)://`` or ``hf://`` URL a read-only one (GET with byte ranges, HEAD: no listing), other modes refused."""
     if isinstance(path, WebPath):
         if mode != "r":
             raise ConfigError(f"{path}: a cache store at an http(s):// or hf:// location opens read-only (stage two, "
                               f"verify_cache), not mode={mode!r}: write units into a local or s3:// store")
-        return _zarr_web_store(path)
+        _USED.add(os.getpid())  # obstore's runtime: DataLoader workers then start by forkserver (worker_context)
+        return _zarr_class()(path.obstore(), read_only=True, root=str(path))
     if not isinstance(path, ObjectPath):
         return str(path)
     return _zarr_object_store(path, read_only=mode == "r")
-
-
-def _zarr_web_store(path: WebPath):
-    from obstore.store import HTTPStore
-
-    url, headers = path.resolved()  # hf://: huggingface_hub's URL and token; HF_HUB_OFFLINE refused by name
-    options, retry = storage_faults.client_options(storage_faults.settings())
-    client = {**options, "allow_http": url.lower().startswith("http://"), "default_headers": headers}
-    _USED.add(os.getpid())  # obstore's runtime: DataLoader workers then start by forkserver (worker_context)
-    return _zarr_class()(HTTPStore.from_url(url, client_options=client, retry_config=retry), read_only=True,
-                         root=str(path))
 
 
 def _zarr_object_store(path: ObjectPath, read_only: bool):

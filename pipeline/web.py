@@ -6,8 +6,8 @@ Hugging Face Hub, through huggingface_hub's own URL and headers: ``HF_ENDPOINT``
 ``is_file``, ``stat``, ``read_bytes``, ``read_text``, ``open``); a file is fetched whole (one GET, as
 pipeline.storage does for objects), with its ``ETag``. Writing is refused by name. Errors: a missing file is
 ``FileNotFoundError``, any other failure a ``StorageError`` (an ``OSError``) naming the URL. A cache store at such
-a URL is read through Zarr on obstore's ``HTTPStore`` (byte ranges), at :meth:`WebPath.resolved`'s URL and headers
-(pipeline.storage.zarr_store).
+a URL is read through Zarr on obstore's ``HTTPStore`` (:meth:`WebPath.obstore`: byte ranges, the resolved URL and
+headers).
 """
 
 from __future__ import annotations
@@ -86,6 +86,18 @@ class WebPath:
         if hub_offline():
             raise ConfigError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
         return _hf_resolve(self.url)
+
+    def obstore(self):
+        """obstore's ``HTTPStore`` at this URL (a cache store's Zarr reads, pipeline.storage.zarr_store), with the
+        ``storage`` settings' timeouts and retries."""
+        from obstore.store import HTTPStore
+
+        from pipeline import storage_faults
+
+        url, headers = self.resolved()
+        options, retry = storage_faults.client_options(storage_faults.settings())
+        client = {**options, "allow_http": url.lower().startswith("http://"), "default_headers": headers}
+        return HTTPStore.from_url(url, client_options=client, retry_config=retry)
 
     def _request(self, method: str):
         url, headers = self.resolved()

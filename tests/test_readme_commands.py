@@ -65,6 +65,8 @@ ELSEWHERE = {
     ("Published shards, read in place", "python -m pipeline.make_shards data=published "
                                         "data.root=hf://datasets/someone/pubtoy data.num_classes=10"):
         "tests/test_published.py::test_docs_data_commands",
+    ("Share a cache", "python -m pipeline.push_cache push.repo=someone/toy-cache push.shards=true"):
+        "tests/test_remote_cache.py::test_docs_share_a_cache",
     ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
     ("Install", "python -m pip install ."): "tests/test_package.py (docs/install.md's blocks, offline, in a fresh venv)",
     ("Install", "python -m pip install -c constraints.txt ."): "tests/test_package.py",

@@ -15,7 +15,7 @@ from cache_files import flip_chunk_byte
 from hub_server import Hub
 from pipeline.cache.integrity import check_store
 from pipeline.cache.store import CacheStore
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, StorageError
 from pipeline.train.run_setup import TIMING_KEYS
 from store_env import REPO, S, env  # noqa: F401 - the reference store (S=2 seed indices, 8 shards of 64)
 
@@ -109,7 +109,7 @@ def test_open_faults_name_the_url(hub, hub_env, env, monkeypatch, case):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     want = {"missing": "no cache store here", "server_down": "cannot reach the server",
             "offline": "HF_HUB_OFFLINE is set"}[case]
-    with pytest.raises((CacheError, ConfigError), match=want) as e:
+    with pytest.raises((CacheError, ConfigError, StorageError), match=want) as e:
         CacheStore.open(url)
     assert str(e.value).startswith(url)
 
@@ -194,3 +194,35 @@ def test_push_with_shards_then_train_from_the_hub_equals_local(hub, env, tmp_pat
     assert f"{prefix}/shards/toy/train/manifest.json" in read and f"{prefix}/{env.ref.name}/zarr.json" in read
     assert f"{prefix}/shards/toy/train/{env.toy.train.shards[0].name}" in read
     assert any(p.startswith(f"{prefix}/{env.ref.name}/argmax/") for p in read), sorted(read)
+
+
+DOC_CAPS = ("data.train_size=128 data.val_size=64 data.shard_size=32 cache.num_seeds=1 cache.batch_size=32 "
+            "cache.num_workers=0 teacher.checkpoint=null train.epochs=1 train.batch_size=32 train.num_workers=0")
+
+
+@pytest.mark.slow
+def test_docs_share_a_cache(hub, tmp_path):
+    """docs/data.md "Share a cache", as written but for toy sizes (the caps, one seed index: the store's name
+    says s1), in a fresh directory whose toy store is built first; the Hub is the local server."""
+    import shlex
+
+    from readme_blocks import add_caps, bash_blocks, substitute
+
+    (code,) = bash_blocks("Share a cache", REPO / "docs" / "data.md")
+    script, hit = add_caps(substitute(code, {"-s10.zarr": "-s1.zarr"}), DOC_CAPS)
+    assert hit == ["push_cache", "train_student"], hit
+    env_vars = {**hub.env(), "PYTHONPATH": str(REPO)}
+    build = [f"python -m pipeline.make_shards {DOC_CAPS}", f"python -m pipeline.teacher_cache {DOC_CAPS}"]
+    outputs = []
+    for line in build + [ln for ln in script.splitlines() if ln.strip()]:
+        cmd = shlex.split(line)
+        proc = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=env_vars, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{line}:\n{proc.stderr[-3000:]}"
+        outputs.append(proc.stdout)
+    base = "hf://datasets/someone/toy-cache"
+    assert f"cache.path={base}/toy-regnety_002-s1.zarr data.shards={base}/shards/toy" in outputs[2], outputs[2]
+    metrics = json.loads((tmp_path / "runs/student/toy-hard-cache/metrics.json").read_text())
+    assert metrics["distill_mode"] == "hard" and metrics["epochs"] == 1 and np.isfinite(metrics["train_loss"])
+    config = (tmp_path / "runs/student/toy-hard-cache/config.yaml").read_text()
+    assert f"path: {base}/toy-regnety_002-s1.zarr" in config and f"shards: {base}/shards/toy" in config

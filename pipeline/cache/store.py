@@ -420,18 +420,12 @@ class CacheStore:
 def _cache_group(path, mode: str):
     """(Zarr group, attributes) of the teacher cache store at ``path``, any format version; CacheError unless it is
     one."""
-    target = storage.zarr_store(path, mode)  # an http(s):// or hf:// store: mode "r" only, refused by name
-    if storage.is_web(path):  # no folders over HTTP: the group's zarr.json is the store
-        try:
-            found = (path / "zarr.json").is_file()
-        except OSError as e:  # StorageError: the server is down or refuses, named with the URL
-            raise CacheError(f"{path}: cannot read the cache store: {e}") from None
-        if not found:
-            raise CacheError(f"{path}: no cache store here ({path}/zarr.json: HTTP 404)")
-    elif not path.is_dir():
+    target = storage.zarr_store(path, mode)  # http(s):// and hf://: mode "r" only, refused by name
+    if not (storage.is_web(path) or path.is_dir()):  # no folders over HTTP: the group's zarr.json is the store
         raise CacheError(f"{path}: no cache store here (missing or not a directory)")
-    elif not (path / "zarr.json").is_file():
-        raise CacheError(f"{path}: not a cache store (no zarr.json)")
+    if not (path / "zarr.json").is_file():  # a server that does not answer: a StorageError naming the URL
+        raise CacheError(f"{path}: not a cache store (no zarr.json)" if path.is_dir() else
+                         f"{path}: no cache store here (no {path}/zarr.json)")
     try:
         group = zarr.open_group(store=target, mode=mode, zarr_format=3)
         attrs = dict(group.attrs)

@@ -86,6 +86,27 @@ def test_a_chunk_changed_on_the_server_is_caught_by_its_crc32c(hub, hub_env, env
     remote.read_unit(0, 3, ("argmax",))  # the other seed index packed in the same file is intact
 
 
+def test_stage_two_checks_run_on_a_remote_store(hub, hub_env, env):
+    """What stage two checks on a local store, on the pushed one: provenance against the run's config (the
+    augmentation keys named, run seed, data fingerprint of the train manifest), pixel fingerprint, done markers."""
+    from pipeline.cache.reader import check_units_done, open_cache
+    from pipeline.data.shards import load_manifest
+    from pipeline.errors import ProvenanceMismatch
+    from pipeline.replay.view_params import augment_config
+
+    _serve(hub, env, f"datasets/{OWNER}/checks/resolve/main")
+    url = f"hf://datasets/{OWNER}/checks/{env.ref.name}"
+    train, val = load_manifest(env.shards / "train"), load_manifest(env.shards / "val")
+    aug = augment_config(env.cfg(url))
+    store, notes = open_cache(url, manifest=train, aug=aug, run_seed=0, mode="soft")
+    assert str(store.path) == url and notes == [] and store.provenance["pixels"]  # its pixels render here too
+    check_units_done(store, range(S))
+    for kw, field in (({"aug": augment_config(env.cfg(url, "augment.hflip=0.25"))}, "augment.hflip"),
+                      ({"run_seed": 1}, "run_seed"), ({"manifest": val}, "data_fingerprint")):
+        with pytest.raises(ProvenanceMismatch, match=rf"^{url}: provenance field '{field}' differs"):
+            open_cache(url, **{"manifest": train, "aug": aug, "run_seed": 0, "mode": "soft", **kw})
+
+
 def test_writing_to_a_remote_store_is_refused_by_name(hub, hub_env, env):
     _serve(hub, env, "ro")
     url = f"{hub.endpoint}/ro/{env.ref.name}"

@@ -47,12 +47,15 @@ def push_cache(cfg: DictConfig) -> dict:
                           mode="hard")
     require_finished(store)
     data = f"shards/{cfg.data.name}"
-    files = [(str(Path(path) / rel), f"{path.name}/{rel}") for rel in sorted(storage.relative_files(path))]
+    files = [(Path(path) / rel, f"{path.name}/{rel}") for rel in sorted(storage.relative_files(path))]
     for split, m in manifests.items():
-        files.append((str(m.split_dir / MANIFEST), f"{data}/{split}/{MANIFEST}"))
+        files.append((m.split_dir / MANIFEST, f"{data}/{split}/{MANIFEST}"))
         if bool(cfg.push.shards):
-            files += [(str(m.split_dir / s.name), f"{data}/{split}/{s.name}") for s in m.shards if not s.url]
-    size = sum(os.path.getsize(f) for f, _ in files)
+            files += [(m.split_dir / s.name, f"{data}/{split}/{s.name}") for s in m.shards if not s.url]
+        if any(s.url and not storage.is_url(s.url) for s in m.shards):
+            log.warning(f"warning: {m.split_dir / MANIFEST} names its shards by local paths ({m.shards[0].url}): "
+                        f"users of the pushed store need them there; index them from their published URL instead")
+    size = sum(src.stat().st_size for src, _ in files)
     log.info(f"pushing {store.path} ({len(files)} files, {size / 1e6:.1f} MB, the shards' manifests"
              f"{' and shards' if cfg.push.shards else ''}) to hf://datasets/{repo}")
     _upload(repo, files, f"Cache store {path.name} and the manifests of its shards")
@@ -81,12 +84,14 @@ def require_finished(store) -> None:
 def _repo(value) -> str:
     repo = str(value or "")
     if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ConfigError(f"push.repo={value}: expected <owner>/<name> of a Hugging Face Hub dataset repo")
+        raise ConfigError(f"push.repo={'null' if value is None else value}: expected <owner>/<name> of a Hugging "
+                          f"Face Hub dataset repo")
     return repo
 
 
-def _upload(repo: str, files: list[tuple[str, str]], message: str) -> None:
-    """One commit of ``files`` ((local path, path in the repo)) to dataset repo ``repo``, created when missing."""
+def _upload(repo: str, files: list[tuple], message: str) -> None:
+    """One commit of ``files`` ((local path or URL, path in the repo)) to dataset repo ``repo``, created when
+    missing."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -98,8 +103,9 @@ def _upload(repo: str, files: list[tuple[str, str]], message: str) -> None:
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="dataset", exist_ok=True)
-        api.create_commit(repo, [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=src) for src, dest in files],
-                          commit_message=message, repo_type="dataset")
+        ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=src.read_bytes() if storage.is_url(src)
+                                  else str(src)) for src, dest in files]  # a manifest or shard on s3:// or hf://
+        api.create_commit(repo, ops, commit_message=message, repo_type="dataset")
     except OfflineModeIsEnabled:
         raise ConfigError(f"{where}: HF_HUB_OFFLINE is set; unset it to push to the Hub") from None
     except HfHubHTTPError as e:

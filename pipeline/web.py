@@ -42,7 +42,34 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-class WebPath:
+class RemotePath:
+    """What a location at a URL offers alike, on its subclass's ``__str__``, ``stat`` and ``read_bytes``: equality by
+    URL, ``is_file``, ``read_text``. :class:`WebPath` here, ``pipeline.storage.ObjectPath`` for s3:// and gs://."""
+
+    def __repr__(self):
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __eq__(self, other):
+        return type(other) is type(self) and str(self) == str(other)
+
+    def __hash__(self):
+        return hash(str(self))
+
+    def is_file(self) -> bool:
+        try:
+            self.stat()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+
+class WebPath(RemotePath):
     """A file (or folder prefix) at an ``http(s)://`` or ``hf://datasets/...`` URL. Picklable, no I/O until read."""
 
     def __init__(self, url: str):
@@ -56,15 +83,6 @@ class WebPath:
 
     def __str__(self):
         return self.url
-
-    def __repr__(self):
-        return f"WebPath({self.url!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, WebPath) and self.url == other.url
-
-    def __hash__(self):
-        return hash(self.url)
 
     def __truediv__(self, name) -> WebPath:
         return WebPath(f"{self.url}/{name}")
@@ -120,13 +138,6 @@ class WebPath:
             size = int(r.headers.get("Content-Length", -1))
             return SimpleNamespace(st_size=size, etag=r.headers.get("ETag"))
 
-    def is_file(self) -> bool:
-        try:
-            self.stat()
-            return True
-        except FileNotFoundError:
-            return False
-
     def is_dir(self) -> bool:
         return False  # HTTP has no listing: a split is found through its manifest or _info.json
 
@@ -139,9 +150,6 @@ class WebPath:
 
     def read_bytes(self) -> bytes:
         return self.fetch().getvalue()
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
 
     def open(self, mode: str = "rb"):
         if mode != "rb":

@@ -109,16 +109,6 @@ def index_shard(url: str, first: int, num_classes: int, exts: set, bar) -> Shard
     return ShardInfo(path.name, first, count, sha, url=where, size=size, etag=getattr(f, "etag", None))
 
 
-def _check_even(shards: list[ShardInfo]) -> None:
-    """Stage one's cache gives every shard but the last the same number of rows (pipeline.cache.layout)."""
-    n0 = shards[0].count
-    for e in shards[1:]:
-        if e.count != n0 and (e is not shards[-1] or e.count > n0):
-            raise ShardError(f"{e.url}: holds {e.count} samples, {shards[0].url} holds {n0}: the cache needs every "
-                             f"shard but the last to hold the same number (re-shard this set with make_shards, "
-                             f"data=folder, or publish it so)")
-
-
 def index_split(data: dict, split: str, out_dir) -> tuple:
     """Index ``split`` of the published set into a staged manifest (a temporary directory beside ``out_dir``,
     as pipeline.data.shards.stage_shards stages shards); returns (that directory, the manifest)."""
@@ -136,13 +126,12 @@ def index_split(data: dict, split: str, out_dir) -> tuple:
                 raise ShardError(f"{url}: holds {entry.count} samples, _info.json says {lengths[k]}")
             shards.append(entry)
             first += entry.count
-    _check_even(shards)
     source = {"name": data["name"], "kind": "published", "root": data.get("root"), "split": split,
               "shards": data.get(f"{split}_shards") or "_info.json"}
     tmp = staging_dir(out_dir)
     try:
         m = Manifest(split_dir=tmp, split=split, n=first, num_classes=num_classes, class_names=class_names,
-                     key_width=max(6, len(str(first - 1))), shard_size=shards[0].count, image_exts=sorted(exts),
+                     key_width=max(6, len(str(first - 1))), shard_size=max(s.count for s in shards), image_exts=sorted(exts),
                      source=source, shards=shards,
                      fingerprint=fingerprint_of((s.sha256 for s in shards), first, num_classes, class_names))
         (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")

@@ -24,9 +24,11 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import webdataset as wds
 
 from pipeline import storage
@@ -94,7 +96,15 @@ class Manifest:
         """The shard holding global sample ``index``."""
         if not 0 <= index < self.n:
             raise IndexError(f"sample index {index} out of range [0, {self.n}) in {self.split_dir}")
-        return index // self.shard_size
+        return int(self.shards_of(np.asarray([index]))[0])
+
+    def shards_of(self, index: np.ndarray) -> np.ndarray:
+        """The shard of each global sample index (in range): shards may differ in size (a published set)."""
+        return np.searchsorted(self._firsts, np.asarray(index), side="right") - 1
+
+    @cached_property
+    def _firsts(self) -> np.ndarray:
+        return np.fromiter((s.first for s in self.shards), np.int64, len(self.shards))
 
     def key(self, index: int) -> str:
         return key_of(index, self.key_width)
@@ -181,18 +191,34 @@ def _check_manifest(m: Manifest) -> str | None:
         return f"{len(m.class_names)} class names for num_classes={m.num_classes}"
     if m.key_width < len(str(m.n - 1)):
         return f"key_width {m.key_width} too small for N={m.n}"
-    expect = -(-m.n // m.shard_size)
-    if len(m.shards) != expect:
-        return f"{len(m.shards)} shards listed, expected {expect} for N={m.n}, shard_size={m.shard_size}"
-    for k, s in enumerate(m.shards):
-        count = min(m.shard_size, m.n - k * m.shard_size)
-        if s.first != k * m.shard_size or s.count != count:
-            return f"shard {k} ({s.name}) covers first={s.first} count={s.count}, expected {k * m.shard_size}, {count}"
+    problem = _check_cover(m)
+    if problem:
+        return problem
+    for s in m.shards:
         if "/" in s.name or "\\" in s.name or s.name.startswith("."):
             return f"bad shard name {s.name!r}"
     if fingerprint_of((s.sha256 for s in m.shards), m.n, m.num_classes, m.class_names) != m.fingerprint:
         return (f"fingerprint does not match the shard hashes and class_names {m.class_names} (a class name or a "
                 f"shard hash was edited)")
+    return None
+
+
+def _check_cover(m: Manifest) -> str | None:
+    """The shards cover samples 0..N-1 in order. Ours hold shard_size each (the last the rest); a published set's
+    may differ in size, each in [1, shard_size] (the cache gives every shard shard_size rows: cache.layout)."""
+    if m.own_keys:
+        expect = -(-m.n // m.shard_size)
+        if len(m.shards) != expect:
+            return f"{len(m.shards)} shards listed, expected {expect} for N={m.n}, shard_size={m.shard_size}"
+    first = 0
+    for k, s in enumerate(m.shards):
+        count = min(m.shard_size, m.n - first) if m.own_keys else s.count
+        if s.first != first or s.count != count or not 1 <= count <= m.shard_size:
+            return f"shard {k} ({s.name}) covers first={s.first} count={s.count}, expected first={first} and " + \
+                (f"count={count}" if m.own_keys else f"a count in [1, shard_size={m.shard_size}]")
+        first += s.count
+    if first != m.n:
+        return f"the shards hold {first} samples, N={m.n}"
     return None
 
 

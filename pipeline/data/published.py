@@ -109,15 +109,32 @@ def index_shard(url: str, first: int, num_classes: int, exts: set, bar) -> Shard
     return ShardInfo(path.name, first, count, sha, url=where, size=size, etag=getattr(f, "etag", None))
 
 
+def _class_names(data: dict, info: dict, num_classes: int) -> list:
+    """``data.class_names`` (a timm label set: the labels are its ids), else ``_info.json``'s when it names every
+    class, else the ids."""
+    label_set = data.get("class_names")
+    if label_set:
+        import timm.data
+
+        try:
+            names = timm.data.ImageNetInfo(str(label_set)).label_names()
+        except (AssertionError, KeyError, ValueError):  # timm asserts on an unknown subset
+            raise ConfigError(f"data.class_names={label_set!r}: not one of timm's ImageNet label sets (imagenet-1k, "
+                              f"imagenet-12k, imagenet-21k, imagenet-22k)") from None
+        if len(names) != num_classes:
+            raise ConfigError(f"data.class_names={label_set!r} names {len(names)} classes, data.num_classes="
+                              f"{num_classes}")
+        return list(names)
+    names = info.get("class_names")
+    return list(names) if names and len(names) == num_classes else list(range(num_classes))
+
+
 def index_split(data: dict, split: str, out_dir) -> tuple:
     """Index ``split`` of the published set into a staged manifest (a temporary directory beside ``out_dir``,
     as pipeline.data.shards.stage_shards stages shards); returns (that directory, the manifest)."""
     urls, lengths, info = split_shards(data, split)
     num_classes = int(data["num_classes"])
-    names = info.get("class_names")
-    if not (names and len(names) == num_classes):  # timm's _info.json may name the classes; else their ids
-        names = range(num_classes)
-    class_names = [str(c) for c in names]
+    class_names = [str(c) for c in _class_names(data, info, num_classes)]
     shards, exts, first = [], set(), 0
     with progress(sum(lengths) if lengths else None, unit="img", desc=f"{data['name']}/{split} (index)") as bar:
         for k, url in enumerate(urls):

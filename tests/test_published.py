@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data import sources
-from pipeline.data.shards import load_manifest, verify_shards, write_shards
+from pipeline.data.shards import load_manifest, verify_shards
+from pipeline.data.shard_writer import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

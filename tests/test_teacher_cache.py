@@ -18,7 +18,8 @@ import zarr
 from pipeline.data import sources
 from pipeline.cache.store import CacheStore
 from pipeline.replay.view_params import AugmentConfig
-from pipeline.data.shards import load_manifest, write_shards
+from pipeline.data.shards import load_manifest
+from pipeline.data.shard_writer import write_shards
 from pipeline.models.teacher import model_input
 from pipeline.replay.views import block_views
 

@@ -24,7 +24,8 @@ import tarfile
 from braceexpand import braceexpand
 
 from pipeline import storage
-from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of, staging_dir
+from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of
+from pipeline.data.shard_writer import staging_dir
 from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, size_of, tar_members
 from pipeline.data.wds_info import INFO_NAMES, parse_info, split_of
 from pipeline.errors import ConfigError, ShardError
@@ -131,7 +132,7 @@ def _class_names(data: dict, info: dict, num_classes: int) -> list:
 
 def index_split(data: dict, split: str, out_dir) -> tuple:
     """Index ``split`` of the published set into a staged manifest (a temporary directory beside ``out_dir``,
-    as pipeline.data.shards.stage_shards stages shards); returns (that directory, the manifest)."""
+    as pipeline.data.shard_writer.stage_shards stages shards); returns (that directory, the manifest)."""
     urls, lengths, info = split_shards(data, split)
     num_classes = int(data["num_classes"])
     class_names = [str(c) for c in _class_names(data, info, num_classes)]

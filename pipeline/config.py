@@ -32,6 +32,7 @@ class DataSchema:
     root: Optional[str] = None       # fashion_mnist, folder, published (None: not used by this source)
     train_shards: Optional[str] = None  # published: URLs or brace patterns instead of <root>/_info.json
     val_shards: Optional[str] = None
+    class_names: Optional[str] = None  # published: timm's label set naming the classes (imagenet-1k: its synsets)
     seed: Optional[int] = None       # toy, folder
     train_size: Optional[int] = None  # toy
     val_size: Optional[int] = None    # toy

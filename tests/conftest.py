@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.data import shards, sources
+from pipeline.data import shard_writer, sources
 
 # No test may reach a real instance-metadata endpoint for credentials: the AWS SDKs' switch (which
 # pipeline.storage_faults honours), and obstore's endpoint pointed at a closed local port should anything ask.
@@ -31,7 +31,7 @@ def toy_shards(tmp_path_factory):
     manifests = {}
     for split, n in (("train", TOY_TRAIN), ("val", TOY_VAL)):
         s = sources.toy(TOY_SEED, n, split)
-        manifests[split] = shards.write_shards(
+        manifests[split] = shard_writer.write_shards(
             s, root / split, shard_size=TOY_SHARD_SIZE, num_classes=len(s.class_names),
             class_names=s.class_names, source=s.source,
         )

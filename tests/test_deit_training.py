@@ -56,7 +56,7 @@ def make_cfg(overrides=()):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """128 toy train samples in 2 shards, 32 val."""
-    from pipeline.data import shards as writer, sources
+    from pipeline.data import shard_writer as writer, sources
 
     root = tmp_path_factory.mktemp("deit_shards")
     for split, n in (("train", 128), ("val", 32)):

@@ -94,13 +94,13 @@ def _overrides_for(e, *fixed):
 @pytest.fixture(scope="module")
 def tiny(env, tmp_path_factory):
     """64 train samples (one shard), plain views (augment=none), a 1-seed cache: a few epochs memorise them."""
-    from pipeline.data import shards, sources
+    from pipeline.data import shard_writer, sources
     from pipeline.cache.builder import build_cache
 
     root = tmp_path_factory.mktemp("tiny_shards")
     for split, n in (("train", 64), ("val", 32)):
         src = sources.toy(0, n, split)
-        shards.write_shards(src, root / split, shard_size=64, num_classes=len(src.class_names),
+        shard_writer.write_shards(src, root / split, shard_size=64, num_classes=len(src.class_names),
                             class_names=src.class_names, source=src.source)
     t = SimpleNamespace(tmp=env.tmp, shards=root, teacher=env.teacher, cache=env.tmp / "tiny.zarr", runs={})
     t.overrides = _overrides_for(t, "augment=none", "cache.num_seeds=1", "cache.cycle=true", "train.epochs=5",

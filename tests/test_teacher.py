@@ -15,7 +15,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.data import shards, sources
+from pipeline.data import shard_writer, sources
 from pipeline.replay.view_params import AugmentConfig
 from pipeline.errors import TeacherError
 from pipeline.models.teacher import (TeacherRunner, create_teacher, model_input, teacher_provenance,
@@ -57,7 +57,7 @@ def trained(tmp_path_factory):
     data = work / "shards"
     for split, n in (("train", TRAIN_N), ("val", VAL_N)):
         s = sources.toy(0, n, split)
-        shards.write_shards(s, data / split, shard_size=256, num_classes=10, class_names=s.class_names,
+        shard_writer.write_shards(s, data / split, shard_size=256, num_classes=10, class_names=s.class_names,
                             source=s.source)
     proc = run_cli("pipeline.train_teacher", f"workdir={work}", f"data.shards={data}", *TRAIN_OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-3000:]

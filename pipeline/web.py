@@ -108,11 +108,7 @@ class WebPath(RemotePath):
     def obstore(self):
         """obstore's ``HTTPStore`` at this URL (a cache store's Zarr reads, pipeline.storage.zarr_store), with the
         ``storage`` settings' timeouts and retries."""
-        try:
-            from obstore.store import HTTPStore
-        except ImportError:
-            raise ConfigError(f"{self.url}: a cache store over http(s):// or hf:// is read through obstore: install "
-                              f"the s3 extra (pip install '.[s3]', or obstore>=0.12,<0.13)") from None
+        from obstore.store import HTTPStore
 
         from pipeline import storage_faults
 

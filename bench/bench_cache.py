@@ -96,7 +96,7 @@ def run_grouped(work: Path, photos: int, seeds: int, reps: int, shard_size: int 
     from bench.bench_replay import photo_jpegs
     from pipeline.cache.builder import group_units
     from pipeline.replay.loader import ViewLoader
-    from pipeline.data.shards import write_shards
+    from pipeline.data.shard_writer import write_shards
     from pipeline.replay import pixels
     from pipeline.replay.view_params import AugmentConfig
 

@@ -91,7 +91,7 @@ def run(shards: int, per_shard: int, image_kb: int, units: int, latency_ms: floa
     from pipeline import storage
     from pipeline.cache import lease
     from pipeline.cache.store import CacheStore
-    from pipeline.data.shards import write_shards
+    from pipeline.data.shard_writer import write_shards
     from pipeline.replay.contract import CONTRACT_VERSION
 
     server = start_moto()

@@ -58,7 +58,7 @@ def photo_jpegs(n: int, size=(500, 375), seed: int = 0) -> list[bytes]:
 
 
 def write_split(root: Path, split: str, samples: list[tuple[bytes, str, int]], shard_size: int, classes: int):
-    from pipeline.data.shards import write_shards
+    from pipeline.data.shard_writer import write_shards
 
     return write_shards(iter(samples), root / split, n=len(samples), shard_size=shard_size, num_classes=classes,
                         class_names=[f"c{i}" for i in range(classes)], source={"name": "bench"}, split=split)

@@ -98,7 +98,8 @@ def student_step(name: str, img: int, patch: int, batch: int, depth: int | None 
 def hashing_cost(work: Path, repeat: int = 5) -> dict:
     from bench.bench_student import photo_jpegs, write_split
     from pipeline.data import sources
-    from pipeline.data.shards import iter_shard, write_shards
+    from pipeline.data.shards import iter_shard
+    from pipeline.data.shard_writer import write_shards
     from pipeline.replay.view_params import AugmentConfig
     from pipeline.replay.views import block_views
 

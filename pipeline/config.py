@@ -32,6 +32,7 @@ class DataSchema:
     root: Optional[str] = None       # fashion_mnist, folder, published (None: not used by this source)
     train_shards: Optional[str] = None  # published: URLs or brace patterns instead of <root>/_info.json
     val_shards: Optional[str] = None
+    class_names: Optional[str] = None  # published: timm's label set naming the classes (imagenet-1k: its synsets)
     seed: Optional[int] = None       # toy, folder
     train_size: Optional[int] = None  # toy
     val_size: Optional[int] = None    # toy
@@ -181,6 +182,14 @@ class ExportSchema:
 
 
 @dataclass
+class PushSchema:
+    """python -m pipeline.push_cache (pipeline.cache.publish)."""
+
+    repo: Optional[str] = MISSING    # <owner>/<name> of a Hub dataset repo
+    shards: bool = MISSING           # also upload our own shards (else their manifests only)
+
+
+@dataclass
 class StorageSchema:
     """Object storage (s3://) requests: pipeline.storage_faults (defaults: obstore's own)."""
 
@@ -202,6 +211,7 @@ class RunSchema:
     eval: EvalSchema = MISSING
     export: ExportSchema = MISSING
     storage: StorageSchema = MISSING
+    push: PushSchema = MISSING
     run_seed: int = MISSING
     workdir: str = MISSING
     overwrite: bool = MISSING

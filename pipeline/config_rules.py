@@ -194,5 +194,21 @@ def seed_schedule(cfg: DictConfig) -> None:
                           f"(each >= 0)")
 
 
+PUBLISHED_ONLY = ("train_shards", "val_shards", "class_names")  # read by data.source=published alone
+INGEST_ONLY = ("train_limit", "val_limit", "max_side", "train_label_noise")  # ours rewrite samples; a published set
+# is read in place, whole shards
+
+
+def source_keys(cfg: DictConfig) -> None:
+    """A data key the chosen source does not read is refused, not ignored."""
+    published = cfg.data.source == "published"
+    for key in INGEST_ONLY if published else PUBLISHED_ONLY:
+        value = OmegaConf.select(cfg, f"data.{key}")
+        if value is not None:
+            fix = ("a published set is read in place, whole shards: name fewer shards with data.train_shards / "
+                   "data.val_shards" if published else "only data.source=published reads it")
+            raise ConfigError(f"data.{key}={value} does not apply to data.source={cfg.data.source}: {fix}")
+
+
 RULES: tuple[Callable[[DictConfig], None], ...] = (crops, rand_augment, normalisation, student_input, student_name,
-                                                   loops, devices, seed_schedule)
+                                                   loops, devices, seed_schedule, source_keys)

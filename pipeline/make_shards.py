@@ -34,7 +34,7 @@ from pipeline.logs import progress
 def make_shards(cfg: DictConfig) -> dict:
     import shutil
 
-    from pipeline.data.shards import install_plan, install_shards, stage_shards
+    from pipeline.data.shard_writer import install_plan, install_shards, stage_shards
     from pipeline.data.sources import SPLITS, from_config
     from pipeline.data.published import index_split
     from pipeline.data.wds_info import write_info

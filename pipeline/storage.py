@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 from pipeline import storage_faults
 from pipeline.errors import ConfigError, StorageError
-from pipeline.web import SCHEMES as WEB_SCHEMES, WebPath, is_web
+from pipeline.web import SCHEMES as WEB_SCHEMES, RemotePath, WebPath, is_web
 
 SCHEMES = ("s3", "gs")
 _STORES: dict = {}  # (pid, location, settings, endpoint + credentials) -> obstore store (rebuilt after a fork)
@@ -48,7 +48,7 @@ def worker_context(*locations, num_workers: int = 1) -> str | None:
 
 
 def is_url(p) -> bool:
-    if isinstance(p, (ObjectPath, WebPath)):
+    if isinstance(p, RemotePath):
         return True
     s = os.fspath(p) if isinstance(p, os.PathLike) else p
     return isinstance(s, str) and "://" in s and s.split("://", 1)[0].lower() in SCHEMES + WEB_SCHEMES
@@ -56,7 +56,7 @@ def is_url(p) -> bool:
 
 def as_path(p) -> Path | ObjectPath:
     """A local ``Path`` (exactly as before) or an :class:`ObjectPath` for a URL."""
-    if isinstance(p, (ObjectPath, WebPath)):
+    if isinstance(p, RemotePath):
         return p
     if is_web(str(p)):
         return WebPath(str(p))
@@ -99,7 +99,7 @@ def _oserror(e: Exception, url: str) -> OSError:
     return storage_faults.translate(e, url)
 
 
-class ObjectPath:
+class ObjectPath(RemotePath):
     """A location in a bucket, with the subset of ``pathlib.Path`` the pipeline uses. Picklable."""
 
     def __init__(self, url: str):
@@ -116,15 +116,6 @@ class ObjectPath:
     # -- names
     def __str__(self):
         return f"{self.scheme}://{self.bucket}/{self.key}" if self.key else f"{self.scheme}://{self.bucket}"
-
-    def __repr__(self):
-        return f"ObjectPath({str(self)!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, ObjectPath) and str(self) == str(other)
-
-    def __hash__(self):
-        return hash(str(self))
 
     def __truediv__(self, name) -> ObjectPath:
         return ObjectPath(f"{self}/{name}")
@@ -151,13 +142,6 @@ class ObjectPath:
             raise _oserror(e, str(self)) from None
         return SimpleNamespace(st_size=size, st_blocks=-(-size // 512))
 
-    def is_file(self) -> bool:
-        try:
-            self.stat()
-            return True
-        except FileNotFoundError:
-            return False
-
     def iterdir(self):
         import obstore
 
@@ -174,9 +158,6 @@ class ObjectPath:
 
     def exists(self) -> bool:
         return self.is_file() or self.is_dir()
-
-    def is_symlink(self) -> bool:
-        return False
 
     def walk_objects(self):
         """(key, size) of every object under this prefix."""
@@ -197,9 +178,6 @@ class ObjectPath:
             return obstore.get(self.store, self.key).bytes().to_bytes()
         except Exception as e:  # noqa: BLE001
             raise _oserror(e, str(self)) from None
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> None:
         import obstore
@@ -238,7 +216,7 @@ def open_binary(path, siblings=()):
     reads them with a regular stride (1 in stage one's single process, the world size across its ranks), the
     next ones along that stride are fetched in background threads meanwhile; an irregular order (stage two's
     shuffled shards) fetches nothing ahead rather than fetching what will not be read."""
-    if not isinstance(path, (ObjectPath, WebPath)):
+    if not isinstance(path, RemotePath):
         return open(path, "rb")
     data = READ_AHEAD.take(path)
     READ_AHEAD.schedule(READ_AHEAD.next_along(path, list(siblings)))
@@ -277,7 +255,14 @@ def relative_files(path) -> set[str]:
 
 
 def zarr_store(path, mode: str):
-    """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore."""
+    """What ``zarr.open_group(store=...)`` gets: the local path as a string (as before) or an ObjectStore; at an
+    ``http(s)://`` or ``hf://`` URL a read-only one (GET with byte ranges, HEAD: no listing), other modes refused."""
+    if isinstance(path, WebPath):
+        if mode != "r":
+            raise ConfigError(f"{path}: a cache store at an http(s):// or hf:// location opens read-only (stage two, "
+                              f"verify_cache), not mode={mode!r}: write units into a local or s3:// store")
+        _USED.add(os.getpid())  # obstore's runtime: DataLoader workers then start by forkserver (worker_context)
+        return _zarr_class()(path.obstore(), read_only=True, root=str(path))
     if not isinstance(path, ObjectPath):
         return str(path)
     return _zarr_object_store(path, read_only=mode == "r")
@@ -364,7 +349,7 @@ class ReadAhead:
         self._last = (None, None, None, None)  # (pid, first sibling, index of the last open, its stride)
 
     def schedule(self, paths) -> None:
-        paths = [p for p in paths if isinstance(p, (ObjectPath, WebPath))]
+        paths = [p for p in paths if isinstance(p, RemotePath)]
         if not paths:
             return
         with _LOCK:

@@ -5,7 +5,9 @@ Hugging Face Hub, through huggingface_hub's own URL and headers: ``HF_ENDPOINT``
 :class:`WebPath` offers the few ``pathlib.Path`` methods the shard reader uses (``/``, ``name``, ``parent``,
 ``is_file``, ``stat``, ``read_bytes``, ``read_text``, ``open``); a file is fetched whole (one GET, as
 pipeline.storage does for objects), with its ``ETag``. Writing is refused by name. Errors: a missing file is
-``FileNotFoundError``, any other failure an ``OSError`` naming the URL.
+``FileNotFoundError``, any other failure a ``StorageError`` (an ``OSError``) naming the URL. A cache store at such
+a URL is read through Zarr on obstore's ``HTTPStore`` (:meth:`WebPath.obstore`: byte ranges, the resolved URL and
+headers).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 
 SCHEMES = ("http", "https", "hf")
 _TIMEOUT = float(os.environ.get("PIPELINE_HTTP_TIMEOUT", "60"))
@@ -36,11 +38,38 @@ class Fetched(io.BytesIO):
         self.etag = etag
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-class WebPath:
+class RemotePath:
+    """What a location at a URL offers alike, on its subclass's ``__str__``, ``stat`` and ``read_bytes``: equality by
+    URL, ``is_file``, ``read_text``. :class:`WebPath` here, ``pipeline.storage.ObjectPath`` for s3:// and gs://."""
+
+    def __repr__(self):
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __eq__(self, other):
+        return type(other) is type(self) and str(self) == str(other)
+
+    def __hash__(self):
+        return hash(str(self))
+
+    def is_file(self) -> bool:
+        try:
+            self.stat()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+
+class WebPath(RemotePath):
     """A file (or folder prefix) at an ``http(s)://`` or ``hf://datasets/...`` URL. Picklable, no I/O until read."""
 
     def __init__(self, url: str):
@@ -55,15 +84,6 @@ class WebPath:
     def __str__(self):
         return self.url
 
-    def __repr__(self):
-        return f"WebPath({self.url!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, WebPath) and self.url == other.url
-
-    def __hash__(self):
-        return hash(self.url)
-
     def __truediv__(self, name) -> WebPath:
         return WebPath(f"{self.url}/{name}")
 
@@ -76,33 +96,43 @@ class WebPath:
         return WebPath(self.url.rsplit("/", 1)[0])
 
     # -- reading
+    def resolved(self) -> tuple[str, dict]:
+        """(the http(s) URL to request, its headers): an hf:// URL through huggingface_hub (refused by name while
+        HF_HUB_OFFLINE is set)."""
+        if not self.url.lower().startswith("hf://"):
+            return self.url, {}
+        if hub_offline():
+            raise ConfigError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
+        return _hf_resolve(self.url)
+
+    def obstore(self):
+        """obstore's ``HTTPStore`` at this URL (a cache store's Zarr reads, pipeline.storage.zarr_store), with the
+        ``storage`` settings' timeouts and retries."""
+        from obstore.store import HTTPStore
+
+        from pipeline import storage_faults
+
+        url, headers = self.resolved()
+        options, retry = storage_faults.client_options(storage_faults.settings())
+        client = {**options, "allow_http": url.lower().startswith("http://"), "default_headers": headers}
+        return HTTPStore.from_url(url, client_options=client, retry_config=retry)
+
     def _request(self, method: str):
-        url, headers = self.url, {}
-        if url.lower().startswith("hf://"):
-            if _offline():
-                raise ConfigError(f"{self.url}: HF_HUB_OFFLINE is set; unset it to read from the Hub")
-            url, headers = _hf_resolve(self.url)
+        url, headers = self.resolved()
         try:
             return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
                                           timeout=_TIMEOUT)
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 raise FileNotFoundError(f"{self.url}: no such file (HTTP 404)") from None
-            raise OSError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+            raise StorageError(f"{self.url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise OSError(f"{self.url}: {getattr(e, 'reason', e)}") from None
+            raise StorageError(f"{self.url}: cannot reach the server: {getattr(e, 'reason', e)}") from None
 
     def stat(self):
         with self._request("HEAD") as r:
             size = int(r.headers.get("Content-Length", -1))
             return SimpleNamespace(st_size=size, etag=r.headers.get("ETag"))
-
-    def is_file(self) -> bool:
-        try:
-            self.stat()
-            return True
-        except FileNotFoundError:
-            return False
 
     def is_dir(self) -> bool:
         return False  # HTTP has no listing: a split is found through its manifest or _info.json
@@ -112,13 +142,10 @@ class WebPath:
             try:
                 return Fetched(r.read(), r.headers.get("ETag"))
             except OSError as e:
-                raise OSError(f"{self.url}: read failed: {e}") from None
+                raise StorageError(f"{self.url}: read failed: {e}") from None
 
     def read_bytes(self) -> bytes:
         return self.fetch().getvalue()
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
 
     def open(self, mode: str = "rb"):
         if mode != "rb":
@@ -126,8 +153,9 @@ class WebPath:
         return self.fetch()
 
     def _read_only(self, *_, **__):
-        raise ConfigError(f"{self.url}: http(s):// and hf:// are read-only locations for published shards; write "
-                          f"shards or a cache store to a local folder or s3://")
+        raise ConfigError(f"{self.url}: http(s):// and hf:// are read-only locations for published shards and cache "
+                          f"stores; write shards or a cache store to a local folder or s3:// (python -m "
+                          f"pipeline.push_cache publishes a finished store)")
 
     # exists(): asked only before writing (a store, a split folder); answered without a request
     mkdir = write_bytes = write_text = rmtree = exists = _read_only

@@ -79,6 +79,35 @@ def imagenet_tree(root: Path) -> Path:
     return root
 
 
+def imagenet_wds_tree(root: Path, train=(3, 4, 3), val=(3, 1)) -> Path:
+    """timm/imagenet-1k-wds's layout in miniature: ``imagenet1k-{train,validation}-<k>.tar`` of ``<key>.jpg`` +
+    ``.cls`` + ``.json`` (500x375 JPEGs, labels spread over the 1000 classes, shards of unequal size) and the
+    ``_info.json`` naming them."""
+    import json
+
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    names, splits = synsets(), {}
+    for split, counts, digits in (("train", train, 4), ("validation", val, 2)):
+        files, index = [], 0
+        for k, count in enumerate(counts):
+            files.append(f"imagenet1k-{split}-{k:0{digits}d}.tar")
+            with wds.TarWriter(str(root / files[-1])) as w:
+                for _ in range(count):
+                    label = (index * 337 + (split == "validation") * 101) % len(names)
+                    buf = io.BytesIO()
+                    class_image(label, index, IMAGENET_SIZE, len(names)).save(buf, format="JPEG", quality=90)
+                    key = f"{names[label]}_{1000 + index}" if split == "train" else f"ILSVRC2012_val_{index + 1:08d}"
+                    w.write({"__key__": key, "jpg": buf.getvalue(), "cls": str(label).encode(),
+                             "json": json.dumps({"filename": f"{key}.JPEG", "label": label,
+                                                 "class_name": names[label]}).encode()})
+                    index += 1
+        splits[split] = {"name": split, "num_samples": index, "filenames": files, "shard_lengths": list(counts)}
+    (root / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": splits}))
+    return root
+
+
 def own_folder(root: Path, classes=("cat", "dog", "fox"), train: int = 4, val: int = 2) -> Path:
     """``root/{train,val}/<class>/`` with PNG and JPEG images of assorted sizes."""
     for label, name in enumerate(classes):

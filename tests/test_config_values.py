@@ -138,6 +138,7 @@ def test_a_bad_value_is_refused_naming_the_key_value_and_what_is_allowed(overrid
     [], ["augment=deit", "train=deit"], ["augment=none"], ["teacher=resnet_toy"], ["teacher=regnety_002"],
     ["data=fashion_mnist"], ["distill=soft", "train.clip_grad=1.0", "train.ema=true", "augment.rand_augment=null"],
     ["data=imagenet", "data.root=/x", "teacher=regnety_160", "student=deit_small", "train=deit", "augment=deit"],
+    ["data=imagenet_wds", "data.root=/x", "teacher=regnety_160", "student=deit_small", "train=deit", "augment=deit"],
     ["student.img_size=64", "+student.kwargs.dynamic_img_size=true"],  # timm resizes its position embedding
 ])
 def test_every_shipped_configuration_passes(overrides):
@@ -159,6 +160,20 @@ def _numeric_keys(schema, prefix=""):
         elif leaf in (int, float):
             out.append((f"{prefix}{f.name}", is_list))
     return out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=published", "data.root=/x", "data.num_classes=10", "+data.train_limit=8"],
+     "data.train_limit=8 does not apply to data.source=published: a published set is read in place, whole shards"),
+    (["data=imagenet_wds", "data.root=/x", "+data.max_side=512"], "data.max_side=512 does not apply"),
+    (["data=folder", "data.root=/x", "data.num_classes=3", "+data.class_names=imagenet-1k"],
+     "data.class_names=imagenet-1k does not apply to data.source=folder: only data.source=published reads it"),
+    (["+data.train_shards=a.tar"], "data.train_shards=a.tar does not apply to data.source=toy"),
+])
+def test_a_data_key_the_source_does_not_read_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides))
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
 def test_every_numeric_key_of_the_schema_has_a_rule_and_a_case():

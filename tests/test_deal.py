@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import shards, sources
+from pipeline.data import shard_writer, shards, sources
 from pipeline.replay import deal
 from pipeline.replay.loader import ViewLoader
 from pipeline.errors import ConfigError, DigestMismatch, ScheduleError
@@ -139,7 +139,7 @@ def test_schedule_in_blocks_of_r_epochs():
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("deal")
     src = sources.toy(5, N, "train")
-    shards.write_shards(src, root / "train", shard_size=SHARD, num_classes=10, class_names=src.class_names,
+    shard_writer.write_shards(src, root / "train", shard_size=SHARD, num_classes=10, class_names=src.class_names,
                         source=src.source)
     return root / "train"
 

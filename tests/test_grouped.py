@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.cache.builder import build_cache, group_units
 from pipeline.cache.store import CacheStore
-from pipeline.data import shards, sources
+from pipeline.data import shard_writer, sources
 from pipeline.replay.loader import ViewLoader
 from pipeline.replay import pixels
 from pipeline.replay.view_params import AugmentConfig
@@ -131,7 +131,7 @@ def test_loader_units_grouped_equal_per_seed(tmp_path):
     """Stage one's batches: a grouped unit yields exactly the (seed, sample) views of its per-seed units."""
     root = tmp_path / "data"
     src = sources.toy(3, 96, "train")
-    shards.write_shards(src, root / "train", shard_size=48, num_classes=10, class_names=src.class_names,
+    shard_writer.write_shards(src, root / "train", shard_size=48, num_classes=10, class_names=src.class_names,
                         source=src.source)
     loader = ViewLoader(root / "train", AugmentConfig(image_size=32), run_seed=0, batch_size=40)
 

@@ -108,7 +108,7 @@ def test_every_stage_explains_itself_on_help():
     import subprocess
     import sys
 
-    for stage in (*ENTRY, "verify_cache", "export"):  # export: not a dvc.yaml stage (yet)
+    for stage in (*ENTRY, "verify_cache", "export", "push_cache"):  # export, push_cache: not dvc.yaml stages
         proc = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--help", "run_seed=3"], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,8 @@ from pipeline.data import sources
 from pipeline.replay.loader import ViewLoader
 from pipeline.errors import DigestMismatch
 from pipeline.replay.view_params import AugmentConfig
-from pipeline.data.shards import load_manifest, write_shards
+from pipeline.data.shards import load_manifest
+from pipeline.data.shard_writer import write_shards
 
 N_TRAIN, SHARD = 640, 64
 CFG = AugmentConfig(image_size=32)

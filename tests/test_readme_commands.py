@@ -30,6 +30,7 @@ from readme_blocks import (OPERATIONS, OWN_DATA, add_caps, bash_blocks, blocks, 
                            pages, substitute)
 
 IMAGENET = "ImageNet (or any folder), documented configuration"
+IMAGENET_WDS = "ImageNet as timm publishes it, read in place"
 MANY = "From one box to many"
 BUCKET_SECTION = "Object storage: shards and cache in a bucket"
 OWN = "Precompute soft labels for your own data"
@@ -44,6 +45,8 @@ TOY_CAPS = ("data.train_size=128 data.val_size=64 data.shard_size=32 teacher.tra
 OWN_CAPS = ("teacher.train.epochs=1 teacher.train.batch_size=4 teacher.train.num_workers=0 cache.num_seeds=2 "
             "cache.batch_size=8 cache.num_workers=0")
 IMAGENET_STORE = "cache/imagenet-regnety_160.deit_in1k-s3.zarr"  # train=deit: 3 copies, seeds 0-2
+WDS_CAPS = ("cache.num_seeds=3 cache.batch_size=8 cache.num_workers=0 train.epochs=1 train.batch_size=4 "
+            "train.num_workers=0")  # a published set is read whole: its size is the stand-in's
 
 # ```bash blocks run elsewhere (section, first line) -> the test or script that runs them.
 ELSEWHERE = {
@@ -64,6 +67,8 @@ ELSEWHERE = {
     ("Published shards, read in place", "python -m pipeline.make_shards data=published "
                                         "data.root=hf://datasets/someone/pubtoy data.num_classes=10"):
         "tests/test_published.py::test_docs_data_commands",
+    ("Share a cache", "python -m pipeline.push_cache push.repo=someone/toy-cache push.shards=true"):
+        "tests/test_remote_cache.py::test_docs_share_a_cache",
     ("What a teacher cache costs and saves", "python -m pipeline.recipe --economics $R"): "tests/test_recipe.py",
     ("Install", "python -m pip install ."): "tests/test_package.py (docs/install.md's blocks, offline, in a fresh venv)",
     ("Install", "python -m pip install -c constraints.txt ."): "tests/test_package.py",
@@ -87,6 +92,12 @@ def imagenet_script(tree: Path, nproc: int = 2) -> tuple[str, list[str]]:
     (code,) = bash_blocks(IMAGENET, OPERATIONS)
     code = substitute(code, {"IMAGENET=/data/imagenet": f"IMAGENET={tree}", "export NPROC=8": f"export NPROC={nproc}"})
     return add_caps(code, IMAGENET_CAPS)
+
+
+def imagenet_wds_script(tree: Path) -> tuple[str, list[str]]:
+    (code,) = bash_blocks(IMAGENET_WDS, OPERATIONS)
+    code = substitute(code, {"WDS=/data/imagenet-1k-wds": f"WDS={tree}", "export NPROC=8": "export NPROC=2"})
+    return add_caps(code, WDS_CAPS)
 
 
 def imagenet_lines(tree: Path, make_shards: bool = False) -> str:
@@ -254,7 +265,7 @@ def work(tmp_path):
 def test_every_readme_bash_block_is_run_by_a_test(tmp_path):
     """Fast guard: every ```bash block of README.md and docs/*.md is run here or named in ELSEWHERE; every block
     here still substitutes and caps cleanly (drift in a page fails this test without running anything)."""
-    here = {(OPERATIONS.name, IMAGENET): 1, (OPERATIONS.name, MANY): 3, (OPERATIONS.name, BUCKET_SECTION): 1,
+    here = {(OPERATIONS.name, IMAGENET): 1, (OPERATIONS.name, IMAGENET_WDS): 1, (OPERATIONS.name, MANY): 3, (OPERATIONS.name, BUCKET_SECTION): 1,
             (OWN_DATA.name, OWN): 1}
     seen = {}
     for b in (b for page in pages() for b in blocks(page=page)):
@@ -272,6 +283,7 @@ def test_every_readme_bash_block_is_run_by_a_test(tmp_path):
     assert seen == here, seen
     # Every substitution matches once and every stage command gets the caps (asserted inside).
     imagenet_script(tmp_path)
+    imagenet_wds_script(tmp_path)
     assert "make_shards" in imagenet_lines(tmp_path, make_shards=True) and "R=" in imagenet_lines(tmp_path)
     static_scripts(1)
     c10d_script(1)
@@ -308,6 +320,32 @@ def test_imagenet_block_on_one_node_with_two_ranks(work, imagenet_tree, hub, tmp
     check_store(work / IMAGENET_STORE, seeds=3, samples=8, topk=10, classes=1000, teacher="regnety_160.deit_in1k",
                 weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
     check_student(work / "runs/student/imagenet-hard-cache", 2, out, agreement=True)
+
+
+@pytest.mark.slow
+def test_imagenet_wds_block_reads_timm_shards_in_place(work, hub, tmp_path):
+    """timm's published ImageNet layout (unequal shards, its own keys, .json sidecars) through every stage of the
+    block: nothing is copied, the classes are the synsets, the cache pads the short shards."""
+    hf_home, repos = hub
+    tree = stand_ins.imagenet_wds_tree(tmp_path / "imagenet-1k-wds")
+    before = {p.name: p.read_bytes() for p in tree.iterdir()}
+    script, hit = imagenet_wds_script(tree)
+    assert hit == ["make_shards", "teacher_cache", "train_student"], hit
+    out = run_script(script, work, _env(work, hf_home), tmp_path / "wds.log")
+    from pipeline.data.shards import load_manifest
+
+    shards = work / "data/shards/imagenet-1k-wds"
+    check_shards(shards, 10, 4, 1000)
+    train = load_manifest(shards / "train")
+    assert [s.count for s in train.shards] == [3, 4, 3] and train.shard_size == 4
+    assert train.class_names[:2] == ["n01440764", "n01443537"] and train.shards[0].url.startswith(str(tree))
+    assert sorted(p.name for p in shards.rglob("*") if p.is_file()) == ["manifest.json", "manifest.json"]
+    store = check_store(work / "cache/imagenet-1k-wds-regnety_160.deit_in1k-s3.zarr", seeds=3, samples=10, topk=10,
+                        classes=1000, teacher="regnety_160.deit_in1k",
+                        weights_sha256=hub_sha256(hf_home, repos["regnety_160.deit_in1k"]))
+    assert store.unit_rows(2) == slice(8, 11)  # shard k starts at row 4k
+    check_student(work / "runs/student/imagenet-1k-wds-hard-cache", 2, out, agreement=True)
+    assert {p.name: p.read_bytes() for p in tree.iterdir()} == before  # read in place, nothing written there
 
 
 def _two_nodes(scripts: list[str], work: Path, tree: Path, hf_home: Path, tmp: Path) -> list[str]:

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from pipeline.cache.reader import CacheTargets
 from pipeline.cache.store import CacheStore
-from pipeline.data import shards, sources
+from pipeline.data import shard_writer, shards, sources
 from pipeline.replay.loader import ViewLoader
 from pipeline.errors import ConfigError, DigestMismatch, ScheduleError
 from pipeline.replay.view_params import AugmentConfig
@@ -35,7 +35,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("repeats")
     for split, n in (("train", N), ("val", 32)):
         src = sources.toy(5, n, split)
-        shards.write_shards(src, root / "data" / split, shard_size=SHARD, num_classes=10,
+        shard_writer.write_shards(src, root / "data" / split, shard_size=SHARD, num_classes=10,
                             class_names=src.class_names, source=src.source)
     return root
 

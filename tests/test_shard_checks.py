@@ -78,7 +78,7 @@ def test_a_decode_error_names_shard_and_key(toy_shards, tmp_path):
 def test_the_loader_names_shard_and_key_of_an_image_that_does_not_decode(tmp_path, backend):
     from pipeline.data import sources
     from pipeline.replay.loader import ViewLoader
-    from pipeline.data.shards import write_shards
+    from pipeline.data.shard_writer import write_shards
     from pipeline.replay.view_params import AugmentConfig
 
     good = list(sources.toy(0, 32, "train"))

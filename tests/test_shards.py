@@ -18,7 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data import shards, sources
-from pipeline.data.shards import load_manifest, verify_shards, write_shards
+from pipeline.data.shards import load_manifest, verify_shards
+from pipeline.data.shard_writer import write_shards
 from pipeline.errors import ConfigError, ShardError
 
 REPO = Path(__file__).resolve().parents[1]

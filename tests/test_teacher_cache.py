@@ -17,7 +17,8 @@ from store_env import kill_after_units, stage_one_overrides
 from pipeline.data import sources
 from pipeline.cache.store import CacheStore
 from pipeline.replay.view_params import AugmentConfig
-from pipeline.data.shards import load_manifest, write_shards
+from pipeline.data.shards import load_manifest
+from pipeline.data.shard_writer import write_shards
 from pipeline.models.teacher import model_input
 from pipeline.replay.views import block_views
 
@@ -127,6 +128,11 @@ def test_verify_mode_agrees_and_detects_another_teacher(built, toy_shards, rando
     torch.save(timm.create_model(TEACHER, num_classes=10).state_dict(), other)
     bad = run_stage("verify_cache", *overrides(toy_shards, other, built), check=False)
     assert bad.returncode != 0 and "teacher weights" in bad.stderr
+    aug = run_stage("verify_cache", *overrides(toy_shards, random_teacher, built, "augment.hflip=0.0",
+                                                  "augment.label_smoothing=0.2"), check=False)
+    last = aug.stderr.strip().splitlines()[-1]
+    assert aug.returncode == 2 and last.startswith("verify_cache: error: ") and "field 'augment.hflip'" in last and \
+        "also augment.label_smoothing: store has" in last, aug.stderr
 
 
 def _snapshot(path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import shards, sources
+from pipeline.data import shard_writer, sources
 
 
 def write_toy(root: Path, train: int, val: int, shard_size: int, seed: int = 0) -> dict:
@@ -12,7 +12,7 @@ def write_toy(root: Path, train: int, val: int, shard_size: int, seed: int = 0) 
     manifests = {}
     for split, n in (("train", train), ("val", val)):
         s = sources.toy(seed, n, split)
-        manifests[split] = shards.write_shards(s, Path(root) / split, shard_size=shard_size,
-                                               num_classes=len(s.class_names), class_names=s.class_names,
-                                               source=s.source)
+        manifests[split] = shard_writer.write_shards(s, Path(root) / split, shard_size=shard_size,
+                                                     num_classes=len(s.class_names), class_names=s.class_names,
+                                                     source=s.source)
     return manifests

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline.cache import lease
 from pipeline.cache.integrity import check_store
-from pipeline.cache.provenance import expected_provenance
+from pipeline.cache.provenance import check_augment, expected_provenance
 from pipeline.cache.store import CacheStore
 from pipeline.config import split_dir
 from pipeline.replay.view_params import augment_config
@@ -48,10 +48,11 @@ def verify_cache(cfg: DictConfig, fraction: float, seed: int = 0) -> dict:
 
 
 def _check_config(cfg: DictConfig, store: CacheStore) -> None:
-    train = split_dir(cfg, "train")
+    train, aug = split_dir(cfg, "train"), augment_config(cfg)
+    check_augment(store.path, store.provenance.get("augment"), aug)  # names the keys; the hash check, only that
     if (train / MANIFEST).is_file():
         manifest = load_manifest(train)
-        for warning in store.check_compatible(expected_provenance(manifest, augment_config(cfg), int(cfg.run_seed))):
+        for warning in store.check_compatible(expected_provenance(manifest, aug, int(cfg.run_seed))):
             print(f"warning: {warning}", file=sys.stderr)
     ckpt = cfg.teacher.get("checkpoint")
     theirs = (store.provenance.get("teacher") or {}).get("weights_sha256")

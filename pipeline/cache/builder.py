@@ -75,7 +75,7 @@ class UnitAssembler:
 
     def add(self, seeds: np.ndarray, index: np.ndarray, logits: np.ndarray, digest: np.ndarray) -> int:
         """Scatter a batch into its units; returns how many units completed."""
-        shard = index // self.manifest.shard_size
+        shard = self.manifest.shards_of(index)
         done = 0
         for s, k in {(int(a), int(b)) for a, b in zip(seeds, shard)}:
             sel = (seeds == s) & (shard == k)

@@ -1,18 +1,24 @@
 """The cache layout: arrays, dtypes, chunks, files and codecs of a teacher-target store (docs/design.md, section 6).
 
-Layout (S seeds, N samples, K top-k, C classes, n samples per shard)::
+Layout (S seeds, N samples, K top-k, C classes, n rows per shard: the largest shard's sample count; R rows)::
 
-    topk_values   float16  [S, N, K]  teacher logits of the K largest classes, descending      (K > 0 only)
-    topk_indices  int16    [S, N, K]  their class ids (int32 when C > 32767)                    (K > 0 only)
-    logsumexp     float32  [S, N]     log softmax normaliser over all C classes (fp64 reduction) (K > 0 only)
-    argmax        int16    [S, N]     teacher hard label, from the fp32 logits (int32 when C > 32767)
-    digest        uint32   [S, N]     view digest (docs/design.md, section 4)
+    topk_values   float16  [S, R, K]  teacher logits of the K largest classes, descending      (K > 0 only)
+    topk_indices  int16    [S, R, K]  their class ids (int32 when C > 32767)                    (K > 0 only)
+    logsumexp     float32  [S, R]     log softmax normaliser over all C classes (fp64 reduction) (K > 0 only)
+    argmax        int16    [S, R]     teacher hard label, from the fp32 logits (int32 when C > 32767)
+    digest        uint32   [S, R]     view digest (docs/design.md, section 4)
     done          bool     [S, num_shards], chunks (S, 1): commit marker of unit (s, k), written last
     checksums     uint32   [S, num_shards, F + 1], chunks (S, 1, F + 1): crc32c of unit (s, k)'s rows of each of
                            the F per-view arrays (order: attribute ``checksum_fields`` of the array), then the
                            unit's tag (column ``unit``): crc32c of (store key, s, k), binding the record to its
                            place and its store; written before done
-    logits        float16  [S, N, C]  optional full logits (small class counts)
+    logits        float16  [S, R, C]  optional full logits (small class counts)
+
+Rows: shard k's samples, in shard order, are rows ``k * n`` to ``k * n + count_k - 1``, and R = (num_shards - 1) *
+n + count_last. Where every shard but the last holds n samples (make_shards' sets), row = global sample index and
+R = N. Published sets may have shards of unequal size (timm's imagenet-1k-wds: 1,281,167 training images in 1024
+shards): then the rows between a shard's last sample and the next shard's first are padding, never written or
+read (fill values), so that every unit still owns exactly one chunk.
 
 Chunks and files (format version 4): every per-view array is chunked ``(1, n, ...)``, so chunk ``(s, k)`` of
 every array belongs to exactly one work unit (seed s, shard k); Zarr v3's sharding codec packs the chunks of
@@ -114,10 +120,17 @@ def file_coords(name: str, layout: dict, s: int, k: int) -> tuple[int, ...]:
     return coords + (0,) * (3 - len(coords) if name in ("topk_values", "topk_indices", "logits", "checksums") else 0)
 
 
+def num_rows(layout: dict) -> int:
+    """R: the per-view arrays' length along samples (shard k starts at row k * shard_size)."""
+    counts = layout["shard_counts"]
+    return (len(counts) - 1) * int(layout["shard_size"]) + int(counts[-1])
+
+
 def array_specs(layout: dict) -> dict:
     """name -> create_array kwargs (without the store/name), per the measured codec table above; ``shards``: the
     file shape (Zarr's sharding codec) over chunks ``chunks``."""
-    S, N, K, C, n = (layout[k] for k in ("num_seeds", "N", "topk", "num_classes", "shard_size"))
+    S, K, C, n = (layout[k] for k in ("num_seeds", "topk", "num_classes", "shard_size"))
+    N = num_rows(layout)
     G = seeds_per_file(S)
     ids = np.dtype(layout["index_dtype"])
     id_shuffle = "shuffle" if C <= 256 else "bitshuffle"
@@ -155,10 +168,9 @@ def check_layout_args(num_seeds, shard_counts, shard_size, num_classes, topk) ->
         raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
     if int(shard_size) < 1 or not counts:
         raise ValueError(f"need shard_size >= 1 and at least one shard, got {shard_size}, {len(counts)} shards")
-    if any(c != shard_size for c in counts[:-1]) or not 1 <= counts[-1] <= shard_size:
-        raise ValueError(f"shard_counts must be shard_size={shard_size} for every shard but the last, and the "
-                         f"last in [1, shard_size]; got {counts[:5]}{'...' if len(counts) > 5 else ''} "
-                         f"(last {counts[-1]})")
+    if not all(1 <= c <= shard_size for c in counts):
+        bad = next(k for k, c in enumerate(counts) if not 1 <= c <= shard_size)
+        raise ValueError(f"shard_counts must each be in [1, shard_size={shard_size}]; shard {bad} has {counts[bad]}")
     if int(num_classes) < 1 or not 0 <= int(topk) <= int(num_classes):
         raise ValueError(f"need num_classes >= 1 and 0 <= topk <= num_classes, got {num_classes}, {topk}")
     return counts

@@ -49,8 +49,9 @@ _COVERED: dict[str, dict] = {}  # leases of other processes (rank 0) this proces
 def lease_path(store) -> Path:
     store = storage.as_path(store)  # a Path, or an ObjectPath for s3://... (pipeline.cache.object_lease)
     if isinstance(store, storage.WebPath):  # every stage takes or probes the lease first: refused here, by name
-        raise ConfigError(f"{store}: http(s):// and hf:// are read-only locations for published shards; a cache "
-                          f"store lives in a local folder or on s3://")
+        raise ConfigError(f"{store}: http(s):// and hf:// are read-only locations for published shards and cache "
+                          f"stores: build a cache store in a local folder or on s3:// (python -m pipeline.push_cache "
+                          f"publishes a finished one)")
     return store.parent / f"{store.name}{SUFFIX}"
 
 
@@ -199,6 +200,8 @@ def release(store) -> None:
 def probe(store) -> dict | None:
     """The record of a live writer of ``store`` other than this process, else None. Takes a shared lock for an
     instant (never blocks); works on a read-only filesystem."""
+    if isinstance(storage.as_path(store), storage.WebPath):
+        return None  # a published store: read-only, no writer and no lease file (it was complete when pushed)
     path = lease_path(store)
     if held(store) is not None:
         return None

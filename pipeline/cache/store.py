@@ -38,7 +38,8 @@ log = logging.getLogger("pipeline")
 
 
 class CacheStore:
-    """A teacher-target cache on the local filesystem. Picklable (reopens by path), e.g. for DataLoader workers.
+    """A teacher-target cache in a folder or on s3://, or published at an http(s):// or hf:// URL (read-only: mode
+    "r"). Picklable (reopens by path), e.g. for DataLoader workers.
 
     Writers: one process creates or resumes the store (:meth:`create`, which takes the writer lease, held until
     :meth:`release_lease` or the process ends); the ranks of its job then open it with mode "r+" (covered by that
@@ -419,12 +420,14 @@ class CacheStore:
 def _cache_group(path, mode: str):
     """(Zarr group, attributes) of the teacher cache store at ``path``, any format version; CacheError unless it is
     one."""
-    if not path.is_dir():
+    target = storage.zarr_store(path, mode)  # http(s):// and hf://: mode "r" only, refused by name
+    if not (storage.is_web(path) or path.is_dir()):  # no folders over HTTP: the group's zarr.json is the store
         raise CacheError(f"{path}: no cache store here (missing or not a directory)")
-    if not (path / "zarr.json").is_file():
-        raise CacheError(f"{path}: not a cache store (no zarr.json)")
+    if not (path / "zarr.json").is_file():  # a server that does not answer: a StorageError naming the URL
+        raise CacheError(f"{path}: not a cache store (no zarr.json)" if path.is_dir() else
+                         f"{path}: no cache store here (no {path}/zarr.json)")
     try:
-        group = zarr.open_group(store=storage.zarr_store(path, mode), mode=mode, zarr_format=3)
+        group = zarr.open_group(store=target, mode=mode, zarr_format=3)
         attrs = dict(group.attrs)
     except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a broken store
         raise CacheError(f"{path}: not a readable Zarr v3 group: {type(e).__name__}: {e}") from e

@@ -24,7 +24,8 @@ import tarfile
 from braceexpand import braceexpand
 
 from pipeline import storage
-from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of, staging_dir
+from pipeline.data.shards import MANIFEST, Manifest, ShardInfo, fingerprint_of
+from pipeline.data.shard_writer import staging_dir
 from pipeline.data.tar_samples import IMAGE_EXTS, Hashing, parse_sample, size_of, tar_members
 from pipeline.data.wds_info import INFO_NAMES, parse_info, split_of
 from pipeline.errors import ConfigError, ShardError
@@ -109,25 +110,32 @@ def index_shard(url: str, first: int, num_classes: int, exts: set, bar) -> Shard
     return ShardInfo(path.name, first, count, sha, url=where, size=size, etag=getattr(f, "etag", None))
 
 
-def _check_even(shards: list[ShardInfo]) -> None:
-    """Stage one's cache gives every shard but the last the same number of rows (pipeline.cache.layout)."""
-    n0 = shards[0].count
-    for e in shards[1:]:
-        if e.count != n0 and (e is not shards[-1] or e.count > n0):
-            raise ShardError(f"{e.url}: holds {e.count} samples, {shards[0].url} holds {n0}: the cache needs every "
-                             f"shard but the last to hold the same number (re-shard this set with make_shards, "
-                             f"data=folder, or publish it so)")
+def _class_names(data: dict, info: dict, num_classes: int) -> list:
+    """``data.class_names`` (a timm label set: the labels are its ids), else ``_info.json``'s when it names every
+    class, else the ids."""
+    label_set = data.get("class_names")
+    if label_set:
+        import timm.data
+
+        try:
+            names = timm.data.ImageNetInfo(str(label_set)).label_names()
+        except (AssertionError, KeyError, ValueError):  # timm asserts on an unknown subset
+            raise ConfigError(f"data.class_names={label_set!r}: not one of timm's ImageNet label sets (imagenet-1k, "
+                              f"imagenet-12k, imagenet-21k, imagenet-22k)") from None
+        if len(names) != num_classes:
+            raise ConfigError(f"data.class_names={label_set!r} names {len(names)} classes, data.num_classes="
+                              f"{num_classes}")
+        return list(names)
+    names = info.get("class_names")
+    return list(names) if names and len(names) == num_classes else list(range(num_classes))
 
 
 def index_split(data: dict, split: str, out_dir) -> tuple:
     """Index ``split`` of the published set into a staged manifest (a temporary directory beside ``out_dir``,
-    as pipeline.data.shards.stage_shards stages shards); returns (that directory, the manifest)."""
+    as pipeline.data.shard_writer.stage_shards stages shards); returns (that directory, the manifest)."""
     urls, lengths, info = split_shards(data, split)
     num_classes = int(data["num_classes"])
-    names = info.get("class_names")
-    if not (names and len(names) == num_classes):  # timm's _info.json may name the classes; else their ids
-        names = range(num_classes)
-    class_names = [str(c) for c in names]
+    class_names = [str(c) for c in _class_names(data, info, num_classes)]
     shards, exts, first = [], set(), 0
     with progress(sum(lengths) if lengths else None, unit="img", desc=f"{data['name']}/{split} (index)") as bar:
         for k, url in enumerate(urls):
@@ -136,13 +144,12 @@ def index_split(data: dict, split: str, out_dir) -> tuple:
                 raise ShardError(f"{url}: holds {entry.count} samples, _info.json says {lengths[k]}")
             shards.append(entry)
             first += entry.count
-    _check_even(shards)
     source = {"name": data["name"], "kind": "published", "root": data.get("root"), "split": split,
               "shards": data.get(f"{split}_shards") or "_info.json"}
     tmp = staging_dir(out_dir)
     try:
         m = Manifest(split_dir=tmp, split=split, n=first, num_classes=num_classes, class_names=class_names,
-                     key_width=max(6, len(str(first - 1))), shard_size=shards[0].count, image_exts=sorted(exts),
+                     key_width=max(6, len(str(first - 1))), shard_size=max(s.count for s in shards), image_exts=sorted(exts),
                      source=source, shards=shards,
                      fingerprint=fingerprint_of((s.sha256 for s in shards), first, num_classes, class_names))
         (tmp / MANIFEST).write_text(json.dumps(m.to_json(), indent=1) + "\n")

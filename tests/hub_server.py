@@ -2,7 +2,8 @@
 (any other path as it lies under the tree, for plain http:// URLs) with an ETag per file and byte ranges (Zarr's
 sharding codec reads a file's index at its end, then chunk ranges), and it takes the uploads huggingface_hub makes
 (``HfApi.create_repo``, ``create_commit``/``upload_folder``: preupload answers "regular" for every file, the commit
-carries the files base64-encoded in ndjson) into that same tree. ``HF_ENDPOINT`` points huggingface_hub at it."""
+carries the files base64-encoded in ndjson) into that same tree, from a token in ``write_tokens`` only (as the Hub:
+401 without a token, 403 with one that may not write). ``HF_ENDPOINT`` points huggingface_hub at it."""
 
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         path = self.path.split("?", 1)[0]
         self.hub.requests.append(("POST", path))
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if token not in self.hub.write_tokens:
+            return self._json(403 if token else 401,
+                              {"error": "You don't have the rights to write to this namespace" if token
+                               else "Invalid username or password."})
         if path == "/api/repos/create":
             req = json.loads(body)
             repo = f"{req['organization']}/{req['name']}"
@@ -103,6 +109,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
+        if "error" in data:
+            self.send_header("X-Error-Message", data["error"])  # where huggingface_hub reads the Hub's reason
         self.end_headers()
         self.wfile.write(raw)
 
@@ -114,6 +122,7 @@ class Hub:
         self.top = Path(top)
         self.top.mkdir(parents=True, exist_ok=True)
         self.repos: set[str] = set()
+        self.write_tokens = {"hf_test_token"}  # env()'s token
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         handler = type("Handler", (_Handler,), {"hub": self})
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),

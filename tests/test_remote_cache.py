@@ -86,6 +86,17 @@ def test_a_chunk_changed_on_the_server_is_caught_by_its_crc32c(hub, hub_env, env
     remote.read_unit(0, 3, ("argmax",))  # the other seed index packed in the same file is intact
 
 
+def test_a_store_at_a_revision_reads_from_that_revision_only(hub, hub_env, env):
+    """``<repo>@<rev>``: the store as that revision holds it (a tag here); the repo's main has none."""
+    _serve(hub, env, f"datasets/{OWNER}/tagged/resolve/v1")
+    del hub.requests[:]
+    remote = CacheStore.open(f"hf://datasets/{OWNER}/tagged@v1/{env.ref.name}")
+    assert remote.store_id == CacheStore.open(env.ref).store_id and remote.done_mask().all()
+    assert hub.requests and all(f"/datasets/{OWNER}/tagged/resolve/v1/" in path for _, path in hub.requests)
+    with pytest.raises(CacheError, match="no cache store here"):
+        CacheStore.open(f"hf://datasets/{OWNER}/tagged/{env.ref.name}")
+
+
 def test_stage_two_checks_run_on_a_remote_store(hub, hub_env, env):
     """What stage two checks on a local store, on the pushed one: provenance against the run's config (the
     augmentation keys named, run seed, data fingerprint of the train manifest), pixel fingerprint, done markers."""
@@ -163,6 +174,29 @@ def test_push_refuses_an_unfinished_store(hub, env, tmp_path):
     assert "unit (seed 1, shard 5) is not done" in _one_error(proc, "push_cache")
     assert not (hub.top / "datasets" / OWNER / "unfinished").exists()
     assert not [r for r in hub.requests if r[0] == "POST"]
+
+
+@pytest.mark.parametrize("token", [None, "hf_read_only"])
+def test_a_push_the_hub_refuses_is_one_error_naming_the_repo(hub, hub_env, env, tmp_path, monkeypatch, token):
+    """No login (401) or a token without write access (403): one StorageError naming the repo, the Hub's reason
+    and how to log in; nothing lands on the server."""
+    from huggingface_hub import constants
+
+    from pipeline.cache.publish import push_cache
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)  # huggingface_hub read HF_ENDPOINT at its import
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))  # no `hf auth login` token either
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(StorageError) as e:
+        push_cache(env.cfg(env.ref, f"push.repo={OWNER}/refused"))
+    msg = str(e.value)
+    assert msg.startswith(f"hf://datasets/{OWNER}/refused at {hub.endpoint}: the Hub refused the push: "), msg
+    reason = "403 Forbidden: You don't have the rights" if token else "401 Unauthorized"
+    assert reason in msg and "HF_TOKEN" in msg and "\n" not in msg, msg
+    assert not (hub.top / "datasets" / OWNER / "refused").exists()
 
 
 @pytest.mark.slow

@@ -254,3 +254,49 @@ def test_torchrun_ranks_put_an_images_copies_in_one_global_step(workdir, world):
             assert len({rank for _, rank, _ in copies}) == min(R, world), (i, copies)
         drawn.append(set(where))
     assert not drawn[0] & drawn[1]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_killed_mid_block_then_resumed_equals_uninterrupted(workdir, tmp_path):
+    """DeiT's repeats across 2 ranks (one block of 3 epochs) killed with SIGKILL after its first checkpoint, in the
+    middle of the block, then resumed by the same command: every rank trains the very views of the uninterrupted
+    run (its index logs equal, line for line) and ends with the same weights."""
+    import time
+
+    from procs import kill_tree, start_logged
+    from pipeline.train.checkpoint import CHECKPOINT_LAST, load_checkpoint_file
+    from pipeline.train.student_run import METRICS, STUDENT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "NPROC": "2", "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return ["bash", str(REPO / "stages" / "launch.sh"), "train_student", f"workdir={workdir}",
+                f"data.train_size={N}", "data.val_size=16", f"data.shard_size={SHARD}", "distill=none",
+                "train.repeats=3", "train.repeat_mode=ranks", "train.epochs=3", "cache.num_seeds=3",
+                "train.batch_size=8", "train.num_workers=0", "train.val=false", "train.dvclive=false",
+                "train.log_indices=true", "++student.kwargs.depth=1", "num_threads=1", f"train.out_dir={out}"]
+
+    ref = tmp_path / "uninterrupted"
+    done = subprocess.run(command(ref), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = start_logged(command(out), REPO, env, tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / CHECKPOINT_LAST).exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)  # the launcher, torchrun and both ranks
+    assert not (out / METRICS).exists(), "killed after the end"
+    assert load_checkpoint_file(out / CHECKPOINT_LAST)["epoch"] < 3  # inside the block of 3 epochs
+
+    resumed = subprocess.run(command(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    for rank in (0, 1):
+        log = f"indices/rank{rank}.jsonl"
+        assert (out / log).read_text() == (ref / log).read_text(), log
+    a, b = torch.load(ref / STUDENT), torch.load(out / STUDENT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

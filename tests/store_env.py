@@ -128,14 +128,15 @@ def done_count(store) -> int:
 
 
 def kill_after_units(cmd: list[str], store, at_least: int = 3, timeout: float = 300) -> int:
-    """Start ``cmd`` (a stage one writing ``store``) and kill -9 it once ``at_least`` units are committed; its
-    pid."""
+    """Start ``cmd`` (a stage one writing ``store``, one process or torchrun's) and kill -9 it with every process it
+    started once ``at_least`` units are committed; its pid."""
+    from procs import kill_tree
+
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=stage_env())
     try:
         wait_for(lambda: done_count(store) >= at_least, f"{at_least} committed units", proc=proc, timeout=timeout,
                  every=0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
     finally:
         stop_for_good(proc)
     return proc.pid

@@ -119,6 +119,27 @@ def test_kill_9_then_resume_computes_only_missing_units(built, toy_shards, rando
 
 
 @pytest.mark.slow
+def test_torchrun_killed_with_its_ranks_then_resumed_under_torchrun(built, toy_shards, random_teacher, tmp_path):
+    """Two ranks killed -9 together (a node lost) after 3 units: the same two-rank command takes the stale lease
+    over and computes only the missing units; the store is the one-process build (top-K within float error, as
+    for an uninterrupted two-rank run)."""
+    store = tmp_path / "killed.zarr"
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                "pipeline.teacher_cache", *overrides(toy_shards, random_teacher, store, "cache.batch_size=16")]
+    kill_after_units(torchrun, store)
+    done_before = int(np.asarray(zarr.open_array(store / "done", mode="r")[:]).sum())
+    assert 3 <= done_before < 16
+    rerun = run_stage("teacher_cache", *overrides(toy_shards, random_teacher, store), nproc=2)
+    assert f"({16 - done_before} units computed, {done_before} already done, of 16)" in rerun.stdout, rerun.stdout
+    one, resumed = _read_all(built), _read_all(store)
+    for unit in one:
+        for field in ("argmax", "digest"):
+            assert np.array_equal(one[unit][field], resumed[unit][field]), (unit, field)
+        assert np.allclose(one[unit]["topk_values"].astype(np.float32),
+                           resumed[unit]["topk_values"].astype(np.float32), atol=2e-3), unit
+
+
+@pytest.mark.slow
 def test_verify_mode_agrees_and_detects_another_teacher(built, toy_shards, random_teacher, tmp_path):
     proc = run_stage("verify_cache", *overrides(toy_shards, random_teacher, built, "cache.verify_fraction=0.2"))
     result = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -3,7 +3,9 @@ processes per node, on one node or several (stages/launch.sh runs this; its head
 
 The configuration is composed and checked here once, before any rank starts, so a config error is one line and
 exit 2 at any scale. A user error raised in the ranks ends the same way: each distinct line once (every rank
-would print it), instead of torchrun's failure report; a crash keeps that report and the ranks' tracebacks.
+would print it), instead of torchrun's failure report; a crash keeps that report and the ranks' tracebacks. A
+run stopped by SIGTERM or SIGINT (Ctrl-C, a scheduler's time limit) stops its ranks and says so in one line,
+exit 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def main(argv: list[str]) -> None:
 
 
 def _torchrun(stage: str, command: list[str]) -> int:
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -90,6 +95,11 @@ def _torchrun(stage: str, command: list[str]) -> int:
         for line in lines:
             print(line, file=sys.stderr)
         return 2
+    except SignalException as exc:  # torchrun has stopped the ranks by now
+        name = signal.Signals(exc.sigval).name
+        print(f"{stage}: stopped by {name}, its ranks too; the same command resumes from what they committed",
+              file=sys.stderr)
+        return 128 + int(exc.sigval)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

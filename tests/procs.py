@@ -44,7 +44,7 @@ def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600
     return out
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and every live descendant (Linux: /proc/<pid>/task/<tid>/children)."""
     out, todo = [], [pid]
     while todo:
@@ -64,7 +64,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     reaps another while the tree is read."""
     stopped: set[int] = set()
     while True:
-        new = [p for p in _tree(proc.pid) if p not in stopped]
+        new = [p for p in process_tree(proc.pid) if p not in stopped]
         if not new:
             break
         for p in new:

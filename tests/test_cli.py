@@ -109,6 +109,35 @@ def test_group_overrides_and_user_errors_through_launch_sh_under_torchrun(tmp_pa
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_its_ranks_in_one_line(tmp_path):
+    """SIGTERM to launch.sh under torchrun (a scheduler's time limit; torchrun starts each rank in a session of
+    its own, out of reach of the launcher's process group): every rank stops, one line says so, exit 143."""
+    import signal
+    import time
+
+    from procs import process_tree, start_logged
+
+    data = [f"workdir={tmp_path}", *TINY]
+    assert stage("make_shards", *data).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "NPROC": "2"}
+    proc = start_logged(["bash", str(REPO / "stages" / "launch.sh"), "train_student", *data, "distill=none",
+                         "train.epochs=100", "train.val=false", "train.dvclive=false", "train.num_workers=0",
+                         "++student.kwargs.depth=1", f"train.out_dir={tmp_path / 'run'}"], REPO, env,
+                        tmp_path / "log")
+    deadline = time.monotonic() + 120
+    while len(tree := process_tree(proc.pid)) < 3:  # the launcher and its two ranks
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert not [p for p in tree if Path(f"/proc/{p}").exists()], "a rank outlived the launcher"
+    log = (tmp_path / "log").read_text()
+    assert log.strip().splitlines()[-1] == ("train_student: stopped by SIGTERM, its ranks too; the same command "
+                                           "resumes from what they committed") and "Traceback" not in log, log
+
+
+@pytest.mark.slow
 def test_a_command_reading_a_finished_run_lists_the_runs_that_exist(tmp_path):
     """export (distill=hard by default) after a distill=none run: names that run and the override that selects it;
     with the override it exports."""

@@ -27,7 +27,8 @@ log = logging.getLogger("pipeline")
 
 @contextlib.contextmanager
 def stage(name: str):
-    """Wrap a stage's body: logging set up, user errors -> `<name>: error: ...` and exit 2, ranks torn down."""
+    """Wrap a stage's body: logging set up, user errors -> `<name>: error: ...` and exit 2, Ctrl-C -> one line and
+    exit 130, ranks torn down."""
     setup_logging()
     try:
         yield
@@ -37,6 +38,10 @@ def stage(name: str):
     except OmegaConfBaseException as exc:  # a missing (???), unknown or mistyped config key: names the key
         report(name, f"config: {config_message(exc)}")
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C: not a bug; under pipeline.launch the launcher says it once for all ranks
+        if not (os.environ.get(RANK_ERRORS) and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            print(f"{name}: stopped by SIGINT; the same command resumes from what it committed", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         from pipeline import distributed
 

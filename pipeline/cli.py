@@ -13,7 +13,9 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,9 +29,10 @@ log = logging.getLogger("pipeline")
 
 @contextlib.contextmanager
 def stage(name: str):
-    """Wrap a stage's body: logging set up, user errors -> `<name>: error: ...` and exit 2, Ctrl-C -> one line and
-    exit 130, ranks torn down."""
+    """Wrap a stage's body: logging set up, user errors -> `<name>: error: ...` and exit 2, Ctrl-C or SIGTERM -> one
+    line and exit 128 + the signal's number, ranks torn down."""
     setup_logging()
+    previous = _stop_on_sigterm()
     try:
         yield
     except UserError as exc:
@@ -38,14 +41,44 @@ def stage(name: str):
     except OmegaConfBaseException as exc:  # a missing (???), unknown or mistyped config key: names the key
         report(name, f"config: {config_message(exc)}")
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # Ctrl-C: not a bug; under pipeline.launch the launcher says it once for all ranks
+    except (KeyboardInterrupt, Stopped) as exc:  # not a bug; under pipeline.launch the launcher says it for all ranks
+        sig = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         if not (os.environ.get(RANK_ERRORS) and int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            print(f"{name}: stopped by SIGINT; the same command resumes from what it committed", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"{name}: stopped by {signal.Signals(sig).name}; the same command resumes from what it committed",
+                  file=sys.stderr)
+        raise SystemExit(128 + int(sig)) from None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         from pipeline import distributed
 
         distributed.cleanup()
+
+
+class Stopped(BaseException):
+    """SIGTERM (a scheduler's time limit, torchrun stopping its ranks), raised in the stage's main thread as Ctrl-C
+    raises KeyboardInterrupt, so that it ends in one line too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_sigterm():
+    """Install the SIGTERM handler (main thread only); the handler it replaces. A process forked later (a
+    DataLoader worker) inherits it and ends as SIGTERM's default would."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 RANK_ERRORS = "PIPELINE_RANK_ERRORS"  # set by pipeline.launch: its ranks leave their error line there

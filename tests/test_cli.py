@@ -109,7 +109,7 @@ def test_group_overrides_and_user_errors_through_launch_sh_under_torchrun(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, nproc", [("SIGTERM", 2), ("SIGINT", 2), ("SIGINT", 1)])
+@pytest.mark.parametrize("sig, nproc", [("SIGTERM", 2), ("SIGINT", 2), ("SIGTERM", 1), ("SIGINT", 1)])
 def test_a_signal_to_the_launcher_stops_its_ranks_in_one_line(tmp_path, sig, nproc):
     """SIGTERM (a scheduler's time limit) or SIGINT (Ctrl-C) to launch.sh, under torchrun (which starts each rank
     in a session of its own, out of reach of the launcher's process group) or one process: every rank stops, one

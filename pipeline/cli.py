@@ -43,9 +43,8 @@ def stage(name: str):
         raise SystemExit(2) from None
     except (KeyboardInterrupt, Stopped) as exc:  # not a bug; under pipeline.launch the launcher says it for all ranks
         sig = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        if not (os.environ.get(RANK_ERRORS) and int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            print(f"{name}: stopped by {signal.Signals(sig).name}; the same command resumes from what it committed",
-                  file=sys.stderr)
+        if not launched_rank():
+            print(stopped_line(name, sig), file=sys.stderr)
         raise SystemExit(128 + int(sig)) from None
     finally:
         if previous is not None:
@@ -84,14 +83,25 @@ def _stop_on_sigterm():
 RANK_ERRORS = "PIPELINE_RANK_ERRORS"  # set by pipeline.launch: its ranks leave their error line there
 
 
+def launched_rank() -> bool:
+    """One of several ranks started by pipeline.launch, which reports for all of them."""
+    return bool(os.environ.get(RANK_ERRORS)) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def stopped_line(name: str, signum: int, ranks: bool = False) -> str:
+    """What a stage (or the launcher, for its ranks too) says when a signal stopped it."""
+    who = ", its ranks too; the same command resumes from what they committed" if ranks else \
+        "; the same command resumes from what it committed"
+    return f"{name}: stopped by {signal.Signals(signum).name}{who}"
+
+
 def report(name: str, message: str) -> None:
     """``<name>: error: <message>`` on stderr; a rank started by pipeline.launch writes it to a file instead, and
     the launcher prints each distinct line once (not once per rank, under torchrun's failure report)."""
     line = f"{name}: error: {message}"
-    folder = os.environ.get(RANK_ERRORS)
-    if folder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_rank():
         with contextlib.suppress(OSError):
-            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(line + "\n")
+            Path(os.environ[RANK_ERRORS], f"rank-{os.environ.get('RANK', '0')}").write_text(line + "\n")
             return
     print(line, file=sys.stderr)
 

@@ -72,8 +72,6 @@ def main(argv: list[str]) -> None:
 
 
 def _torchrun(stage: str, command: list[str]) -> int:
-    import signal
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -96,9 +94,7 @@ def _torchrun(stage: str, command: list[str]) -> int:
             print(line, file=sys.stderr)
         return 2
     except SignalException as exc:  # torchrun has stopped the ranks by now
-        name = signal.Signals(exc.sigval).name
-        print(f"{stage}: stopped by {name}, its ranks too; the same command resumes from what they committed",
-              file=sys.stderr)
+        print(cli.stopped_line(stage, exc.sigval, ranks=True), file=sys.stderr)
         return 128 + int(exc.sigval)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,6 @@ checked as ``verify_cache`` does), a store that is not this configuration's (pro
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -98,8 +97,9 @@ def _upload(repo: str, files: list[tuple], message: str) -> None:
     from pipeline.web import hub_offline
 
     where = f"hf://datasets/{repo}"
+    offline = ConfigError(f"{where}: HF_HUB_OFFLINE is set; unset it to push to the Hub")
     if hub_offline():
-        raise ConfigError(f"{where}: HF_HUB_OFFLINE is set; unset it to push to the Hub")
+        raise offline
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="dataset", exist_ok=True)
@@ -107,7 +107,7 @@ def _upload(repo: str, files: list[tuple], message: str) -> None:
                                   else str(src)) for src, dest in files]  # a manifest or shard on s3:// or hf://
         api.create_commit(repo, ops, commit_message=message, repo_type="dataset")
     except OfflineModeIsEnabled:
-        raise ConfigError(f"{where}: HF_HUB_OFFLINE is set; unset it to push to the Hub") from None
+        raise offline from None
     except HfHubHTTPError as e:
         raise StorageError(f"{where} at {api.endpoint}: the Hub refused the push: {str(e).splitlines()[0]} (a "
                            f"login with write access: HF_TOKEN or `hf auth login`)") from None
